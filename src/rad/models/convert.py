@@ -1,0 +1,296 @@
+"""Turn a Llama / Qwen2 / Mistral model into a stock transformers `BambaForCausalLM` hybrid.
+
+Converted layers keep their MLP and both RMSNorms; their attention becomes a Mamba2 mixer with one SSM
+head per attention head and head_dim channels each, so the attention's `o_proj` fits the mixer's
+`out_proj`. The result loads with plain `AutoModelForCausalLM.from_pretrained`, without rad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
+
+from rad.errors import RadError
+from rad.models.layers import decoder_layers, validate_layers
+from rad.models.mamba_init import INITS, mil_init, rad_init, random_init
+from rad.utils.atomic import atomic_directory
+from rad.utils.devices import default_chunk_size
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+CONVERSION_FILE = "rad_conversion.json"
+
+
+@dataclass
+class ConversionConfig:
+    """Which layers to convert and how to initialise their Mamba2 mixers.
+
+    The mixer dimensions default to those MambaInLlama's init needs (one SSM group per head,
+    d_state = head_dim) for every init, so ablations across inits compare like with like.
+    """
+
+    layers: list[int] = field(default_factory=list)
+    init: str = "rad"
+    chunk_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
+    d_state: int | None = None  # None: the attention head_dim
+    n_groups: int | None = None  # None: the number of attention heads
+    d_conv: int = 4
+    seed: int = 0
+
+
+def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> BambaForCausalLM:
+    """A new Bamba hybrid computing what `model` computes, with `config.layers` turned into Mamba2 mixers."""
+    src = model.config
+    _check_supported(model)
+    if config.init not in INITS:
+        raise RadError(f"Unknown init {config.init!r}; choose one of {', '.join(INITS)}.")
+    num_layers = src.num_hidden_layers
+    layers = validate_layers(list(config.layers), num_layers)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    hybrid_config = hybrid_config_from(src, layers, config, device)
+    if config.init == "mil" and (
+        hybrid_config.mamba_n_groups != src.num_attention_heads or hybrid_config.mamba_d_state != _head_dim(src)
+    ):
+        raise RadError("The 'mil' init needs the default mixer dimensions (n_groups = heads, d_state = head_dim).")
+
+    with torch.device(device):
+        hybrid = BambaForCausalLM._from_config(
+            hybrid_config, dtype=dtype, attn_implementation=src._attn_implementation
+        )
+    _copy_shared_weights(model, hybrid, set(layers))
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    src_blocks, dst_blocks = decoder_layers(model), decoder_layers(hybrid)
+    for i in layers:
+        attention, mixer = src_blocks[i].self_attn, dst_blocks[i].mamba
+        if config.init == "rad":
+            rad_init(mixer, attention, generator)
+        elif config.init == "mil":
+            mil_init(mixer, attention, generator, num_kv_heads=src.num_key_value_heads)
+        else:
+            random_init(mixer, attention, generator)
+    hybrid.generation_config = model.generation_config
+    hybrid.eval()
+    return hybrid
+
+
+def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device: torch.device) -> BambaConfig:
+    heads, head_dim, hidden = src.num_attention_heads, _head_dim(src), src.hidden_size
+    d_inner = heads * head_dim
+    if d_inner % hidden != 0:
+        raise RadError(
+            f"heads x head_dim = {d_inner} is not a multiple of hidden_size = {hidden}; Bamba's Mamba2 mixer "
+            "needs d_inner = expand x hidden_size with an integer expand, so o_proj cannot be reused here."
+        )
+    rope = dict(src.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    rope["partial_rotary_factor"] = 1.0  # Bamba rotates half of each head by default; the source rotates all
+    kept = [i for i in range(src.num_hidden_layers) if i not in set(layers)]
+    return BambaConfig(
+        vocab_size=src.vocab_size,
+        tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)),
+        hidden_size=hidden,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=src.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_act=src.hidden_act,
+        initializer_range=src.initializer_range,
+        rms_norm_eps=src.rms_norm_eps,
+        pad_token_id=src.pad_token_id,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        max_position_embeddings=src.max_position_embeddings,
+        attention_dropout=float(getattr(src, "attention_dropout", 0.0) or 0.0),
+        attention_bias=_has_qkv_bias(src),
+        mlp_bias=bool(getattr(src, "mlp_bias", False)),
+        rope_parameters=rope,
+        attn_layer_indices=kept,
+        mamba_n_heads=heads,
+        mamba_d_head=head_dim,
+        mamba_n_groups=config.n_groups or heads,
+        mamba_d_state=config.d_state or head_dim,
+        mamba_d_conv=config.d_conv,
+        mamba_expand=d_inner // hidden,
+        mamba_chunk_size=config.chunk_size or default_chunk_size(device),
+        mamba_conv_bias=True,
+        mamba_proj_bias=False,
+    )
+
+
+def _has_qkv_bias(src) -> bool:
+    """Qwen2 has q/k/v biases (and none on o_proj); Llama and Mistral say so in `attention_bias`."""
+    return src.model_type == "qwen2" or bool(getattr(src, "attention_bias", False))
+
+
+def _head_dim(src) -> int:
+    return getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+
+
+def _check_supported(model: PreTrainedModel) -> None:
+    src = model.config
+    family = getattr(src, "model_type", type(model).__name__)
+    if family not in SUPPORTED_FAMILIES:
+        raise RadError(
+            f"Cannot convert a {family!r} model: supported families are {', '.join(SUPPORTED_FAMILIES)} "
+            "(Llama-style decoders with SwiGLU MLPs and RMSNorm)."
+        )
+    if src.hidden_act != "silu":
+        raise RadError(f"Cannot convert: the MLP activation is {src.hidden_act!r}, Bamba's MLP needs 'silu'.")
+    if getattr(src, "pretraining_tp", 1) not in (None, 1):
+        raise RadError("Cannot convert a model with pretraining_tp > 1; set it to 1 first.")
+    layer_types = getattr(src, "layer_types", None) or []
+    uses_window = getattr(src, "use_sliding_window", True) and getattr(src, "sliding_window", None)
+    if "sliding_attention" in layer_types or (
+        family == "mistral" and uses_window and src.sliding_window < src.max_position_embeddings
+    ):
+        logger.warning(
+            "The source uses sliding-window attention (window %s); Bamba's attention is full, so the hybrid "
+            "matches the source only on contexts up to the window.",
+            getattr(src, "sliding_window", None),
+        )
+
+
+def _rename(key: str) -> str:
+    return (
+        key.replace(".post_attention_layernorm.", ".pre_ff_layernorm.")
+        .replace(".mlp.", ".feed_forward.")
+        .replace("model.norm.", "model.final_layernorm.")
+    )
+
+
+@torch.no_grad()
+def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, converted: set[int]) -> None:
+    source = model.state_dict()
+    target = hybrid.state_dict()
+    copied: set[str] = set()
+    for key, value in source.items():
+        parts = key.split(".")
+        if key.startswith("model.layers.") and parts[3] == "self_attn" and int(parts[2]) in converted:
+            continue  # read by the mixer init instead
+        new_key = _rename(key)
+        if new_key not in target:
+            raise RadError(f"Conversion bug: source weight {key} has no place ({new_key}) in the hybrid.")
+        target[new_key].copy_(value)
+        copied.add(new_key)
+    for key, value in target.items():
+        if key in copied:
+            continue
+        parts = key.split(".")
+        if key.startswith("model.layers.") and parts[3] == "mamba":
+            continue  # initialised by the chosen init
+        if key.endswith("self_attn.o_proj.bias"):
+            value.zero_()  # Qwen2 has q/k/v biases only; Bamba's attention_bias adds one to o_proj too
+            continue
+        if key == "lm_head.weight" and hybrid.config.tie_word_embeddings:
+            continue
+        raise RadError(f"Conversion bug: hybrid weight {key} was not filled from the source.")
+
+
+@dataclass
+class ConversionRecord:
+    """What `rad_conversion.json` holds: enough to know how a hybrid was made, and to redo it."""
+
+    source_model: str
+    source_family: str
+    num_layers: int
+    converted_layers: list[int]
+    kept_attention_layers: list[int]
+    init: str
+    config: dict
+    versions: dict
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def package_versions() -> dict:
+    import transformers
+
+    import rad
+
+    return {
+        "rad": rad.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def conversion_record(source_model: str, model: PreTrainedModel, config: ConversionConfig) -> ConversionRecord:
+    layers = sorted(config.layers)
+    n = model.config.num_hidden_layers
+    return ConversionRecord(
+        source_model=source_model,
+        source_family=model.config.model_type,
+        num_layers=n,
+        converted_layers=layers,
+        kept_attention_layers=[i for i in range(n) if i not in set(layers)],
+        init=config.init,
+        config=asdict(config),
+        versions=package_versions(),
+    )
+
+
+def save_hybrid(
+    hybrid: BambaForCausalLM, tokenizer, out: str | Path, record: ConversionRecord, overwrite: bool = False
+) -> Path:
+    """Write checkpoint (safetensors), tokenizer and rad_conversion.json to `out`, atomically."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
+    with atomic_directory(out, overwrite=True) as tmp:
+        hybrid.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERSION_FILE).write_text(record.to_json())
+    return out
+
+
+def read_conversion_record(folder: str | Path) -> dict | None:
+    path = Path(folder) / CONVERSION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@dataclass
+class ConversionResult:
+    out: Path
+    record: ConversionRecord
+    hybrid: BambaForCausalLM
+
+
+def convert_model(
+    model: str,
+    layers: str | list[int],
+    out: str | Path,
+    *,
+    init: str = "rad",
+    chunk_size: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> ConversionResult:
+    """Load `model`, convert `layers` ('3,7,11', 'uniform:15', or a list) with `init`, save to `out`."""
+    from rad.models.layers import parse_layers
+    from rad.models.loading import load_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
+    loaded = load_model(model, device=device, dtype=dtype)
+    indices = parse_layers(layers, loaded.model.config.num_hidden_layers)
+    config = ConversionConfig(layers=indices, init=init, chunk_size=chunk_size, seed=seed)
+    hybrid = convert_to_hybrid(loaded.model, config)
+    record = conversion_record(model, loaded.model, config)
+    save_hybrid(hybrid, loaded.tokenizer, out, record, overwrite=overwrite)
+    logger.info("Converted %d of %d layers (%s init) -> %s", len(indices), record.num_layers, init, out)
+    return ConversionResult(out=out, record=record, hybrid=hybrid)

@@ -1,0 +1,104 @@
+"""What a model is made of: layer map, parameter counts, and cache bytes per token vs its source."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rad.models.layers import decoder_layers
+
+
+@dataclass
+class ModelInfo:
+    family: str
+    num_layers: int
+    layer_map: list[str]  # "attention" or "mamba2", per layer
+    parameters: dict[str, int]  # total, embeddings, attention, mamba2, mlp, norms
+    dtype: str
+    kv_bytes_per_token: int  # grows with context
+    ssm_state_bytes: int  # per sequence, constant in context length
+    all_attention_kv_bytes_per_token: int  # the same model with every layer attention (the source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def kv_fraction(self) -> float:
+        return self.kv_bytes_per_token / max(1, self.all_attention_kv_bytes_per_token)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    config = model.config
+    blocks = decoder_layers(model)
+    layer_map = ["mamba2" if hasattr(b, "mamba") else "attention" for b in blocks]
+    counts = {"embeddings": 0, "attention": 0, "mamba2": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "embed_tokens" in name:
+            counts["embeddings"] += p.numel()
+        elif ".self_attn." in name:
+            counts["attention"] += p.numel()
+        elif ".mamba." in name:
+            counts["mamba2"] += p.numel()
+        elif ".mlp." in name or ".feed_forward." in name:
+            counts["mlp"] += p.numel()
+        elif name.startswith("lm_head"):
+            counts["lm_head"] += p.numel()
+        else:
+            counts["norms"] += p.numel()
+    counts["total"] = sum(counts.values())
+    dtype = next(model.parameters()).dtype
+    elem = torch.empty((), dtype=dtype).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_layer = 2 * config.num_key_value_heads * head_dim * elem
+    n_attn = layer_map.count("attention")
+    ssm_bytes = 0
+    for block in blocks:
+        mixer = getattr(block, "mamba", None)
+        if mixer is not None:
+            # Recurrent state is kept in float32 by the chunked scan; the conv window in the model dtype.
+            ssm_bytes += mixer.num_heads * mixer.head_dim * mixer.ssm_state_size * 4
+            ssm_bytes += mixer.conv_dim * mixer.conv_kernel_size * elem
+    return ModelInfo(
+        family=config.model_type,
+        num_layers=len(blocks),
+        layer_map=layer_map,
+        parameters=counts,
+        dtype=str(dtype).replace("torch.", ""),
+        kv_bytes_per_token=n_attn * kv_per_layer,
+        ssm_state_bytes=ssm_bytes,
+        all_attention_kv_bytes_per_token=len(blocks) * kv_per_layer,
+    )
+
+
+def format_info(info: ModelInfo, conversion: dict | None = None) -> str:
+    marks = "".join("A" if kind == "attention" else "M" for kind in info.layer_map)
+    lines = [
+        f"family       {info.family}  ({info.num_layers} layers, {info.dtype})",
+        f"layer map    {marks}   (A = attention, M = Mamba2)",
+    ]
+    mamba = [i for i, k in enumerate(info.layer_map) if k == "mamba2"]
+    if mamba:
+        lines.append(f"mamba2       layers {','.join(map(str, mamba))}")
+    if conversion:
+        lines.append(f"converted    from {conversion['source_model']} with init '{conversion['init']}'")
+    p = info.parameters
+    lines.append(
+        "parameters   "
+        + f"{p['total'] / 1e6:.2f}M total: "
+        + ", ".join(f"{k} {p[k] / 1e6:.2f}M" for k in ("embeddings", "attention", "mamba2", "mlp", "norms", "lm_head"))
+    )
+    lines.append(
+        f"KV cache     {info.kv_bytes_per_token:,} B/token "
+        f"({100 * info.kv_fraction():.0f}% of the all-attention source's {info.all_attention_kv_bytes_per_token:,})"
+    )
+    lines.append(f"SSM state    {info.ssm_state_bytes:,} B per sequence (constant in context length)")
+    for ctx in (2048, 8192, 32768):
+        hybrid = info.kv_bytes_per_token * ctx + info.ssm_state_bytes
+        source = info.all_attention_kv_bytes_per_token * ctx
+        lines.append(f"  cache at {ctx:>5} tokens: {hybrid / 2**20:8.1f} MiB vs source {source / 2**20:8.1f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Initialisations of a Bamba Mamba2 mixer that replaces an attention layer.
+
+Layout of `in_proj` rows (Bamba / mamba_ssm Mamba2): [z (d_inner) | x (d_inner) | B (G*N) | C (G*N) | dt (H)],
+with x grouped per head (H heads of P channels) and B, C per group (G groups of N states).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+INITS = ("rad", "mil", "random")
+
+
+@torch.no_grad()
+def standard_mamba2_init(
+    mixer: nn.Module,
+    generator: torch.Generator,
+    dt_min: float = 1e-3,
+    dt_max: float = 0.1,
+    dt_floor: float = 1e-4,
+    a_range: tuple[float, float] = (1.0, 16.0),
+) -> None:
+    """mamba_ssm's Mamba2 defaults: Linear/Conv1d default init, dt log-uniform in [dt_min, dt_max], A in a_range, D = 1."""
+
+    def fill_like_default(module: nn.Module) -> None:
+        # nn.Linear / nn.Conv1d reset_parameters, drawn from `generator` instead of the global RNG.
+        weight = module.weight
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        if module.bias is not None:
+            fan_in = weight[0].numel()
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+
+    fill_like_default(mixer.in_proj)
+    fill_like_default(mixer.conv1d)
+    fill_like_default(mixer.out_proj)
+    heads = mixer.num_heads
+    device = mixer.dt_bias.device
+    u = torch.rand(heads, generator=generator, device=generator.device).to(device)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))
+    mixer.dt_bias.copy_(inv_softplus_dt)
+    a = torch.empty(heads, device=generator.device).uniform_(*a_range, generator=generator).to(device)
+    mixer.A_log.copy_(torch.log(a))
+    mixer.D.fill_(1.0)
+    mixer.norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rad_init(mixer: nn.Module, attention: nn.Module, generator: torch.Generator) -> None:
+    """RAD: out_proj <- o_proj, in_proj = 0. The mixer then outputs exactly zero (the gate z is 0)."""
+    standard_mamba2_init(mixer, generator)
+    mixer.in_proj.weight.zero_()
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias.zero_()
+    _copy_out_proj(mixer, attention)
+
+
+@torch.no_grad()
+def mil_init(mixer: nn.Module, attention: nn.Module, generator: torch.Generator, num_kv_heads: int) -> None:
+    """MambaInLlama: per head v -> x, k -> B, q -> C, o -> out_proj; z and dt rows keep their random init.
+
+    Needs one SSM group per attention head and d_state = head_dim; a key/value head is copied to every
+    query head of its grouped-query group.
+    """
+    standard_mamba2_init(mixer, generator)
+    heads, head_dim = mixer.num_heads, mixer.head_dim
+    groups, d_state = mixer.n_groups, mixer.ssm_state_size
+    if groups != heads or d_state != head_dim:
+        raise ValueError(
+            f"The 'mil' init needs mamba_n_groups = heads ({heads}) and mamba_d_state = head_dim ({head_dim}); "
+            f"got {groups} and {d_state}."
+        )
+    d_inner = mixer.intermediate_size
+    x_start, b_start = d_inner, 2 * d_inner
+    c_start = b_start + groups * d_state
+    q, k, v = attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight
+    w = mixer.in_proj.weight
+    per_group = heads // num_kv_heads
+    for h in range(heads):
+        kv = h // per_group
+        src_kv = slice(kv * head_dim, (kv + 1) * head_dim)
+        w[x_start + h * head_dim : x_start + (h + 1) * head_dim].copy_(v[src_kv])
+        w[b_start + h * d_state : b_start + (h + 1) * d_state].copy_(k[src_kv])
+        w[c_start + h * d_state : c_start + (h + 1) * d_state].copy_(q[h * head_dim : (h + 1) * head_dim])
+    _copy_out_proj(mixer, attention)
+
+
+@torch.no_grad()
+def random_init(mixer: nn.Module, attention: nn.Module, generator: torch.Generator) -> None:
+    del attention
+    standard_mamba2_init(mixer, generator)
+
+
+def _copy_out_proj(mixer: nn.Module, attention: nn.Module) -> None:
+    mixer.out_proj.weight.copy_(attention.o_proj.weight)
+    if mixer.out_proj.bias is not None:
+        bias = attention.o_proj.bias
+        mixer.out_proj.bias.copy_(bias if bias is not None else torch.zeros_like(mixer.out_proj.bias))

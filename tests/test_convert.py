@@ -1,0 +1,155 @@
+"""Conversion to a Bamba hybrid on tiny random models of every supported family."""
+
+import pytest
+import torch
+from transformers import BambaForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from rad.errors import RadError
+from rad.models.convert import ConversionConfig, convert_to_hybrid
+from rad.models.skip import skip_attention
+
+from .conftest import make_tiny
+
+IDS = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_zero_layers_converted_is_the_same_model(family):
+    model = make_tiny(family)
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[]))
+    assert isinstance(hybrid, BambaForCausalLM)
+    with torch.no_grad():
+        diff = (hybrid(IDS).logits - model(IDS).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_rad_init_equals_skipping_those_layers(family):
+    model = make_tiny(family)
+    layers = [0, 2]
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=layers, init="rad"))
+    with torch.no_grad(), skip_attention(model, layers):
+        draft = model(IDS).logits
+    with torch.no_grad():
+        diff = (hybrid(IDS).logits - draft).abs().max().item()
+    assert diff <= 1e-5
+    for i in layers:
+        mixer = hybrid.model.layers[i].mamba
+        assert torch.count_nonzero(mixer.in_proj.weight) == 0
+        torch.testing.assert_close(mixer.out_proj.weight, model.model.layers[i].self_attn.o_proj.weight, rtol=0, atol=0)
+
+
+def test_rad_init_still_gets_gradients():
+    model = make_tiny("llama")
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1], init="rad"))
+    hybrid.train()
+    hybrid(IDS, labels=IDS).loss.backward()
+    grad = hybrid.model.layers[1].mamba.in_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_mil_init_places_every_tensor():
+    model = make_tiny("llama")  # 6 heads, 2 KV heads (GQA groups of 3), head_dim 8
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1, 3], init="mil"))
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // heads
+    d_inner = heads * hd
+    for i in (1, 3):
+        attn, mixer = model.model.layers[i].self_attn, hybrid.model.layers[i].mamba
+        assert (mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size) == (heads, hd, heads, hd)
+        w = mixer.in_proj.weight
+        z, x, b, c, dt = torch.split(w, [d_inner, d_inner, heads * hd, heads * hd, heads])
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            for p in range(hd):  # value by value, row by row
+                assert torch.equal(x[h * hd + p], attn.v_proj.weight[g * hd + p])
+                assert torch.equal(b[h * hd + p], attn.k_proj.weight[g * hd + p])
+                assert torch.equal(c[h * hd + p], attn.q_proj.weight[h * hd + p])
+        assert torch.equal(mixer.out_proj.weight, attn.o_proj.weight)
+        assert z.abs().sum() > 0 and dt.abs().sum() > 0  # random, not copied
+
+
+def test_mil_hybrid_runs_forward_backward_generate():
+    model = make_tiny("qwen2")
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[0, 3], init="mil"))
+    hybrid.train()
+    out = hybrid(IDS, labels=IDS)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in hybrid.named_parameters() if ".mamba." in n)
+    hybrid.eval()
+    gen = hybrid.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 13)
+
+
+def test_inits_are_seeded_and_differ():
+    model = make_tiny("llama")
+    a = convert_to_hybrid(model, ConversionConfig(layers=[2], init="random", seed=3))
+    b = convert_to_hybrid(model, ConversionConfig(layers=[2], init="random", seed=3))
+    c = convert_to_hybrid(model, ConversionConfig(layers=[2], init="random", seed=4))
+    wa, wb, wc = (m.model.layers[2].mamba.in_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    mixer = a.model.layers[2].mamba
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert ((dt >= 1e-4 - 1e-7) & (dt <= 0.1 + 1e-6)).all()  # Mamba2's dt range
+    a_values = torch.exp(mixer.A_log)
+    assert ((a_values >= 1) & (a_values <= 16)).all()
+
+
+def test_same_mixer_dimensions_for_every_init():
+    model = make_tiny("llama")
+    shapes = {
+        init: {n: p.shape for n, p in convert_to_hybrid(model, ConversionConfig(layers=[1], init=init)).named_parameters()}
+        for init in ("rad", "mil", "random")
+    }
+    assert shapes["rad"] == shapes["mil"] == shapes["random"]
+
+
+def test_unsupported_architecture_is_named():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(RadError, match="supported families are llama, qwen2, mistral"):
+        convert_to_hybrid(gpt2, ConversionConfig(layers=[0]))
+
+
+@pytest.mark.parametrize("layers, words", [([4], "out of range"), ([1, 1], "twice"), ([-1], "out of range")])
+def test_bad_layers(layers, words):
+    with pytest.raises(RadError, match=words):
+        convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=layers))
+
+
+def test_cached_greedy_equals_uncached_recomputation_tiny():
+    model = make_tiny("llama")
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[0, 2, 3], init="random", seed=1))
+    _assert_cached_equals_recomputed(hybrid, IDS[:1, :9], new_tokens=64)
+
+
+def test_token_by_token_equals_full_forward_tiny():
+    model = make_tiny("mistral")
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1, 2], init="mil", chunk_size=16))
+    _assert_stepwise_equals_full(hybrid, IDS[:1], atol=2e-5)
+
+
+def _assert_cached_equals_recomputed(hybrid, prompt, new_tokens):
+    with torch.no_grad():
+        cached = hybrid.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None, min_new_tokens=new_tokens)
+        seq = prompt
+        for _ in range(new_tokens):
+            nxt = hybrid(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(cached, seq)
+
+
+def _assert_stepwise_equals_full(hybrid, ids, atol):
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        full = hybrid(ids).logits
+        cache = DynamicCache(config=hybrid.config)
+        steps = []
+        for t in range(ids.shape[1]):
+            out = hybrid(ids[:, t : t + 1], cache=cache, use_cache=True, position_ids=torch.tensor([[t]]))
+            steps.append(out.logits)
+        stepwise = torch.cat(steps, dim=1)
+    torch.testing.assert_close(stepwise, full, rtol=0, atol=atol)
