@@ -470,6 +470,10 @@ def summarise(runs: list[dict], bandwidth: list[dict], variants: list[Variant]) 
                 "ssm_read_write": 2 * v.bytes["ssm_state"],
             },
             "bound_tok_s": copy_gbps * 1e9 / bpt,
+            # DynamicCache appends with torch.cat, re-reading and re-writing every cached key/value each step.
+            "bound_tok_s_as_implemented": copy_gbps * 1e9 / (
+                bpt + (2 * v.bytes["kv_per_token"] * context if kind == "dynamic" else 0)
+            ),
             "bound_tok_s_read_only_bw": read_gbps * 1e9 / bpt,
             "cache_bytes_actual": group[-1]["cache_bytes_actual"],
             "cache_bytes_analytic": {
@@ -484,13 +488,37 @@ def summarise(runs: list[dict], bandwidth: list[dict], variants: list[Variant]) 
         r["vs_teacher_static"] = r["tok_s"] / ref[r["context"]] if r["context"] in ref else None
     order = {v.name: i for i, v in enumerate(variants)}
     rows.sort(key=lambda r: (r["context"], order[r["variant"]], r["cache"] != "static"))
-    return {"copy_GBps_median": copy_gbps, "read_GBps_median": read_gbps, "rows": rows}
+    # Context above which a hybrid moves fewer bytes per token than the teacher (its mixers hold more
+    # weights than the attention they replace, so it starts behind).
+    teacher = vmap.get(TEACHER)
+    breakeven = {}
+    for v in variants:
+        if teacher is None or v is teacher or v.bytes["kv_per_token"] >= teacher.bytes["kv_per_token"]:
+            continue
+        extra = v.bytes["weights_read"] + 2 * v.bytes["ssm_state"] - teacher.bytes["weights_read"]
+        breakeven[v.name] = extra / (teacher.bytes["kv_per_token"] - v.bytes["kv_per_token"])
+    # Same prompt, same model: the static and the dynamic cache must decode the same greedy tokens.
+    tokens = defaultdict(dict)
+    for run in runs:
+        tokens[(run["repeat"], run["context"], run["variant"])][run["cache"]] = run["tokens"]
+    disagree = [list(k) for k, t in tokens.items() if len({tuple(x) for x in t.values()}) > 1]
+    if disagree:
+        logger.warning("Static and dynamic caches decoded different tokens for %s", disagree)
+    return {
+        "copy_GBps_median": copy_gbps,
+        "read_GBps_median": read_gbps,
+        "bytes_breakeven_context": breakeven,
+        "static_dynamic_token_mismatches": disagree,
+        "rows": rows,
+    }
 
 
 def markdown_table(summary: dict) -> str:
     lines = [
         f"Copy bandwidth (read+write) {summary['copy_GBps_median']:.1f} GB/s; "
         f"read-only {summary['read_GBps_median']:.1f} GB/s. Bound = copy bandwidth / bytes per token.",
+        "Context above which a hybrid moves fewer bytes per token than the teacher: "
+        + (", ".join(f"{k} {v:.0f}" for k, v in summary["bytes_breakeven_context"].items()) or "-"),
         "",
         "| context | variant | cache | tok/s | x teacher (static) | bound tok/s | % of bound | MB/token "
         "| cache MiB (actual) | KV+SSM MiB (analytic) | prefill s |",
@@ -611,6 +639,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=16)
     p.add_argument("--profile-cache", choices=["static", "dynamic"], default="static")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--profile-only", action="store_true", help="skip the benchmark loop, only profile")
     p.add_argument("--check", action="store_true",
                    help="only check the manual decode loop against model.generate (greedy) and exit")
     p.add_argument("--check-context", type=int, default=64)
@@ -648,6 +677,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -661,6 +691,11 @@ def main(argv=None) -> int:
     env = environment()
     logger.info("torch %s, transformers %s, %d threads, %s", env["torch"], env["transformers"],
                 env["torch_threads"], env["cpu"])
+    load = env["load_average_at_start"]
+    if load and load[0] > 0.5 and not args.check:
+        logger.warning("Load average %.1f on %d CPUs: other processes are running, so timings will be noisy "
+                       "(with every core busy, torch's OpenMP threads can slow down 10x or more).",
+                       load[0], env["cpu_count"])
     variants = build_variants(args.variants, args.model, args.init, args.dtype)
     report: dict = {"environment": env, "args": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}}
@@ -675,9 +710,10 @@ def main(argv=None) -> int:
               f"context {check['context']}, {check['new_tokens']} new tokens")
         return 0 if check["ok"] else 1
 
-    measured = run_benchmark(args, variants)
-    report.update(measured)
-    report["summary"] = summarise(measured["runs"], measured["bandwidth"], variants)
+    if not args.profile_only:
+        measured = run_benchmark(args, variants)
+        report.update(measured)
+        report["summary"] = summarise(measured["runs"], measured["bandwidth"], variants)
     profiles = []
     if not args.no_profile and args.profile_variant:
         names = [TEACHER, args.profile_variant] if args.profile_variant != TEACHER else [TEACHER]
@@ -691,7 +727,8 @@ def main(argv=None) -> int:
                                             args.seed, top=20))
     report["where_the_time_goes"] = profiles
     _write(args.out, report)
-    print(markdown_table(report["summary"]))
+    if "summary" in report:
+        print(markdown_table(report["summary"]))
     if profiles:
         print(profile_table(profiles))
     return 0

@@ -1,0 +1,1 @@
+"""Numerical kernels of the decode path, each with a plain reference twin it is tested against."""
