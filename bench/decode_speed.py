@@ -42,6 +42,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, StaticCache
 
+from rad.decoding.cache import DecodeCache
+from rad.decoding.runner import FastDecoder
+
 logger = logging.getLogger("bench.decode_speed")
 
 MiB = 2**20
@@ -173,6 +176,10 @@ def make_cache(kind: str, model: torch.nn.Module, max_len: int):
 
 def cache_tensor_bytes(cache) -> dict:
     """Bytes of the tensors a cache object holds: attention keys/values, Mamba2 conv and SSM states."""
+    if isinstance(cache, DecodeCache):  # rad's cache is preallocated for the whole context
+        kv = cache.keys.nbytes + cache.values.nbytes if cache.keys.shape[0] else 0
+        ssm = cache.conv.nbytes + cache.ssm.nbytes if cache.conv.shape[0] else 0
+        return {"kv": kv, "ssm": ssm, "total": kv + ssm}
     seen: set[int] = set()
     out = {"kv": 0, "ssm": 0}
 
@@ -221,8 +228,29 @@ def decode_step(model, out, tok: torch.Tensor, pos: int):
 
 
 @torch.inference_mode()
+def rad_greedy_decode(model, prompt: torch.Tensor, new_tokens: int, max_len: int) -> dict:
+    """The same measurement on rad's fast decode path (rad.decoding.runner.FastDecoder)."""
+    decoder = FastDecoder(model)
+    t0 = time.perf_counter()
+    cache = decoder.new_cache(max_len)
+    tok = decoder.prefill(prompt, cache).argmax(-1, keepdim=True)
+    prefill_s = time.perf_counter() - t0
+    tokens, steps = [int(tok)], []
+    for _ in range(new_tokens):
+        t = time.perf_counter()
+        logits, pending = decoder.forward(tok, cache)
+        decoder.commit(cache, pending, 1)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - t)
+        tokens.append(int(tok))
+    return {"prefill_s": prefill_s, "step_s": steps, "tokens": tokens, "cache": cache}
+
+
+@torch.inference_mode()
 def greedy_decode(model, prompt: torch.Tensor, cache_kind: str, new_tokens: int, max_len: int) -> dict:
     """Prefill `prompt`, then `new_tokens` single-token greedy steps, each timed."""
+    if cache_kind == "rad":
+        return rad_greedy_decode(model, prompt, new_tokens, max_len)
     t0 = time.perf_counter()
     out, tok = prefill(model, prompt, cache_kind, max_len)
     prefill_s = time.perf_counter() - t0
@@ -390,7 +418,7 @@ def profile_variant(variant: Variant, context: int, steps: int, cache_kind: str,
 
 
 def cache_kinds(arg: str) -> list[str]:
-    return ["static", "dynamic"] if arg == "both" else [arg]
+    return {"both": ["static", "dynamic"], "all": ["static", "dynamic", "rad"]}.get(arg, [arg])
 
 
 def run_benchmark(args, variants: list[Variant]) -> dict:
@@ -629,7 +657,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--cache", choices=["static", "dynamic", "both"], default="both")
+    p.add_argument("--cache", choices=["static", "dynamic", "rad", "both", "all"], default="all",
+                   help="transformers' StaticCache / DynamicCache loops, rad's fast decode path, or several")
     p.add_argument("--init", default="rad", help="hybrid mixer init (speed does not depend on it)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)

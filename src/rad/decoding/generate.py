@@ -1,12 +1,12 @@
-"""Text generation through transformers' `generate`, with timing."""
+"""Text generation on rad's decode engine (plain, or self-speculative with some attention skipped)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
+from rad.decoding.speculative import DraftConfig, SamplingConfig, SpeculativeResult, speculative_generate
 from rad.errors import RadError
 from rad.models.loading import LoadedModel
 
@@ -15,12 +15,22 @@ from rad.models.loading import LoadedModel
 class GenerationResult:
     text: str
     prompt_tokens: int
-    new_tokens: int
-    seconds: float
+    decoding: SpeculativeResult
+    baseline: SpeculativeResult | None = None  # plain decoding of the same prompt, when asked to compare
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.decoding.tokens.numel())
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+        return self.decoding.tokens_per_second
+
+    @property
+    def speedup(self) -> float | None:
+        if self.baseline is None or self.baseline.tokens_per_second == 0:
+            return None
+        return self.decoding.tokens_per_second / self.baseline.tokens_per_second
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -37,39 +47,30 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-@torch.no_grad()
 def generate_text(
     loaded: LoadedModel,
     prompt: str,
     *,
     chat: bool = False,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    skip_layers: list[int] | None = None,
+    draft: DraftConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    compare: bool = False,
 ) -> GenerationResult:
-    """Greedy (temperature 0) or sampled continuation of `prompt`."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    device = next(model.parameters()).device
-    input_ids = encode_prompt(tokenizer, prompt, chat).to(device)
-    sampling = temperature > 0
-    generator_kwargs = {"do_sample": sampling}
-    if sampling:
-        torch.manual_seed(seed)
-        generator_kwargs.update(temperature=temperature, top_p=top_p)
-    start = time.perf_counter()
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        **generator_kwargs,
-    )
-    seconds = time.perf_counter() - start
-    new = output[0, input_ids.shape[1] :]
+    """Continue `prompt`. With `skip_layers`, decode self-speculatively (draft = those attention layers
+    skipped); with `compare`, also decode plainly to report the speed-up (greedy output is identical)."""
+    tokenizer = loaded.tokenizer
+    input_ids = encode_prompt(tokenizer, prompt, chat)
+    eos = tokenizer.eos_token_id
+    kwargs = dict(draft=draft, sampling=sampling, eos_token_id=eos)
+    decoding = speculative_generate(loaded.model, input_ids, skip_layers, max_new_tokens, **kwargs)
+    baseline = None
+    if compare and skip_layers is not None:
+        baseline = speculative_generate(loaded.model, input_ids, None, max_new_tokens, **kwargs)
     return GenerationResult(
-        text=tokenizer.decode(new, skip_special_tokens=True),
-        prompt_tokens=input_ids.shape[1],
-        new_tokens=int(new.numel()),
-        seconds=seconds,
+        text=tokenizer.decode(decoding.tokens, skip_special_tokens=True),
+        prompt_tokens=int(input_ids.shape[1]),
+        decoding=decoding,
+        baseline=baseline,
     )

@@ -26,15 +26,13 @@ SUPPORTED = ("llama", "qwen2", "mistral", "bamba")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers computes it: normalise in float32, cast back, then scale.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    # As transformers computes it (normalise in float32, cast back, then scale), in one fused op.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin, with rotate_half(x)*sin = roll(x, half) * [-sin1, sin2]: one op, not four."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass
@@ -117,7 +115,9 @@ class FastDecoder:
         positions = torch.arange(max_len, device=self.device)[None]
         probe = torch.empty(1, device=self.device, dtype=self.dtype)
         cos, sin = self.rotary(probe, positions)
-        self._cos, self._sin = cos[0], sin[0]  # (max_len, head_dim)
+        half = sin.shape[-1] // 2
+        self._cos = cos[0]  # (max_len, head_dim)
+        self._sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # signed for `_rope`
 
     # ----------------------------------------------------------------- prefill
 
@@ -195,8 +195,8 @@ class FastDecoder:
         q = attn.q_proj(h).view(b, t, self.num_heads, hd).transpose(1, 2)
         k = attn.k_proj(h).view(b, t, kvh, hd).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, kvh, hd).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rope(q, cos, sin)
+        k = _rope(k, cos, sin)
         end = pos + t
         cache.keys[j, :, :, pos:end] = k
         cache.values[j, :, :, pos:end] = v

@@ -1,0 +1,131 @@
+"""What a search is asked to do (`SearchConfig`) and the set of masks it may choose from (`SearchSpace`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rad.errors import RadError
+
+OBJECTIVES = ("throughput", "acceptance", "agreement")
+SAMPLERS = ("gp", "tpe", "random")
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one redundancy search; every default can be overridden from the CLI.
+
+    `trials` is the budget of *evaluations*: distinct masks measured with the objective. A proposal whose
+    mask was already measured is answered from the study (a cheap, cached trial) and does not count.
+    """
+
+    k: int | None = None  # attention layers to skip; or give `ratio`
+    ratio: float | None = None  # k = round(ratio * L)
+    objective: str = "throughput"
+    trials: int = 60
+    sampler: str = "gp"
+    seed: int = 0
+    keep: list[int] = field(default_factory=list)  # layers whose attention is never skipped
+    prompts: list[str] | None = None  # None: the built-in chat prompts
+    prompt_ids: list[list[int]] | None = None  # already tokenised prompts (overrides `prompts`)
+    chat: bool = True  # wrap each prompt in the tokenizer's chat template when it has one
+    max_new_tokens: int = 32
+    max_draft: int = 8  # self-speculative decoding: draft tokens per round at most
+    adaptive: bool = True  # Draft & Verify's adaptive stop threshold
+    repeats: int = 3  # throughput: timed runs per mask (median), after `warmup` untimed ones
+    warmup: int = 1
+    final_repeats: int = 7  # throughput: repeats when re-measuring the best few
+    remeasure_top: int = 3
+    startup_trials: int = 10  # random proposals before the GP / TPE model is fitted
+    neighbour_on_repeat: bool = True  # after a proposal repeats a known mask, try the nearest new one
+    stall_patience: int = 5  # proposals in a row that bring no new mask before a random new one is tried
+    baselines: bool = True
+    random_baselines: int = 3  # random-k baseline masks (seeds 0..n-1)
+    agreement_batch: int = 8  # sequences per batched forward of the agreement objective
+    out: str | Path | None = None  # None: a temporary study, no files kept
+    resume: bool = False  # continue (or join) the study in `out`
+    heartbeat_seconds: int = 10  # a worker silent for 2x this long is dead; its trial is redone
+    plots: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise RadError(f"Unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        if self.sampler not in SAMPLERS:
+            raise RadError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        if self.k is not None and self.ratio is not None:
+            raise RadError("Give either k (--k) or ratio (--ratio), not both.")
+        if self.k is None and self.ratio is None:
+            raise RadError("Say how many attention layers to skip with --k N or --ratio R.")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise RadError(f"ratio must be strictly between 0 and 1, got {self.ratio}.")
+        for name in ("trials", "max_new_tokens", "max_draft", "repeats", "final_repeats", "heartbeat_seconds"):
+            if getattr(self, name) < 1:
+                raise RadError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("warmup", "remeasure_top", "startup_trials", "random_baselines", "stall_patience"):
+            if getattr(self, name) < 0:
+                raise RadError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.agreement_batch < 1:
+            raise RadError(f"agreement_batch must be at least 1, got {self.agreement_batch}.")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Masks of exactly `k` skipped layers drawn from `candidates` (attention layers not kept)."""
+
+    num_layers: int
+    k: int
+    candidates: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.comb(len(self.candidates), self.k)
+
+    def param_name(self, layer: int) -> str:
+        return f"z{layer:03d}"
+
+    def top_k(self, z: dict[int, float] | list[float] | np.ndarray) -> tuple[int, ...]:
+        """The mask of the k largest coordinates of z (one per candidate; ties go to the lower layer)."""
+        values = np.asarray([z[c] for c in self.candidates] if isinstance(z, dict) else z, dtype=float)
+        if values.shape != (len(self.candidates),):
+            raise ValueError(f"z has {values.size} coordinates, the space has {len(self.candidates)} candidates")
+        order = np.lexsort((np.arange(values.size), -values))  # by -z, then by position
+        return tuple(sorted(self.candidates[i] for i in order[: self.k]))
+
+    def z_for(self, mask: tuple[int, ...], rng: np.random.Generator) -> dict[str, float]:
+        """A random point of the cube whose top-k mask is `mask` (chosen layers above 0.5, the rest below)."""
+        chosen = set(mask)
+        return {
+            self.param_name(c): float(rng.uniform(0.5, 1.0) if c in chosen else rng.uniform(0.0, 0.5))
+            for c in self.candidates
+        }
+
+    def random_mask(self, rng: np.random.Generator) -> tuple[int, ...]:
+        return tuple(sorted(int(c) for c in rng.choice(self.candidates, size=self.k, replace=False)))
+
+
+def resolve_space(config: SearchConfig, num_layers: int, attention_layers: list[int]) -> SearchSpace:
+    """Check k and keep against the model; the candidates are attention layers that are not kept."""
+    if config.k is not None:
+        k = int(config.k)
+    else:
+        k = round(config.ratio * num_layers)
+        if k < 1:
+            raise RadError(f"ratio {config.ratio} of {num_layers} layers rounds to 0 layers; raise the ratio.")
+    if k <= 0:
+        raise RadError(f"k must be at least 1 (got {k}): the search needs some attention layers to skip.")
+    if k >= num_layers:
+        raise RadError(f"k = {k} would skip all {num_layers} layers' attention; choose k below {num_layers}.")
+    keep = sorted(set(int(i) for i in config.keep))
+    bad = [i for i in keep if not 0 <= i < num_layers]
+    if bad:
+        raise RadError(f"Kept layer {bad[0]} is out of range: the model has layers 0..{num_layers - 1}.")
+    candidates = tuple(i for i in attention_layers if i not in set(keep))
+    if k > len(candidates):
+        raise RadError(
+            f"k = {k} is more than the {len(candidates)} attention layers that may be skipped "
+            f"({num_layers} layers, {num_layers - len(attention_layers)} without attention, {len(keep)} kept)."
+        )
+    return SearchSpace(num_layers=num_layers, k=k, candidates=candidates)

@@ -1,0 +1,233 @@
+"""The three search objectives: how good is the draft "the model with these layers' attention skipped"?
+
+- `throughput`: tokens/s of greedy self-speculative decoding (SSD) over the prompts, the paper's objective.
+  Honest timing: untimed warm-up, several timed repeats, median; CUDA is synchronised around each run.
+- `acceptance`: mean accepted draft tokens per verification round of the same SSD runs; no clock, so it
+  is deterministic and machine-independent.
+- `agreement`: top-1 agreement of the draft with the full model, teacher-forced over sequences the full
+  model generated once; one batched forward per mask, the cheapest of the three.
+
+Higher is better for all three. docs/search.md explains why, with exactly k layers skipped, they rank
+masks alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rad.errors import RadError
+from rad.models.skip import skip_attention
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """One measurement of one mask: the objective value and what it was computed from (JSON-able)."""
+
+    value: float
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first_eos(eos) -> int | None:
+    if isinstance(eos, (list, tuple)):
+        return int(eos[0]) if eos else None
+    return None if eos is None else int(eos)
+
+
+class AgreementObjective:
+    """Fraction of the full model's greedy tokens the draft also ranks first, teacher-forced.
+
+    The full model generates a continuation of each prompt once (greedy); the reference is the full
+    model's own teacher-forced argmax over prompt + continuation, so the empty mask scores exactly 1.
+    Sequences are right-padded (causal models never look at later positions, so no mask is needed).
+    """
+
+    name = "agreement"
+    deterministic = True
+
+    def __init__(self, model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id=None,
+                 batch_size: int = 8):
+        self.model = model
+        self.batch_size = batch_size
+        device = _device_of(model)
+        sequences, starts = [], []
+        with torch.no_grad():
+            for ids in prompts:
+                ids = ids.to(device)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=_first_eos(eos_token_id) if eos_token_id is not None else 0,
+                )
+                sequences.append(out[0])
+                starts.append(ids.shape[1])
+        self.batches = []
+        order = list(range(len(sequences)))
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            width = max(sequences[i].numel() for i in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+            rows_idx, cols_idx = [], []
+            for r, i in enumerate(rows):
+                seq = sequences[i]
+                ids[r, : seq.numel()] = seq
+                # position t predicts token t + 1: score the positions that predict generated tokens
+                for t in range(starts[i] - 1, seq.numel() - 1):
+                    rows_idx.append(r)
+                    cols_idx.append(t)
+            where = (torch.tensor(rows_idx, device=device), torch.tensor(cols_idx, device=device))
+            self.batches.append((ids, where))
+        self.positions = sum(int(where[0].numel()) for _, where in self.batches)
+        if self.positions == 0:
+            raise RadError("The full model generated no tokens for the search prompts; raise --max-new-tokens.")
+        self.reference = [self._argmax(ids, where) for ids, where in self.batches]
+
+    @torch.no_grad()
+    def _argmax(self, ids: torch.Tensor, where) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=ids).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[where])
+        return logits.argmax(dim=-1)
+
+    def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
+        del repeats  # deterministic: one pass says it all
+        start = time.perf_counter()
+        agree = 0
+        with skip_attention(self.model, mask):
+            for (ids, where), ref in zip(self.batches, self.reference, strict=True):
+                agree += int((self._argmax(ids, where) == ref).sum())
+        value = agree / self.positions
+        return Evaluation(value, {"agreement": value, "positions": self.positions}, time.perf_counter() - start)
+
+
+class _SpeculativeRuns:
+    """Runs the project's SSD engine over the prompts with a given set of skipped layers."""
+
+    def __init__(self, model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id,
+                 max_draft: int, adaptive: bool):
+        try:
+            from rad.decoding.speculative import DraftConfig, speculative_generate
+        except ImportError as err:
+            raise RadError(
+                f"The self-speculative decoding engine (rad.decoding.speculative) is not available ({err}); "
+                "use --objective agreement."
+            ) from err
+        self.generate = speculative_generate
+        self.draft = DraftConfig(max_draft=max_draft, adaptive=adaptive)
+        self.model = model
+        self.device = _device_of(model)
+        self.prompts = [ids.to(self.device) for ids in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.extra = {}
+        if "decoder" in inspect.signature(speculative_generate).parameters:
+            from rad.decoding.runner import FastDecoder
+
+            self.extra["decoder"] = FastDecoder(model)  # built once, not once per run
+
+    def run(self, mask: Sequence[int], ids: torch.Tensor):
+        with torch.no_grad():
+            return self.generate(
+                self.model, ids, skip_layers=list(mask), max_new_tokens=self.max_new_tokens,
+                draft=self.draft, eos_token_id=self.eos_token_id, **self.extra,
+            )
+
+    def timed_pass(self, mask: Sequence[int]) -> tuple[list, float]:
+        """One run per prompt; wall-clock seconds of the whole pass, synchronised on CUDA."""
+        results = []
+        _sync(self.device)
+        start = time.perf_counter()
+        for ids in self.prompts:
+            results.append(self.run(mask, ids))
+        _sync(self.device)
+        return results, time.perf_counter() - start
+
+
+def _acceptance_summary(results) -> dict:
+    per_prompt = [float(r.mean_accepted) for r in results if r.rounds > 0]
+    drafted = sum(int(r.drafted) for r in results)
+    accepted = sum(int(r.accepted) for r in results)
+    return {
+        "mean_accepted": statistics.fmean(per_prompt) if per_prompt else 0.0,
+        "mean_accepted_per_prompt": per_prompt,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "rounds": sum(int(r.rounds) for r in results),
+        "new_tokens": sum(int(r.tokens.numel()) for r in results),
+        "decode_seconds": sum(float(getattr(r, "seconds", 0.0)) for r in results),  # the engine's, no prefill
+    }
+
+
+class AcceptanceObjective:
+    """Mean over prompts of the accepted draft tokens per verification round (SSD, greedy)."""
+
+    name = "acceptance"
+    deterministic = True
+
+    def __init__(self, runs: _SpeculativeRuns):
+        self.runs = runs
+
+    def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
+        del repeats
+        results, seconds = self.runs.timed_pass(mask)
+        summary = _acceptance_summary(results)
+        return Evaluation(summary["mean_accepted"], summary, seconds)
+
+
+class ThroughputObjective:
+    """SSD tokens per second over all prompts: median of `repeats` timed passes after `warmup` runs."""
+
+    name = "throughput"
+    deterministic = False
+
+    def __init__(self, runs: _SpeculativeRuns, repeats: int, warmup: int):
+        self.runs = runs
+        self.repeats = repeats
+        self.warmup = warmup
+
+    def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
+        start = time.perf_counter()
+        for _ in range(self.warmup):
+            self.runs.run(mask, self.runs.prompts[0])
+        rates, summary = [], {}
+        for _ in range(repeats or self.repeats):
+            results, seconds = self.runs.timed_pass(mask)
+            summary = _acceptance_summary(results)
+            rates.append(summary["new_tokens"] / seconds if seconds > 0 else 0.0)
+        value = statistics.median(rates)
+        details = {"tokens_per_second": value, "repeats": rates, **summary}
+        return Evaluation(value, details, time.perf_counter() - start)
+
+
+def make_objective(name: str, model: nn.Module, prompts: list[torch.Tensor], *, max_new_tokens: int,
+                   eos_token_id=None, max_draft: int = 8, adaptive: bool = True, repeats: int = 3,
+                   warmup: int = 1, agreement_batch: int = 8):
+    """The objective `name`, prepared for `model` and the prompts (agreement generates its references here)."""
+    if name == "agreement":
+        return AgreementObjective(model, prompts, max_new_tokens, eos_token_id, batch_size=agreement_batch)
+    runs = _SpeculativeRuns(model, prompts, max_new_tokens, eos_token_id, max_draft, adaptive)
+    if name == "acceptance":
+        return AcceptanceObjective(runs)
+    if name == "throughput":
+        return ThroughputObjective(runs, repeats=repeats, warmup=warmup)
+    raise RadError(f"Unknown objective {name!r}; choose throughput, acceptance or agreement.")

@@ -1,0 +1,104 @@
+"""Search prompts: a built-in offline set, a user file (text or jsonl), and their token ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rad.errors import RadError
+
+logger = logging.getLogger(__name__)
+
+# Short, varied chat requests written for this project: explanation, advice, writing, lists, code,
+# translation, summarising. None is a math word problem or a code-execution puzzle, so the search never
+# sees the evaluation sets (GSM8K test, CRUXEval).
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Explain in two sentences why leaves change colour in autumn.",
+    "Give me three tips for keeping a houseplant alive.",
+    "Write a haiku about a train station at night.",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a bakery that only sells bread.",
+    "Write a Python function that reverses the words in a sentence.",
+    "Translate 'Where is the library?' into French and Spanish.",
+    "Describe how a bicycle's gears make climbing a hill easier.",
+    "List four things to pack for a weekend hiking trip.",
+    "Write a polite email declining a meeting invitation.",
+    "Why do cats purr? Answer briefly.",
+    "Summarise the plot of Little Red Riding Hood in three sentences.",
+    "What does a compiler do, in plain words?",
+    "Give two arguments for and two against working from home.",
+    "Write the opening line of a mystery novel set in a lighthouse.",
+    "How do I make a simple vinaigrette salad dressing?",
+)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line, or jsonl objects with a "prompt" field (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RadError(f"Prompt file {path} does not exist.")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise RadError(f"Prompt file {path} is not UTF-8 text.") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise RadError(f"Prompt file {path} has no prompts; write one prompt per line (or jsonl with \"prompt\").")
+    if path.suffix == ".jsonl" or all(line.startswith("{") for line in lines):
+        return _read_jsonl(path, lines)
+    return lines
+
+
+def _read_jsonl(path: Path, lines: list[str]) -> list[str]:
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise RadError(f"{path}, prompt {number}: not valid JSON; write one JSON object per line.") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RadError(f"{path}, prompt {number}: needs a non-empty string field \"prompt\".")
+        prompts.append(prompt.strip())
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[torch.Tensor]:
+    """Token ids (1, T) per prompt; with `chat`, each is a user turn in the chat template (if there is one)."""
+    if not prompts:
+        raise RadError("There are no search prompts; give a prompt file with at least one prompt.")
+    if tokenizer is None:
+        raise RadError("The model has no tokenizer; pass tokenised prompts (SearchConfig.prompt_ids) instead.")
+    use_template = chat and bool(getattr(tokenizer, "chat_template", None))
+    if chat and not use_template:
+        logger.warning("The tokenizer has no chat template; the search prompts are used as raw text.")
+    encoded = []
+    for prompt in prompts:
+        if use_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+        encoded.append(ids)
+    return encoded
+
+
+def ids_from_lists(prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+    if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+        raise RadError("Every tokenised search prompt needs at least one token, and there must be one or more.")
+    return [torch.tensor([list(map(int, ids))], dtype=torch.long) for ids in prompt_ids]
+
+
+def prompts_digest(encoded: list[torch.Tensor]) -> str:
+    """A fingerprint of the token ids, so a resumed search can check it measures the same prompts."""
+    h = hashlib.sha1()
+    for ids in encoded:
+        h.update(",".join(map(str, ids[0].tolist())).encode())
+        h.update(b";")
+    return h.hexdigest()[:16]

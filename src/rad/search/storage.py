@@ -1,0 +1,269 @@
+"""The study on disk: Optuna's SQLite storage plus three small tables that make workers cooperate.
+
+`DIR/study.db` holds the Optuna study (trials, parameters, values, heartbeats) and, in the same file:
+
+- `rad_claims`: one row per mask, naming the trial that measures it. A worker claims a mask inside one
+  `BEGIN IMMEDIATE` transaction (SQLite's write lock serialises claimers), after checking that no live
+  trial holds it and that the budget has a free slot. So no mask is measured twice and the budget is
+  shared exactly, however many processes join. A claim whose trial failed (or whose worker died: Optuna's
+  heartbeat marks its trial FAIL after the grace period) is void, and the mask may be claimed again.
+- `rad_evaluations`: measurements made outside the optimiser (baselines, re-measurements), so a resumed
+  search does not redo them.
+- `rad_workers`: one row per process that joined, giving each a distinct index (and sampler seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from rad.errors import RadError
+from rad.search.objectives import Evaluation
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "study.db"
+STUDY_NAME = "rad-search"
+SETTINGS_ATTR = "rad_settings"
+SQLITE_TIMEOUT_S = 120
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rad_claims (
+    mask TEXT PRIMARY KEY, trial INTEGER NOT NULL, worker INTEGER NOT NULL, claimed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rad_evaluations (
+    key TEXT PRIMARY KEY, value REAL NOT NULL, details TEXT NOT NULL, seconds REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rad_workers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL, host TEXT NOT NULL, started REAL NOT NULL);
+"""
+
+
+def mask_key(mask) -> str:
+    return ",".join(str(int(i)) for i in sorted(mask))
+
+
+def parse_mask_key(key: str) -> tuple[int, ...]:
+    return tuple(int(i) for i in key.split(",")) if key else ()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held for the block (released by the OS if the process dies)."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to "may this trial measure this mask?".
+
+    kind: "claimed" (measure it), "cached" (measured before: `value` of trial `trial`), "busy" (another
+    live trial is measuring it now) or "full" (the budget is taken by finished and running measurements).
+    """
+
+    kind: str
+    value: float | None = None
+    trial: int | None = None
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    evaluated: int
+    in_flight: int
+    claimed: frozenset[str]
+
+
+TrialStates = dict[int, tuple[TrialState, float | None]]
+
+
+def trial_states(study: optuna.Study) -> TrialStates:
+    return {t.number: (t.state, t.value) for t in study.get_trials(deepcopy=False)}
+
+
+def _classify(trial: int, states: TrialStates) -> str:
+    """"done", "void" or "live" (a trial newer than the snapshot is live: it was just created)."""
+    if trial not in states:
+        return "live"
+    state = states[trial][0]
+    if state == TrialState.COMPLETE:
+        return "done"
+    if state in (TrialState.FAIL, TrialState.PRUNED):
+        return "void"
+    return "live"
+
+
+class StudyStore:
+    """Opens (creating or resuming) the study in `folder` and coordinates claims on it."""
+
+    def __init__(self, folder: str | Path, *, heartbeat_seconds: int = 10):
+        self.folder = Path(folder)
+        self.path = self.folder / STUDY_FILE
+        self.heartbeat_seconds = int(heartbeat_seconds)
+        self.storage: optuna.storages.RDBStorage | None = None
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    def open(self, sampler: optuna.samplers.BaseSampler, settings: dict, *, resume: bool) -> optuna.Study:
+        """The study, created or (with `resume`) loaded; a resumed study must have the same settings."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.folder / ".study.lock"):  # two fresh workers must not both create the tables
+            existed = self.path.exists() and self.path.stat().st_size > 0
+            if existed and not resume:
+                raise RadError(
+                    f"{self.folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
+                    "(or to join it as another worker), or choose another --out folder."
+                )
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.storage = optuna.storages.RDBStorage(
+                        f"sqlite:///{self.path}",
+                        engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}},
+                        heartbeat_interval=self.heartbeat_seconds,
+                        grace_period=2 * self.heartbeat_seconds,
+                    )
+                study = optuna.create_study(
+                    storage=self.storage, study_name=STUDY_NAME, direction="maximize", sampler=sampler,
+                    load_if_exists=True,
+                )
+            except (sqlite3.DatabaseError, optuna.exceptions.OptunaError) as err:
+                raise RadError(f"{self.path} is not a readable search study ({err}); remove it or pick "
+                               "another --out folder.") from err
+            except Exception as err:  # SQLAlchemy wraps sqlite errors in its own types
+                if "sqlalchemy" not in type(err).__module__:
+                    raise
+                raise RadError(f"{self.path} is not a readable search study ({str(err)[:200]}); remove it "
+                               "or pick another --out folder.") from err
+            conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S)
+            try:
+                conn.executescript(_SCHEMA)
+            finally:
+                conn.close()
+            stored = study.user_attrs.get(SETTINGS_ATTR)
+            if stored is None:
+                study.set_user_attr(SETTINGS_ATTR, settings)
+            else:
+                _check_same_settings(stored, settings, self.folder)
+        if existed:
+            logger.info("Resuming the search in %s (%d trials so far)", self.folder, len(study.trials))
+        return study
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def register_worker(self) -> int:
+        """A distinct index for this process: 0 for the first to join the study, 1 for the next, ..."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO rad_workers (pid, host, started) VALUES (?, ?, ?)",
+                (os.getpid(), socket.gethostname(), time.time()),
+            )
+            return int(cursor.lastrowid) - 1
+
+    # -- claims --------------------------------------------------------------------------------------
+
+    def claim(self, key: str, trial: int, worker: int, budget: int, states: TrialStates) -> Claim:
+        """Atomically decide whether `trial` measures mask `key` (see `Claim`); record the claim if so.
+
+        `states` is a snapshot of trial states taken before the call. States only move forward (RUNNING to
+        COMPLETE / FAIL / PRUNED), so a stale snapshot can only make a finished claim look live: the
+        answer is then "busy" or "full", never a second measurement.
+        """
+        with self._transaction() as conn:
+            evaluated = in_flight = 0
+            mine: tuple[int, str] | None = None
+            for mask, owner in conn.execute("SELECT mask, trial FROM rad_claims"):
+                status = _classify(owner, states)
+                evaluated += status == "done"
+                in_flight += status == "live"
+                if mask == key:
+                    mine = (owner, status)
+            if mine is not None and mine[1] == "done":
+                return Claim("cached", value=states[mine[0]][1], trial=mine[0])
+            if mine is not None and mine[1] == "live" and mine[0] != trial:
+                return Claim("busy", trial=mine[0])
+            if evaluated + in_flight >= budget:
+                return Claim("full")
+            conn.execute(
+                "INSERT OR REPLACE INTO rad_claims (mask, trial, worker, claimed_at) VALUES (?, ?, ?, ?)",
+                (key, trial, worker, time.time()),
+            )
+            return Claim("claimed", trial=trial)
+
+    def status(self, states: TrialStates) -> BudgetStatus:
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT mask, trial FROM rad_claims").fetchall()
+        evaluated = in_flight = 0
+        claimed = set()
+        for mask, owner in rows:
+            status = _classify(owner, states)
+            evaluated += status == "done"
+            in_flight += status == "live"
+            if status != "void":
+                claimed.add(mask)
+        return BudgetStatus(evaluated, in_flight, frozenset(claimed))
+
+    def fail_stale_trials(self, study: optuna.Study) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+    # -- measurements outside the optimiser ----------------------------------------------------------
+
+    def get_evaluation(self, key: str) -> Evaluation | None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT value, details, seconds FROM rad_evaluations WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return Evaluation(float(row[0]), json.loads(row[1]), float(row[2]))
+
+    def put_evaluation(self, key: str, evaluation: Evaluation) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO rad_evaluations (key, value, details, seconds) VALUES (?, ?, ?, ?)",
+                (key, float(evaluation.value), json.dumps(evaluation.details), float(evaluation.seconds)),
+            )
+
+    @contextlib.contextmanager
+    def finalising(self) -> Iterator[None]:
+        """Held while one worker measures baselines and writes the outputs; the next one then reuses them."""
+        with file_lock(self.folder / ".final.lock"):
+            yield
+
+
+def _check_same_settings(stored: dict, current: dict, folder: Path) -> None:
+    for name, value in current.items():
+        if name.startswith("info_"):
+            continue
+        if name in stored and stored[name] != value:
+            raise RadError(
+                f"The search in {folder} was started with {name} = {stored[name]!r}, not {value!r}; resume it "
+                "with the same settings, or choose another --out folder."
+            )
