@@ -218,7 +218,12 @@ class FastDecoder:
         zxbcdt = mixer.in_proj(h)
         z, xbc, dt = zxbcdt.split([d_inner, mixer.conv_dim, heads], dim=-1)
         inputs = torch.cat([cache.conv[j], xbc.transpose(1, 2)], dim=-1)  # (b, conv_dim, d_conv + t)
-        conv = F.conv1d(inputs[..., 1:], mixer.conv1d.weight, mixer.conv1d.bias, groups=mixer.conv_dim)
+        # Depthwise causal conv as a windowed multiply-add: for a few tokens this is far cheaper than
+        # F.conv1d's oneDNN path (~0.3 ms per call here for 4 taps).
+        windows = inputs[..., 1:].unfold(-1, mixer.conv_kernel_size, 1)  # (b, conv_dim, t, d_conv)
+        conv = (windows * mixer.conv1d.weight[:, 0, None, :]).sum(-1)
+        if mixer.conv1d.bias is not None:
+            conv = conv + mixer.conv1d.bias[:, None]
         xbc = F.silu(conv).transpose(1, 2)  # (b, t, conv_dim)
         x, B, C = xbc.split([d_inner, groups * n, groups * n], dim=-1)
         dt = F.softplus(dt.float() + mixer.dt_bias.float())
