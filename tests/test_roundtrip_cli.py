@@ -119,3 +119,15 @@ def test_cli_exit_code_in_a_real_process():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Unknown model 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_speculative_generate_reports_acceptance(tiny_llama_folder, caplog, capsys):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="rad")
+    code = main(["generate", str(tiny_llama_folder), "--prompt", "hello there", "--speculative", "--skip", "1,2",
+                 "--max-new-tokens", "12"])
+    assert code == 0
+    assert any("speed-up" in r.getMessage() and "acceptance" in r.getMessage() for r in caplog.records)
+    code, errors = _run_cli(["generate", str(tiny_llama_folder), "--prompt", "hi", "--speculative"], caplog)
+    assert code == 2 and "--skip" in errors[0]
