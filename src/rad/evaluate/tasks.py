@@ -1,0 +1,169 @@
+"""The benchmarks: how each item becomes a prompt and how a completion is scored.
+
+GSM8K: zero-shot (or n-shot from the train split), chat template, step-by-step answer ending in
+"The answer is N."; scored by exact numeric match of the extracted final number.
+CRUXEval-O: CRUXEval's direct output-prediction prompt (two [PYTHON]/[ANSWER] examples, as in the
+CRUXEval repository's `make_direct_output_prompt`), sent as one user turn; the predicted literal is
+checked by executing `f(input) == prediction` in the sandbox.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rad.errors import RadError
+from rad.evaluate.data import load_rows
+from rad.evaluate.extract import (
+    extract_cruxeval_prediction,
+    extract_final_number,
+    format_number,
+    gsm8k_target,
+    numbers_equal,
+)
+from rad.evaluate.sandbox import SandboxLimits, check_output_prediction
+
+
+@dataclass
+class Item:
+    """One benchmark question: `messages` is the chat form, `raw` the plain-text form of the same prompt."""
+
+    id: str
+    messages: list[dict]
+    raw: str
+    reference: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What changes a task's prompts or scoring; stored with the per-item file so resumes stay consistent."""
+
+    n_shot: int = 0
+    data_dir: str | None = None
+    sources: tuple[str, ...] = ("file", "hub", "package")
+    sandbox: SandboxLimits = SandboxLimits()
+
+
+GSM8K_INSTRUCTION = (
+    "Solve the following math problem step by step. "
+    "End your response with 'The answer is N.' where N is the final number."
+)
+
+
+def _clean_rationale(answer: str) -> str:
+    """A GSM8K train answer as a worked solution: calculator annotations dropped, '#### N' -> 'The answer is N.'."""
+    body, _, final = answer.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()
+    return f"{body}\nThe answer is {final.strip()}."
+
+
+class GSM8K:
+    name = "gsm8k"
+    prompt_version = "gsm8k-chat-v1"
+    default_max_new_tokens = 384
+    stop = ("\n\nQuestion:",)
+
+    def __init__(self, options: TaskOptions):
+        self.options = options
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        rows = load_rows("gsm8k_test", self.options.data_dir, self.options.sources)
+        shots = []
+        if self.options.n_shot:
+            shots = load_rows("gsm8k_train", self.options.data_dir, self.options.sources)[: self.options.n_shot]
+        rows = rows[:limit] if limit is not None else rows
+        return [self._item(f"gsm8k-test-{i}", row, shots) for i, row in enumerate(rows)]
+
+    def _item(self, item_id: str, row: dict, shots: list[dict]) -> Item:
+        messages, raw = [], []
+        for shot in shots:
+            messages += [
+                {"role": "user", "content": f"{GSM8K_INSTRUCTION}\n\n{shot['question']}"},
+                {"role": "assistant", "content": _clean_rationale(shot["answer"])},
+            ]
+            raw.append(f"Question: {shot['question']}\nAnswer: {_clean_rationale(shot['answer'])}")
+        messages.append({"role": "user", "content": f"{GSM8K_INSTRUCTION}\n\n{row['question']}"})
+        raw.append(f"Question: {row['question']}\nAnswer:")
+        text = (GSM8K_INSTRUCTION + "\n\n" if not shots else "") + "\n\n".join(raw)
+        target = format_number(gsm8k_target(row["answer"]))
+        return Item(item_id, messages, text, {"question": row["question"], "target": target})
+
+    def score(self, item: Item, completion: str) -> dict:
+        prediction = extract_final_number(completion)
+        target = gsm8k_target("#### " + item.reference["target"])
+        return {"prediction": format_number(prediction), "target": item.reference["target"],
+                "correct": numbers_equal(prediction, target)}
+
+
+CRUX_PROMPT = """You are given a Python function and an assertion containing an input to the function. \
+Complete the assertion with a literal (no unsimplified expressions, no function calls) containing the output \
+when executing the provided code on the given input, even if the function is incorrect or incomplete. \
+Do NOT output any extra information. Provide the full assertion with the correct output in [ANSWER] and \
+[/ANSWER] tags, following the examples.
+
+[PYTHON]
+def f(n):
+    return n
+assert f(17) == ??
+[/PYTHON]
+[ANSWER]
+assert f(17) == 17
+[/ANSWER]
+
+[PYTHON]
+def f(s):
+    return s + "a"
+assert f("x9j") == ??
+[/PYTHON]
+[ANSWER]
+assert f("x9j") == "x9ja"
+[/ANSWER]
+
+[PYTHON]
+{code}
+assert f({input}) == ??
+[/PYTHON]
+"""
+
+
+class CRUXEvalO:
+    name = "cruxeval"
+    prompt_version = "cruxeval-o-direct-v1"
+    default_max_new_tokens = 128
+    stop = ("[/ANSWER]",)
+
+    def __init__(self, options: TaskOptions):
+        self.options = options
+        if options.n_shot:
+            raise RadError("CRUXEval uses its own two-example prompt; --n-shot applies to GSM8K only.")
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        rows = load_rows("cruxeval", self.options.data_dir, self.options.sources)
+        rows = rows[:limit] if limit is not None else rows
+        items = []
+        for row in rows:
+            prompt = CRUX_PROMPT.format(code=row["code"], input=row["input"])
+            items.append(Item(
+                str(row["id"]), [{"role": "user", "content": prompt}], prompt + "[ANSWER]\n",
+                {"code": row["code"], "input": row["input"], "target": row["output"]},
+            ))
+        return items
+
+    def score(self, item: Item, completion: str) -> dict:
+        prediction = extract_cruxeval_prediction(completion, item.reference["input"])
+        if not prediction:
+            return {"prediction": "", "target": item.reference["target"], "correct": False, "status": "empty"}
+        verdict = check_output_prediction(
+            item.reference["code"], item.reference["input"], prediction, self.options.sandbox
+        )
+        return {"prediction": prediction, "target": item.reference["target"], "correct": verdict.passed,
+                "status": verdict.status, "detail": verdict.detail}
+
+
+TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO}
+
+
+def make_task(name: str, options: TaskOptions):
+    if name not in TASKS:
+        raise RadError(f"Unknown task {name!r}; choose from {', '.join(TASKS)}.")
+    return TASKS[name](options)

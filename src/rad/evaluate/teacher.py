@@ -1,0 +1,76 @@
+"""How close a student stays to its teacher on held-out text: KL(teacher || student), perplexity, top-1 agreement.
+
+The default text is the last `n` GSM8K *train* solutions ("Question: ...\nAnswer: ..." with calculator
+annotations removed): in-domain for the paper's math claim, and never GSM8K test. Both models must share
+a tokenizer, as a RAD hybrid and its source do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rad.errors import RadError
+from rad.evaluate.data import load_rows
+from rad.evaluate.tasks import _clean_rationale
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    n_texts: int = 32
+    max_length: int = 512
+
+
+def heldout_texts(n: int, data_dir: str | None = None, sources: tuple[str, ...] = ("file", "hub")) -> list[str]:
+    rows = load_rows("gsm8k_train", data_dir, sources)
+    return [f"Question: {r['question']}\nAnswer: {_clean_rationale(r['answer'])}" for r in rows[-n:]]
+
+
+def _same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+@torch.no_grad()
+def teacher_metrics(student, teacher, texts: list[str], config: TeacherConfig | None = None) -> dict:
+    """Token-weighted KL(teacher || student) in nats, both perplexities, and top-1 agreement over `texts`.
+
+    `student` and `teacher` are LoadedModel-like (`.model`, `.tokenizer`).
+    """
+    config = config or TeacherConfig()
+    if not texts:
+        raise RadError("No held-out texts for the teacher metrics.")
+    if not _same_tokenizer(student.tokenizer, teacher.tokenizer):
+        raise RadError("The teacher and the model have different tokenizers; teacher metrics need a shared one.")
+    tok = student.tokenizer
+    s_dev = next(student.model.parameters()).device
+    t_dev = next(teacher.model.parameters()).device
+    kl_sum = s_nll = t_nll = agree = tokens = 0.0
+    for text in tqdm(texts, desc="teacher metrics", leave=False):
+        ids = tok(text, return_tensors="pt", truncation=True, max_length=config.max_length).input_ids
+        if ids.shape[1] < 2:
+            continue
+        s_logits = student.model(ids.to(s_dev)).logits[0, :-1].float().cpu()
+        t_logits = teacher.model(ids.to(t_dev)).logits[0, :-1].float().cpu()
+        vocab = min(s_logits.shape[-1], t_logits.shape[-1])  # checkpoints may pad the vocabulary differently
+        s_logp = F.log_softmax(s_logits[:, :vocab], -1)
+        t_logp = F.log_softmax(t_logits[:, :vocab], -1)
+        target = ids[0, 1:]
+        kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum())
+        s_nll -= float(s_logp.gather(1, target[:, None]).sum())
+        t_nll -= float(t_logp.gather(1, target[:, None]).sum())
+        agree += float((s_logp.argmax(-1) == t_logp.argmax(-1)).sum())
+        tokens += target.numel()
+    if not tokens:
+        raise RadError("The held-out texts are too short to score (fewer than 2 tokens each).")
+    return {
+        "kl_teacher_student": kl_sum / tokens,
+        "perplexity": math.exp(s_nll / tokens),
+        "teacher_perplexity": math.exp(t_nll / tokens),
+        "top1_agreement": agree / tokens,
+        "tokens": int(tokens),
+        "texts": len(texts),
+    }

