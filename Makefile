@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.rad-installed
-RUN_DIR ?= runs/quickstart
+PRESET  ?= default
+RUN_DIR ?= runs/$(PRESET)
 
 .PHONY: setup run test lint bench setup-qwen clean
 
@@ -23,9 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/rad convert smollm2-135m --layers uniform:15 --init rad --out $(RUN_DIR) --overwrite
-	$(VENV)/bin/rad info $(RUN_DIR)
-	$(VENV)/bin/rad generate $(RUN_DIR) --chat --max-new-tokens 48 --prompt "What is the capital of France?"
+	$(VENV)/bin/rad run --preset $(PRESET) --out $(RUN_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
