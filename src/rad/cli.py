@@ -142,6 +142,82 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"{result.evaluations} masks measured; saved to {result.out}")
 
 
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from rad.distill import DataConfig, DistillConfig, LossWeights, run_distill
+
+    config = DistillConfig(
+        hybrid=args.hybrid,
+        out=args.out,
+        teacher=args.teacher,
+        train=args.train,
+        steps=args.steps,
+        data=DataConfig(
+            spec=args.data, split=args.split, prompt_field=args.prompt_field, response_field=args.response_field,
+            seq_len=args.seq_len, pack=args.pack, mask_prompt=args.mask_prompt, eval_examples=args.eval_examples,
+            max_examples=args.max_examples, seed=args.seed,
+        ),
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        loss=LossWeights(kl=args.kl_weight, ce=args.ce_weight, align=args.align_weight,
+                         temperature=args.temperature, chunk=args.loss_chunk),
+        eval_every=args.eval_every,
+        eval_sequences=args.eval_sequences,
+        save_every=args.save_every,
+        resume=args.resume,
+        share_weights=args.share_weights,
+        gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = run_distill(config)
+    if result.summary:
+        final = result.summary.get("final_eval") or {}
+        print(f"Distilled {result.steps} steps ({config.train}); held-out KL {final.get('eval_kl', float('nan')):.4f}, "
+              f"top-1 agreement {final.get('eval_top1_agreement', float('nan')):.3f}")
+        print(f"Student saved to {result.student_dir}; logs and curves in {result.out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig, evaluate_models
+
+    config = EvalConfig(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        out=args.out,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chat=args.chat,
+        n_shot=args.n_shot,
+        data_dir=args.data_dir,
+        sandbox=SandboxLimits(timeout_s=args.exec_timeout),
+        teacher=args.teacher,
+        teacher_config=TeacherConfig(n_texts=args.teacher_texts),
+        overwrite=args.overwrite,
+    )
+    results, table = evaluate_models(args.models, config, device=args.device, dtype=args.dtype)
+    print(table, end="")
+    for r in results:
+        print(f"Results for {r.model}: {r.folder / 'results.json'}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from rad.pipeline import load_run_config, run_pipeline
+
+    preset = args.preset if args.preset or args.config else "default"
+    config = load_run_config(preset if not args.config or args.preset else None, args.config, args.set or [])
+    if args.out:
+        config.out = args.out
+    report = run_pipeline(config)
+    print(f"Report: {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rad", description="Redundancy-Aware Distillation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
@@ -190,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_search)
 
+    p = sub.add_parser("run", help="the whole RAD pipeline: search, convert, distil, evaluate, report")
+    p.add_argument("--preset", default=None, help="smoke (< 3 min), default (~20 min on 2 CPU cores), paper (GPUs)")
+    p.add_argument("--config", default=None, help="a YAML run config (on top of --preset, if given)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. distill.steps=10")
+    p.add_argument("--out", default=None, help="run folder (default: from the config)")
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("info", help="layer map, parameter counts and cache bytes per token")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -210,6 +293,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-draft", action="store_true", help="always draft --max-draft tokens (no adaptive stop)")
     common(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="score models on GSM8K / CRUXEval-O (resumable) and compare them")
+    p.add_argument("models", nargs="+", help="one or more models: aliases, folders, .gguf files or hub ids")
+    p.add_argument("--tasks", default="gsm8k,cruxeval", help="comma-separated: gsm8k, cruxeval")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
+    p.add_argument("--out", default="runs/eval", help="folder for per-item files, results.json, comparison.md")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 384 for gsm8k, 128 for cruxeval")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="1: rad's fast engine; >1: HF generate with left padding (for GPUs)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template")
+    p.add_argument("--n-shot", type=int, default=0, help="GSM8K examples from the train split (default 0)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with gsm8k_test.jsonl, cruxeval.jsonl (default ../shared/data)")
+    p.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per CRUXEval sandboxed check")
+    p.add_argument("--teacher", default=None, help="also report KL(teacher||model), perplexity, top-1 agreement")
+    p.add_argument("--teacher-texts", type=int, default=32, help="held-out texts for the teacher metrics")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier per-item results instead of resuming")
+    common(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("distill", help="train the new Mamba2 mixers against the teacher (RAD step 3)")
+    p.add_argument("hybrid", help="a hybrid folder written by `rad convert`")
+    p.add_argument("--teacher", default=None, help="teacher model (default: the hybrid's source: self-distillation)")
+    p.add_argument("--data", default=None,
+                   help="jsonl/json/parquet/txt file or folder, or hub id[:config] (default: GSM8K train)")
+    p.add_argument("--split", default="train", help="hub dataset split")
+    p.add_argument("--prompt-field", default=None)
+    p.add_argument("--response-field", default=None)
+    p.add_argument("--train", default="mixers", choices=["mixers", "mixers+mlp", "all"])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--out", required=True, help="output folder: checkpoints, logs, curves, student/")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack sequences end to end")
+    p.add_argument("--mask-prompt", action="store_true", help="count only response tokens in the loss")
+    p.add_argument("--eval-examples", type=int, default=None, help="records held out (default: 2%%)")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per process per forward")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--align-weight", type=float, default=0.0,
+                   help="MSE between each new mixer and the attention it replaced (layer-local warm-up)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--loss-chunk", type=int, default=128, help="positions per float32 logits chunk")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-sequences", type=int, default=64)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="self-distillation: the teacher uses the student's frozen tensors (one copy)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=_cmd_distill)
     return parser
 
 

@@ -50,6 +50,9 @@ class RunDistill:
     eval_sequences: int = 32
     save_every: int = 50
     max_examples: int | None = 4000
+    # Layer-local alignment (MSE to the replaced attention's output) on top of KL: with KL alone a short
+    # run from the rad init first gets worse (the gated norm turns the zero mixer output into a full-size one).
+    align_weight: float = 1.0
 
 
 @dataclass
@@ -221,6 +224,7 @@ def _stage_search(config: RunConfig, paths: RunPaths, teacher) -> dict:
 
 def _stage_distill(config: RunConfig, hybrid: Path, out: Path, train: str, lr: float) -> Path:
     from rad.distill.data import DataConfig
+    from rad.distill.objective import LossWeights
     from rad.distill.train import DistillConfig, run_distill
 
     student = out / "student"
@@ -233,6 +237,7 @@ def _stage_distill(config: RunConfig, hybrid: Path, out: Path, train: str, lr: f
         grad_accum=d.grad_accum, eval_every=d.eval_every, eval_sequences=d.eval_sequences,
         save_every=d.save_every, seed=config.seed, device=config.device, resume=out.exists(),
         data=DataConfig(seq_len=d.seq_len, max_examples=d.max_examples, seed=config.seed),
+        loss=LossWeights(align=d.align_weight),
     ))
     return student
 
@@ -323,8 +328,11 @@ def write_report(config, paths: RunPaths, search: dict, uniform, models, table, 
     lines.append(f"rad convert {config.model} --layers {','.join(map(str, uniform))} --init mil "
                  f"--out {paths.baseline_hybrid}")
     d = config.distill
-    lines.append(f"rad distill {paths.rad_hybrid} --train mixers --steps {d.steps} --out {paths.rad_distill}")
-    lines.append(f"rad distill {paths.baseline_hybrid} --train all --steps {d.steps} --out {paths.baseline_distill}")
+    flags = (f"--steps {d.steps} --seq-len {d.seq_len} --micro-batch {d.micro_batch} --align-weight {d.align_weight} "
+             f"--max-examples {d.max_examples}")
+    lines.append(f"rad distill {paths.rad_hybrid} --train mixers --lr {d.lr} {flags} --out {paths.rad_distill}")
+    lines.append(f"rad distill {paths.baseline_hybrid} --train all --lr {d.baseline_lr} {flags} "
+                 f"--out {paths.baseline_distill}")
     specs = " ".join(shlex.quote(s) for s in models.values())
     lines.append(f"rad eval {specs} --tasks {','.join(config.eval.tasks)} --limit {config.eval.limit} "
                  f"--teacher {config.model} --out {paths.eval}")

@@ -1,0 +1,21 @@
+"""Targeted (self-)distillation of a rad hybrid (RAD §3): train the new Mamba2 mixers against the teacher."""
+
+from rad.distill.data import DataConfig, build_data
+from rad.distill.loss import chunked_distill_terms, kl_divergence
+from rad.distill.modules import TRAIN_CHOICES, select_trainable, share_frozen_weights
+from rad.distill.objective import LossWeights
+from rad.distill.train import DistillConfig, DistillResult, run_distill
+
+__all__ = [
+    "TRAIN_CHOICES",
+    "DataConfig",
+    "DistillConfig",
+    "DistillResult",
+    "LossWeights",
+    "build_data",
+    "chunked_distill_terms",
+    "kl_divergence",
+    "run_distill",
+    "select_trainable",
+    "share_frozen_weights",
+]

@@ -1,0 +1,260 @@
+"""Distillation data: load records, render them with the chat template, pack, split off a held-out set.
+
+The default is GSM8K *train* (the evaluation uses GSM8K test and CRUXEval, so there is no overlap): the
+copy in `../shared/data/gsm8k_train.jsonl` next to the repository when present (works offline right
+after `make setup`), else `openai/gsm8k` (config `main`, split `train`) from the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rad.errors import RadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HUB = ("openai/gsm8k", "main", "train")
+FORBIDDEN = ("gsm_symbolic",)  # built from GSM8K test: would leak the evaluation set
+PAIR_FIELDS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"),
+               ("prompt", "completion"), ("input", "output"))
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and how they become fixed-length training sequences."""
+
+    spec: str | None = None  # None: the default (GSM8K train); else a local file/folder or hub id[:config]
+    split: str = "train"
+    prompt_field: str | None = None  # None: detected (prompt/question/instruction ...)
+    response_field: str | None = None
+    seq_len: int = 512
+    pack: bool = True
+    mask_prompt: bool = False  # count only response tokens in the loss
+    eval_fraction: float = 0.02
+    eval_examples: int | None = None  # overrides eval_fraction
+    max_examples: int | None = None
+    seed: int = 0
+    search_roots: list[str] = field(default_factory=list)  # extra places to look for shared/data
+
+
+@dataclass
+class Sequences:
+    """Fixed-length rows: input ids, attention mask (1 = real token) and loss mask (1 = counted)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: torch.Tensor | list[int]) -> Sequences:
+        return Sequences(self.input_ids[index], self.attention_mask[index], self.loss_mask[index])
+
+
+def default_data_path(extra_roots: list[str] | None = None) -> Path | None:
+    import rad
+
+    repo = Path(rad.__file__).resolve().parents[2]
+    roots = [Path(r) for r in (extra_roots or [])] + [repo.parent, Path.cwd().parent]
+    for root in roots:
+        candidate = root / "shared" / "data" / "gsm8k_train.jsonl"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_records(config: DataConfig) -> tuple[list[dict], str]:
+    """The raw records and a description of where they came from."""
+    spec = config.spec
+    if spec is None:
+        path = default_data_path(config.search_roots)
+        if path is not None:
+            return _load_local(path, config.split), str(path)
+        try:
+            return _load_hub(*DEFAULT_HUB), f"hub:{DEFAULT_HUB[0]}"
+        except RadError as err:
+            raise RadError(
+                f"No default distillation data: ../shared/data/gsm8k_train.jsonl is absent and the hub failed "
+                f"({err}); pass --data FILE_OR_HUB_ID."
+            ) from None
+    if any(bad in spec for bad in FORBIDDEN):
+        raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_local(path, config.split), str(path)
+    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
+        raise RadError(f"Data file {spec} does not exist; check the path.")
+    name, _, subset = spec.partition(":")
+    return _load_hub(name, subset or None, config.split), f"hub:{spec}"
+
+
+def _load_local(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+    builders = {kinds.get(p.suffix) for p in files}
+    if len(builders) != 1 or None in builders:
+        raise RadError(f"Cannot read {path}: give .jsonl, .json, .parquet or .txt files (one kind).")
+    builder = builders.pop()
+    if builder == "json" and all(p.stat().st_size == 0 for p in files):
+        return []
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as err:  # datasets raises many types for malformed files
+        raise RadError(f"Could not read {path} as {builder} ({type(err).__name__}: {str(err)[:160]}).") from err
+    del split  # local files have one split
+    return ds.to_list()
+
+
+def _load_hub(name: str, subset: str | None, split: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as err:
+        raise RadError(f"Could not load dataset {name!r} from the hub ({type(err).__name__}: {str(err)[:160]})") from err
+    return ds.to_list()
+
+
+def _pick_fields(record: dict, config: DataConfig) -> tuple[str, str | None, str | None]:
+    """('chat'|'pair'|'text', prompt field, response field) for the records' shape."""
+    if config.prompt_field or config.response_field:
+        p, r = config.prompt_field, config.response_field
+        missing = [f for f in (p, r) if f and f not in record]
+        if missing:
+            raise RadError(f"The data has no field {missing[0]!r}; its fields are {', '.join(sorted(record))}.")
+        return ("pair" if p and r else "text"), p or r, r if p else None
+    if isinstance(record.get("messages"), list):
+        return "chat", "messages", None
+    for p, r in PAIR_FIELDS:
+        if p in record and r in record:
+            return "pair", p, r
+    if "text" in record:
+        return "text", "text", None
+    raise RadError(
+        f"The data records have fields {', '.join(sorted(record)) or '(none)'}; rad needs 'messages', a "
+        "prompt/response pair (prompt/response, question/answer, instruction/output) or 'text'; "
+        "or name them with --prompt-field/--response-field."
+    )
+
+
+def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[list[int], list[int]]]:
+    """Token ids and a loss mask per record, rendered with the tokenizer's chat template where it has one."""
+    if not records:
+        raise RadError("The distillation dataset is empty; pass --data with some records.")
+    kind, pf, rf = _pick_fields(records[0], config)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for rec in records:
+        if kind == "text":
+            ids = tokenizer(str(rec[pf]), add_special_tokens=True).input_ids
+            out.append((ids, [1] * len(ids)))
+            continue
+        if kind == "chat":
+            messages = rec[pf]
+        else:
+            messages = [{"role": "user", "content": str(rec[pf])}, {"role": "assistant", "content": str(rec[rf])}]
+        if has_template:
+            ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
+            prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        else:
+            prompt_text = "\n".join(str(m["content"]) for m in messages[:-1]) + "\n"
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=True).input_ids
+            ids = prompt_ids + tokenizer(str(messages[-1]["content"]), add_special_tokens=False).input_ids
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        n_prompt = len(prompt_ids) if config.mask_prompt and ids[: len(prompt_ids)] == prompt_ids else 0
+        out.append((ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)))
+    return out
+
+
+def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def to_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, pack: bool, pad_id: int) -> Sequences:
+    """Pack examples end to end into rows of `seq_len` (the last partial row padded), or pad each one."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    if pack:
+        ids_all = [t for ids, _ in examples for t in ids]
+        mask_all = [m for _, mask in examples for m in mask]
+        for start in range(0, len(ids_all), seq_len):
+            ids, mask = ids_all[start:start + seq_len], mask_all[start:start + seq_len]
+            if len(ids) < 2:
+                continue
+            rows.append((ids, [1] * len(ids), mask))
+    else:
+        for ids, mask in examples:
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            if len(ids) >= 2:
+                rows.append((ids, [1] * len(ids), mask))
+    if not rows:
+        raise RadError("The distillation dataset has no sequence of two or more tokens.")
+    n = len(rows)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, seq_len), dtype=torch.long)
+    loss = torch.zeros((n, seq_len), dtype=torch.long)
+    for i, (ids, att, mask) in enumerate(rows):
+        k = len(ids)
+        input_ids[i, :k] = torch.tensor(ids)
+        attention[i, :k] = torch.tensor(att)
+        loss[i, :k] = torch.tensor(mask)
+    return Sequences(input_ids, attention, loss)
+
+
+@dataclass
+class DistillData:
+    train: Sequences
+    eval: Sequences
+    source: str
+    examples: int
+
+
+def build_data(config: DataConfig, tokenizer) -> DistillData:
+    """Records -> (train, held-out) sequences; the split is by record, before packing, so they never overlap."""
+    records, source = load_records(config)
+    if not records:
+        raise RadError(f"The distillation dataset {source} is empty; pass --data with some records.")
+    if config.max_examples:
+        records = records[: config.max_examples]
+    examples = render(records, tokenizer, config)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_eval = config.eval_examples if config.eval_examples is not None else round(config.eval_fraction * len(order))
+    n_eval = max(1, min(n_eval, len(order) - 1)) if len(order) > 1 else 0
+    if n_eval == 0:
+        raise RadError("The distillation dataset needs at least two records (one is held out for evaluation).")
+    eval_ex = [examples[i] for i in order[:n_eval]]
+    train_ex = [examples[i] for i in order[n_eval:]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train = to_sequences(train_ex, config.seq_len, config.pack, pad)
+    held = to_sequences(eval_ex, config.seq_len, config.pack, pad)
+    logger.info("Data %s: %d records -> %d train / %d held-out sequences of %d tokens",
+                source, len(records), len(train), len(held), config.seq_len)
+    return DistillData(train=train, eval=held, source=source, examples=len(records))
+
+
+def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
+    """Rows of the global batch at optimiser step `step`: a fixed function of (step, seed), so the data
+    position of a resumed run is just its step number. Epochs are seeded reshuffles."""
+    out = []
+    perms: dict[int, list[int]] = {}
+    start = step * global_batch
+    for pos in range(start, start + global_batch):
+        epoch, offset = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = _permutation(n, seed + epoch)
+        out.append(perms[epoch][offset])
+    return out
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -1,0 +1,384 @@
+"""Targeted (self-)distillation: loss, trainable selection, weight sharing, loop, checkpoints, data, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rad.distill import DataConfig, DistillConfig, LossWeights, build_data, kl_divergence, run_distill
+from rad.distill.checkpoint import list_checkpoints, verify_checkpoint
+from rad.distill.loss import chunked_distill_terms
+from rad.distill.modules import check_same_vocabulary, select_trainable, share_frozen_weights
+from rad.distill.objective import DistillObjective
+from rad.errors import RadError
+from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+from tests.conftest import REPO, SHARED_DATA, make_tiny
+
+PY = sys.executable
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _reference_kl(s, t, mask, temp):
+    s, t = s.double() / temp, t.double() / temp
+    p = torch.softmax(t, -1)
+    kl = (p * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+    return (kl * mask).sum() / mask.sum() * temp * temp
+
+
+def test_kl_zero_reference_masking_and_chunking():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 17, 50, generator=g) * 3
+    t = torch.randn(3, 17, 50, generator=g) * 3
+    mask = torch.ones(3, 17)
+    mask[1, 10:] = 0  # padding
+    mask[2, :4] = 0  # a prompt
+    assert kl_divergence(t, t, mask).item() == pytest.approx(0.0, abs=1e-6)
+    for temp in (1.0, 2.0):
+        ref = _reference_kl(s, t, mask, temp)
+        full = kl_divergence(s, t, mask, temperature=temp)
+        chunked = kl_divergence(s, t, mask, temperature=temp, chunk=5)
+        assert full.dtype == torch.float32
+        assert full.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    # Masked positions do not matter at all.
+    s2 = s.clone()
+    s2[1, 10:] = 1e4
+    assert kl_divergence(s2, t, mask).item() == pytest.approx(kl_divergence(s, t, mask).item(), rel=1e-6)
+
+
+def test_chunked_hidden_state_loss_matches_full_logits_and_gradients():
+    torch.manual_seed(0)
+    head_s, head_t = torch.nn.Linear(8, 40, bias=False), torch.nn.Linear(8, 40, bias=False)
+    hs = torch.randn(2, 13, 8, requires_grad=True)
+    ht = torch.randn(2, 13, 8)
+    mask = (torch.rand(2, 13) > 0.3).float()
+    labels = torch.randint(0, 40, (2, 13)).masked_fill(mask == 0, -100)
+    terms = chunked_distill_terms(hs, ht, mask, head_s, head_t, labels=labels, temperature=1.5, chunk=4)
+    (g_chunk,) = torch.autograd.grad(terms["kl_sum"] + terms["ce_sum"], hs)
+    s_logits, t_logits = head_s(hs), head_t(ht)
+    ref_kl = kl_divergence(s_logits, t_logits, mask, temperature=1.5) * mask.sum()
+    ref_ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    (g_full,) = torch.autograd.grad(ref_kl + ref_ce, hs)
+    assert terms["kl_sum"].item() == pytest.approx(ref_kl.item(), rel=1e-5)
+    assert terms["ce_sum"].item() == pytest.approx(ref_ce.item(), rel=1e-5)
+    torch.testing.assert_close(g_chunk, g_full, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- tiny hybrids
+
+
+def _tiny_pair(layers=(1, 3), vocab_size=96, seed=0):
+    src = make_tiny("llama", seed=seed, vocab_size=vocab_size)
+    cfg = ConversionConfig(layers=list(layers))
+    return src, convert_to_hybrid(src, cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """A tiny Llama (real tokenizer, vocab 49152) saved as a source, and its 2-mixer rad hybrid."""
+    root = tmp_path_factory.mktemp("tiny_distill")
+    src, hybrid, cfg = _tiny_pair(vocab_size=49152)
+    src.save_pretrained(root / "src")
+    tokenizer.save_pretrained(root / "src")
+    save_hybrid(hybrid, tokenizer, root / "hybrid", conversion_record(str(root / "src"), src, cfg))
+    data = root / "data.jsonl"
+    lines = [json.dumps({"question": f"What is {i} plus {i + 1}?", "answer": f"{i} + {i + 1} = {2 * i + 1}.\n#### "
+                         f"{2 * i + 1}"}) for i in range(60)]
+    data.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _config(tiny_dirs, out, **kw):
+    data = kw.pop("data", DataConfig(spec=str(tiny_dirs / "data.jsonl"), seq_len=32, eval_examples=6))
+    base = dict(hybrid=str(tiny_dirs / "hybrid"), out=str(out), steps=4, micro_batch=2, grad_accum=1, lr=1e-3,
+                data=data, eval_every=2, eval_sequences=4, save_every=2, device="cpu", progress=False,
+                tensorboard=False, plots=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.mark.parametrize("train", ["mixers", "mixers+mlp", "all"])
+def test_only_chosen_parameters_change_and_teacher_shares_frozen_weights(train):
+    src, student, _ = _tiny_pair()
+    teacher = make_tiny("llama", vocab_size=96)  # a fresh copy of the source: same values
+    names = set(select_trainable(student, train))
+    report = share_frozen_weights(teacher, student)
+    s_params = dict(student.named_parameters())
+    t_params = dict(teacher.named_parameters(remove_duplicate=False))
+    # Frozen twins share storage; trainable ones (and replaced attention) do not.
+    emb = s_params["model.embed_tokens.weight"]
+    assert t_params["model.embed_tokens.weight"].data_ptr() == emb.data_ptr() or train == "all"
+    mlp_name = "model.layers.1.mlp.down_proj.weight"
+    shared_mlp = t_params[mlp_name].data_ptr() == s_params["model.layers.1.feed_forward.down_proj.weight"].data_ptr()
+    assert shared_mlp == (train == "mixers")
+    kept_mlp = t_params["model.layers.0.mlp.up_proj.weight"].data_ptr()
+    assert (kept_mlp == s_params["model.layers.0.feed_forward.up_proj.weight"].data_ptr()) == (train != "all")
+    assert t_params["model.layers.0.self_attn.q_proj.weight"].data_ptr() == \
+        s_params["model.layers.0.self_attn.q_proj.weight"].data_ptr() or train == "all"
+    assert report.shared_tensors > 0 or train == "all"
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+    before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    t_before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    objective = DistillObjective(student, teacher, LossWeights(align=0.1), [1, 3])
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 96, (2, 12))
+    att = torch.ones_like(ids)
+    terms = objective(ids, att, att)
+    terms["loss_sum"].backward()
+    opt.step()
+    after = student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert changed <= names | {"lm_head.weight"}  # lm_head is tied to the embedding
+    for k in before:
+        if k not in names and not (k == "lm_head.weight" and "model.embed_tokens.weight" in names):
+            assert torch.equal(before[k], after[k]), k
+    # The teacher never moves, whatever trains.
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_before[k]), k
+
+
+def test_tokenizer_mismatch_is_refused(tokenizer):
+    with pytest.raises(RadError, match="vocabulary"):
+        check_same_vocabulary(tokenizer, tokenizer, 49152, 32000)
+
+    class Other:
+        def get_vocab(self):
+            return {"a": 0}
+
+    with pytest.raises(RadError, match="same tokenizer"):
+        check_same_vocabulary(tokenizer, Other(), 49152, 49152)
+
+
+def test_tokenizer_mismatch_in_a_run(tiny_dirs, tmp_path, tokenizer):
+    other = make_tiny("llama", vocab_size=96)
+    other.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(RadError, match="vocabulary"):
+        run_distill(_config(tiny_dirs, tmp_path / "out", teacher=str(tmp_path / "teacher")))
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_data_chat_rendering_masking_split_and_errors(tmp_path, tokenizer):
+    records = [{"prompt": f"Say {i}.", "response": f"I say {i}."} for i in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = build_data(DataConfig(spec=str(path), seq_len=40, pack=False, mask_prompt=True, eval_examples=4),
+                      tokenizer)
+    assert data.examples == 20 and len(data.eval) == 4 and len(data.train) == 16
+    text = tokenizer.decode(data.train.input_ids[0][data.train.attention_mask[0].bool()])
+    assert "<|im_start|>assistant" in text  # chat template used
+    counted = tokenizer.decode(data.train.input_ids[0][data.train.loss_mask[0].bool()])
+    assert "I say" in counted and "Say" not in counted.replace("I say", "")
+    train_rows = {tuple(r.tolist()) for r in data.train.input_ids}
+    assert not train_rows & {tuple(r.tolist()) for r in data.eval.input_ids}
+    packed = build_data(DataConfig(spec=str(path), seq_len=40, eval_examples=4), tokenizer)
+    assert packed.train.attention_mask[:-1].all()  # packed rows are full
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(RadError, match="empty"):
+        build_data(DataConfig(spec=str(empty)), tokenizer)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"foo": 1, "bar": 2}\n{"foo": 3, "bar": 4}\n')
+    with pytest.raises(RadError, match="fields bar, foo"):
+        build_data(DataConfig(spec=str(wrong)), tokenizer)
+    with pytest.raises(RadError, match="no field 'question'"):
+        build_data(DataConfig(spec=str(path), prompt_field="question", response_field="response"), tokenizer)
+    with pytest.raises(RadError, match="GSM8K test"):
+        build_data(DataConfig(spec="reasoning-gym/gsm_symbolic"), tokenizer)
+    with pytest.raises(RadError, match="does not exist"):
+        build_data(DataConfig(spec=str(tmp_path / "missing.jsonl")), tokenizer)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k_train.jsonl").is_file(), reason="no ../shared/data here")
+def test_default_data_is_gsm8k_train(tokenizer):
+    data = build_data(DataConfig(seq_len=64, max_examples=30, eval_examples=3), tokenizer)
+    assert data.source.endswith("gsm8k_train.jsonl")
+
+
+# ---------------------------------------------------------------- loop, checkpoints, resume
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_dirs, tmp_path, monkeypatch):
+    original = DistillObjective.forward
+    calls = {"train": 0}
+
+    def poisoned(self, input_ids, attention_mask, loss_mask, labels=None):
+        terms = original(self, input_ids, attention_mask, loss_mask, labels)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] > 2:
+                terms["loss_sum"] = terms["loss_sum"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(DistillObjective, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(RadError, match=r"loss became nan at step 3.*step-0000002"):
+        run_distill(_config(tiny_dirs, out, eval_every=0))
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    assert verify_checkpoint(ckpt)["step"] == 2
+
+
+_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from rad.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(args, env_extra=None, launcher=None, timeout=240):
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    cmd = (launcher or [PY, "-c", _SCRIPT]) + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _cli_args(tiny_dirs, out, steps=6, extra=()):
+    return ["distill", str(tiny_dirs / "hybrid"), "--data", str(tiny_dirs / "data.jsonl"), "--seq-len", "32",
+            "--eval-examples", "6", "--steps", str(steps), "--micro-batch", "2", "--save-every", "2",
+            "--eval-every", "3", "--eval-sequences", "4", "--out", str(out), "--device", "cpu", "--no-progress",
+            "--align-weight", "0.05", *extra]
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tiny_dirs, tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    r = _cli(_cli_args(tiny_dirs, full))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli(_cli_args(tiny_dirs, broken), env_extra={"RAD_DISTILL_KILL_AT_STEP": "5"})
+    assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL after step 5, last checkpoint at step 4
+    assert [p.name for p in list_checkpoints(broken / "checkpoints")] == ["step-0000002", "step-0000004"]
+    assert not (broken / "student").exists()
+    r = _cli(_cli_args(tiny_dirs, broken, extra=["--resume"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_file(str(full / "student" / "model.safetensors"))
+    b = load_file(str(broken / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (broken / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    full_log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log if r["kind"] == "train"] == [r["loss"] for r in full_log if r["kind"] == "train"]
+    assert [p.name for p in list_checkpoints(broken / "checkpoints")] == ["step-0000004", "step-0000006"]
+    # The final student is a stock transformers checkpoint.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(full / "student")
+    assert type(model).__name__ == "BambaForCausalLM"
+
+
+def test_corrupt_or_partial_checkpoint_is_detected(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    run_distill(_config(tiny_dirs, out, steps=2, eval_every=0))
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    weights = ckpt / "trainable.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RadError, match="corrupt"):
+        run_distill(_config(tiny_dirs, out, steps=4, eval_every=0, resume=True))
+    (ckpt / "state.json").unlink()
+    with pytest.raises(RadError, match="partial"):
+        run_distill(_config(tiny_dirs, out, steps=4, eval_every=0, resume=True))
+    with pytest.raises(RadError, match="--resume"):
+        run_distill(_config(tiny_dirs, out, steps=4, eval_every=0))
+
+
+def test_two_processes_match_one_process(tiny_dirs, tmp_path):
+    """Same global batch (4): 1 process x accum 2 x micro 2 vs 2 processes x micro 2 (gloo)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = _cli(_cli_args(tiny_dirs, one, steps=4, extra=["--grad-accum", "2"]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    launcher = [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "cpu_2proc.yaml"),
+                "--main_process_port", "29517", "-m", "rad.cli"]
+    r = _cli(_cli_args(tiny_dirs, two, steps=4), launcher=launcher)
+    assert r.returncode == 0, (r.stdout[-1000:], r.stderr[-3000:])
+
+    def curve(folder):
+        rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"], [r["eval_kl"] for r in rows if r["kind"] == "eval"]
+
+    (l1, e1), (l2, e2) = curve(one), curve(two)
+    assert len(l1) == len(l2) == 4
+    # Tolerance: float32 sums in a different order (gloo all-reduce), amplified a little by AdamW.
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(e2), torch.tensor(e1), rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the real default model
+
+
+@pytest.mark.slow
+def test_self_distillation_on_the_default_model_lowers_held_out_kl(default_model, tmp_path):
+    cfg = ConversionConfig(layers=[8, 14, 20, 26], init="rad")
+    hybrid = convert_to_hybrid(default_model.model, cfg)
+    save_hybrid(hybrid, default_model.tokenizer, tmp_path / "hybrid",
+                conversion_record("smollm2-135m", default_model.model, cfg))
+    del hybrid
+    # The layer-local alignment term is the warm-up that makes a short run reliable: KL alone first rises
+    # (the gated RMSNorm turns the zero mixer output into a full-size one after the first AdamW step).
+    spec = None  # the default: ../shared/data/gsm8k_train.jsonl
+    if not (SHARED_DATA / "gsm8k_train.jsonl").is_file():  # offline stand-in: short arithmetic answers
+        spec = str(tmp_path / "qa.jsonl")
+        (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"What is {a} times {b}?", "answer":
+                                                  f"{a} times {b} is {a * b}. The answer is {a * b}."}) + "\n"
+                                      for a in range(2, 22) for b in range(3, 13)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads against another process thrash
+    try:
+        result = _short_self_distillation(tmp_path, spec)
+    finally:
+        torch.set_num_threads(threads)
+    s = result.summary
+    assert s["self_distillation"] and s["shared_teacher_bytes"] > 400e6  # one copy of ~513 MB of weights
+    first, last = result.evals[0], result.evals[-1]
+    assert first["step"] == 0 and last["step"] == 10
+    assert last["eval_kl"] < 0.9 * first["eval_kl"], (first, last)
+
+
+def _short_self_distillation(tmp_path, spec):
+    return run_distill(DistillConfig(
+        hybrid=str(tmp_path / "hybrid"), out=str(tmp_path / "out"), steps=10, micro_batch=2, lr=3e-4,
+        warmup_ratio=0.1, loss=LossWeights(align=1.0),
+        data=DataConfig(spec=spec, seq_len=64, max_examples=200, eval_examples=8),
+        eval_every=10, eval_sequences=8, save_every=0, device="cpu", progress=False, tensorboard=False,
+        plots=False,
+    ))
+
+
+def test_fused_head_loss_matches_autograd_reference():
+    from rad.distill.loss import fused_distill_terms
+
+    torch.manual_seed(1)
+    w_s = torch.randn(40, 8, requires_grad=True)
+    w_t = torch.randn(40, 8)
+    hs = torch.randn(2, 13, 8, requires_grad=True)
+    ht = torch.randn(2, 13, 8)
+    mask = (torch.rand(2, 13) > 0.3).float()
+    labels = torch.randint(0, 40, (2, 13)).masked_fill(mask == 0, -100)
+    fused = fused_distill_terms(hs, ht, mask, w_s, w_t, labels=labels, temperature=2.0, chunk=5)
+    g_fused = torch.autograd.grad(fused["kl_sum"] + 0.5 * fused["ce_sum"], (hs, w_s))
+    ref = chunked_distill_terms(hs, ht, mask, lambda h: h @ w_s.t(), lambda h: h @ w_t.t(), labels=labels,
+                                temperature=2.0, chunk=13)
+    g_ref = torch.autograd.grad(ref["kl_sum"] + 0.5 * ref["ce_sum"], (hs, w_s))
+    for k in ("kl_sum", "ce_sum", "agree_sum", "teacher_ce_sum"):
+        assert fused[k].item() == pytest.approx(ref[k].item(), rel=1e-5), k
+    for a, b in zip(g_fused, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
