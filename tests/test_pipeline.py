@@ -1,6 +1,7 @@
 """`rad run --preset smoke` end to end on the real default model, then again: every stage is skipped."""
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -33,6 +34,7 @@ def test_smoke_run_writes_every_artifact_and_resumes(tmp_path, default_model, ca
         assert needle in report, needle
     stamp = (out / "search" / "search.json").stat().st_mtime_ns
     caplog.clear()
+    caplog.set_level(logging.INFO, logger="rad")
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
     assert (out / "search" / "search.json").stat().st_mtime_ns == stamp
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
