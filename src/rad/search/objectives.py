@@ -106,7 +106,7 @@ class AgreementObjective:
 
     @torch.no_grad()
     def _argmax(self, ids: torch.Tensor, where) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=ids).last_hidden_state
+        hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[where])
         return logits.argmax(dim=-1)
 

@@ -137,6 +137,7 @@ def optimise(
         if claim.kind == "cached":
             trial.set_user_attr("cached", True)
             trial.set_user_attr("cached_from", claim.trial)
+            last["returned"] = True
             return float(claim.value)
         if claim.kind in ("busy", "full"):
             trial.set_user_attr("skipped", claim.kind)
@@ -146,6 +147,7 @@ def optimise(
         trial.set_user_attr("cached", False)
         trial.set_user_attr("details", evaluation.details)
         trial.set_user_attr("seconds", round(evaluation.seconds, 6))
+        last["returned"] = True
         return float(evaluation.value)
 
     while True:
@@ -175,9 +177,12 @@ def optimise(
         try:
             study.optimize(objective, n_trials=1)
         except RuntimeError:
-            # A trial declared dead by a heartbeat check (this worker was too slow) cannot be told its value;
-            # its mask is free again and another trial measures it. Anything else is a real error.
-            if not last or study.trials[last["number"]].state != TrialState.FAIL:
+            # A trial declared dead by a heartbeat check (this worker was too slow) cannot be told its value
+            # once the objective has returned; its mask is free again and another trial measures it.
+            # Anything else, an error of the objective included, is a real error.
+            if not last.get("returned") or (
+                study.get_trials(deepcopy=False)[last["number"]].state != TrialState.FAIL
+            ):
                 raise
             logger.warning("Trial %d was declared dead while running; its result is dropped.", last["number"])
             continue
@@ -227,12 +232,11 @@ def _unclaimed_mask(space: SearchSpace, claimed: frozenset[str], rng: np.random.
 
 
 def _log_progress(study: optuna.Study, number: int, done: int, target: int) -> None:
-    trial = study.trials[number]
+    trials = study.get_trials(deepcopy=False)
+    trial = trials[number]
     if trial.state != TrialState.COMPLETE:
         return
-    best = max(
-        (t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=trial.value
-    )
+    best = max(t.value for t in trials if t.state == TrialState.COMPLETE)
     logger.info("evaluation %d/%d (trial %d): skip %s -> %.4f (best %.4f)", done, target, number,
                 mask_key(trial.user_attrs.get("mask", ())) or "-", trial.value, best)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,8 @@ from pathlib import Path
 import optuna
 
 from rad.errors import RadError
+
+logger = logging.getLogger(__name__)
 
 RESULT_FILE = "search.json"
 TRIALS_FILE = "trials.csv"
@@ -124,6 +127,11 @@ def write_outputs(result: SearchResult, folder: Path, plots: bool = True) -> Non
     _atomic_write(folder / RESULT_FILE, (json.dumps(result.to_json(), indent=2) + "\n").encode())
     _atomic_write(folder / TRIALS_FILE, _trials_csv(result.trials).encode())
     if plots:
+        try:
+            import matplotlib  # noqa: F401  (the `plot` extra)
+        except ImportError:
+            logger.warning("matplotlib is not installed (pip install -e '.[plot]'); the plots are skipped.")
+            return
         _atomic_write(folder / PROGRESS_PLOT, _progress_png(result))
         _atomic_write(folder / REDUNDANCY_PLOT, _redundancy_png(result))
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from rad.errors import RadError
@@ -129,15 +130,25 @@ class StudyStore:
                     f"{self.folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
                     "(or to join it as another worker), or choose another --out folder."
                 )
+            if not existed:
+                conn = sqlite3.connect(self.path)
+                try:  # persistent; with synchronous=NORMAL (see `_connect`) a commit needs no fsync
+                    conn.execute("PRAGMA journal_mode=WAL")
+                finally:
+                    conn.close()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self.storage = optuna.storages.RDBStorage(
                         f"sqlite:///{self.path}",
-                        engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}},
+                        engine_kwargs={"creator": self._connect_autocommit},
                         heartbeat_interval=self.heartbeat_seconds,
                         grace_period=2 * self.heartbeat_seconds,
                     )
+                # SQLite ignores SELECT ... FOR UPDATE, and the driver starts a transaction only at the first
+                # write, so two processes could both read a WAITING (enqueued) trial and both run it. Every
+                # Optuna transaction takes the write lock at its start instead: read-then-update is atomic.
+                sqlalchemy.event.listen(self.storage.engine, "begin", _begin_immediate)
                 study = optuna.create_study(
                     storage=self.storage, study_name=STUDY_NAME, direction="maximize", sampler=sampler,
                     load_if_exists=True,
@@ -150,7 +161,7 @@ class StudyStore:
                     raise
                 raise RadError(f"{self.path} is not a readable search study ({str(err)[:200]}); remove it "
                                "or pick another --out folder.") from err
-            conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S)
+            conn = self._connect()
             try:
                 conn.executescript(_SCHEMA)
             finally:
@@ -164,9 +175,21 @@ class StudyStore:
             logger.info("Resuming the search in %s (%d trials so far)", self.folder, len(study.trials))
         return study
 
+    def _connect(self) -> sqlite3.Connection:
+        """Every connection, Optuna's included: wait for locks instead of failing, and with WAL sync only at
+        checkpoints (a killed process loses nothing; a power cut may lose the last trials, never the file)."""
+        conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _connect_autocommit(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.isolation_level = None  # the driver never begins on its own; `_begin_immediate` does
+        return conn
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S, isolation_level=None)
+        conn = self._connect_autocommit()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -207,8 +230,8 @@ class StudyStore:
                     mine = (owner, status)
             if mine is not None and mine[1] == "done":
                 return Claim("cached", value=states[mine[0]][1], trial=mine[0])
-            if mine is not None and mine[1] == "live" and mine[0] != trial:
-                return Claim("busy", trial=mine[0])
+            if mine is not None and mine[1] == "live":
+                return Claim("busy", trial=mine[0])  # (never this trial: each trial runs in one process)
             if evaluated + in_flight >= budget:
                 return Claim("full")
             conn.execute(
@@ -256,6 +279,10 @@ class StudyStore:
         """Held while one worker measures baselines and writes the outputs; the next one then reuses them."""
         with file_lock(self.folder / ".final.lock"):
             yield
+
+
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _check_same_settings(stored: dict, current: dict, folder: Path) -> None:

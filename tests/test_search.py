@@ -1,0 +1,357 @@
+"""The redundancy search: top-k rule, finding known optima, resume and shared studies, outputs, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from rad.cli import main
+from rad.errors import RadError
+from rad.search import SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
+from rad.search.optimizer import nearest_new_mask_point
+from rad.search.storage import STUDY_NAME, StudyStore, mask_key
+
+from .conftest import REPO, make_tiny
+
+# Every test here runs tiny models; on a loaded 2-core machine a second torch thread makes each tiny op
+# wait for a busy core (measured: 0.05 s -> 3.3 s for one 24-token run), so use one.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _scaled_tiny(num_layers: int, scales: dict[int, float], seed: int = 0):
+    """A tiny Llama whose attention matters (init std 0.1), with some layers' o_proj scaled down."""
+    model = make_tiny("llama", seed=seed, num_hidden_layers=num_layers, initializer_range=0.1)
+    with torch.no_grad():
+        for layer, scale in scales.items():
+            model.model.layers[layer].self_attn.o_proj.weight.mul_(scale)
+    return model
+
+
+def _random_prompts(n: int, length: int = 10) -> list[list[int]]:
+    return [torch.randint(3, 96, (length,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(n)]
+
+
+def _exhaustive(model, config: SearchConfig) -> dict[tuple[int, ...], float]:
+    objective = make_objective(config.objective, model, [torch.tensor([p]) for p in config.prompt_ids],
+                               max_new_tokens=config.max_new_tokens, max_draft=config.max_draft,
+                               adaptive=config.adaptive)
+    n = model.config.num_hidden_layers
+    return {m: objective.evaluate(m).value for m in itertools.combinations(range(n), config.k)}
+
+
+# ------------------------------------------------------------------------------------------ top-k rule
+
+
+def test_top_k_takes_exactly_k_largest_and_respects_keep():
+    config = SearchConfig(k=3, keep=[0, 5])
+    space = resolve_space(config, num_layers=8, attention_layers=list(range(8)))
+    assert space.candidates == (1, 2, 3, 4, 6, 7) and space.size == 20
+    z = [0.9, 0.1, 0.8, 0.2, 0.95, 0.3]  # one value per candidate, in candidate order
+    assert space.top_k(z) == (1, 3, 6)
+    assert space.top_k([0.5] * 6) == (1, 2, 3)  # ties go to the lower layer
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = space.top_k(rng.uniform(size=6))
+        assert len(mask) == 3 and not {0, 5} & set(mask)
+        assert space.top_k(list(space.z_for(mask, rng).values())) == mask  # z_for gives a consistent point
+    assert resolve_space(SearchConfig(ratio=0.5), 30, list(range(30))).k == 15
+
+
+def test_nearest_new_mask_is_one_swap_across_the_closest_boundary():
+    space = SearchSpace(num_layers=5, k=2, candidates=(0, 1, 2, 3, 4))
+    z = [0.9, 0.8, 0.75, 0.1, 0.0]  # top-2 = (0, 1); layer 2 is just below layer 1
+    point = nearest_new_mask_point(space, z, frozenset({"0,1"}))
+    assert space.top_k([point[space.param_name(c)] for c in space.candidates]) == (0, 2)
+    point = nearest_new_mask_point(space, z, frozenset({"0,1", "0,2"}))
+    assert space.top_k([point[space.param_name(c)] for c in space.candidates]) == (1, 2)
+
+
+def test_same_seed_same_search_and_keep_is_respected(tmp_path):
+    model = _scaled_tiny(6, {})
+    config = SearchConfig(k=2, keep=[0], objective="agreement", trials=6, startup_trials=3, seed=3,
+                          prompt_ids=_random_prompts(2), max_new_tokens=8, baselines=False)
+    runs = [run_search(model, config) for _ in range(2)]
+    masks = [[t.layers for t in r.trials if t.measured] for r in runs]
+    assert masks[0] == masks[1] and len(masks[0]) == 6
+    assert all(len(m) == 2 and 0 not in m for m in masks[0])
+    assert len({tuple(m) for m in masks[0]}) == 6  # each mask measured once
+    other = run_search(model, SearchConfig(**{**config.__dict__, "seed": 4}))
+    assert [t.layers for t in other.trials if t.measured] != masks[0]
+
+
+# ------------------------------------------------------------------------------------ known optima
+
+
+def test_gp_finds_the_exhaustive_optimum_of_acceptance_with_40_percent_of_the_masks():
+    """8 layers, k = 3: 56 masks. Three layers have small o_proj (0.05, 0.1, 0.15), the rest 0.5 or 1.
+
+    With this seed the GP reaches the optimum at evaluation 13 (seeds 0-4: 8-14; random needs 28.5 on average).
+    """
+    model = _scaled_tiny(8, {0: 0.5, 1: 0.05, 2: 0.5, 3: 0.1, 4: 0.5, 5: 0.15, 6: 0.5, 7: 0.5})
+    config = SearchConfig(k=3, objective="acceptance", trials=22, sampler="gp", seed=0, startup_trials=8,
+                          prompt_ids=_random_prompts(2), max_new_tokens=16, max_draft=4, adaptive=False,
+                          baselines=False)
+    table = _exhaustive(model, config)
+    best = max(table.values())
+    assert sorted(table.values())[-2] < best  # a unique optimum, so finding it means something
+    result = run_search(model, config)
+    assert result.evaluations <= 22 < 0.4 * len(table)
+    assert result.value == pytest.approx(best) and table[tuple(result.layers)] == pytest.approx(best)
+
+
+def test_planted_lossless_layers_are_found_exactly():
+    """Zero o_proj: those layers' attention adds nothing, so skipping exactly them loses nothing.
+
+    A needle: every other mask loses most drafted tokens (next best 0.93 accepted per round vs 4.0). With
+    5 random start-up trials the GP finds it at evaluation 10 here (seeds 1-3: 13, 6, 7; random: 28.5 on
+    average), within a budget of 20 of the 56 masks.
+    """
+    planted = [1, 4, 6]
+    model = _scaled_tiny(8, {i: 0.0 for i in planted})
+    config = SearchConfig(k=3, objective="acceptance", trials=20, sampler="gp", seed=0, startup_trials=5,
+                          prompt_ids=_random_prompts(2), max_new_tokens=16, max_draft=4, adaptive=False,
+                          baselines=False)
+    result = run_search(model, config)
+    assert result.layers == planted
+    chosen = next(t for t in result.trials if t.measured and t.layers == planted)
+    assert chosen.details["acceptance_rate"] == 1.0  # every drafted token accepted
+    others = [t.details["acceptance_rate"] for t in result.trials if t.measured and t.layers != planted]
+    assert others and max(others) < 1.0
+
+
+# ------------------------------------------------------------------------- resume and shared studies
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(default_model, tmp_path_factory):
+    """A tiny Llama checkpoint with the default model's tokenizer, for CLI workers in subprocesses."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = make_tiny("llama", num_hidden_layers=8, vocab_size=49152, initializer_range=0.1)
+    model.save_pretrained(folder)
+    default_model.tokenizer.save_pretrained(folder)
+    prompts = folder / "prompts.txt"
+    prompts.write_text("Name three colours.\nWhat is a river?\n")
+    return folder
+
+
+def _worker_cmd(folder: Path, out: Path, trials: int, *extra: str, heartbeat: int = 1) -> list[str]:
+    return [sys.executable, "-m", "rad.cli", "search", str(folder), "--k", "3", "--objective", "acceptance",
+            "--trials", str(trials), "--out", str(out), "--prompts", str(folder / "prompts.txt"),
+            "--max-new-tokens", "24", "--max-draft", "4", "--no-adaptive", "--no-baselines",
+            "--heartbeat", str(heartbeat), "--device", "cpu", *extra]
+
+
+def _measured(out: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    return [t for t in study.get_trials() if t.state.name == "COMPLETE" and t.user_attrs.get("cached") is False]
+
+
+def test_killed_search_resumes_without_redoing_finished_trials(tiny_folder, tmp_path):
+    out = tmp_path / "search"
+    proc = subprocess.Popen(_worker_cmd(tiny_folder, out, 12), env=WORKER_ENV, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "study.db").exists():
+            try:
+                if len(_measured(out)) >= 4:
+                    break
+            except Exception:  # the worker is still creating the tables
+                pass
+        time.sleep(0.1)
+    assert proc.poll() is None, f"worker ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.value, t.datetime_complete) for t in _measured(out)}
+    assert 4 <= len(before) < 12
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    running = [t.number for t in study.get_trials() if t.state.name == "RUNNING"]  # killed mid-trial
+
+    done = subprocess.run(_worker_cmd(tiny_folder, out, 12, "--resume"), env=WORKER_ENV, cwd=REPO,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert main(_worker_cmd(tiny_folder, out, 12)[3:]) == 2  # without --resume a study is never touched
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert all(states[n] == "FAIL" for n in running)  # the dead worker's trial, declared stale
+    after = _measured(out)
+    assert len(after) == 12 and len({mask_key(t.user_attrs["mask"]) for t in after}) == 12
+    for t in after:
+        if t.number in before:
+            assert (t.value, t.datetime_complete) == before[t.number]  # kept, not measured again
+            assert t.user_attrs["worker"] == 0
+        else:
+            assert t.user_attrs["worker"] == 1  # the resumed process measured only the rest
+    result = json.loads((out / "search.json").read_text())
+    assert result["evaluations"] == 12 and len(result["chosen_layers"]) == 3
+
+    # rad convert takes the chosen layers from the search folder
+    hybrid = tmp_path / "hybrid"
+    assert main(["convert", str(tiny_folder), "--layers-from", str(out), "--out", str(hybrid), "--device", "cpu"]) == 0
+    record = json.loads((hybrid / "rad_conversion.json").read_text())
+    assert record["converted_layers"] == result["chosen_layers"]
+
+
+def test_two_workers_share_the_budget_without_measuring_a_mask_twice(tiny_folder, tmp_path):
+    out = tmp_path / "shared"
+    # --resume: create the study or join it. A 3 s heartbeat: on a loaded machine a live worker's heartbeat
+    # thread must never look dead to the other worker (a 1 s one suffices for the single-worker resume test).
+    cmd = _worker_cmd(tiny_folder, out, 16, "--resume", heartbeat=3)
+    procs = [subprocess.Popen(cmd, env=WORKER_ENV, cwd=REPO, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    measured = _measured(out)
+    masks = [mask_key(t.user_attrs["mask"]) for t in measured]
+    assert len(masks) == 16 and len(set(masks)) == 16
+    workers = {t.user_attrs["worker"] for t in measured}
+    assert workers == {0, 1}, "both workers should have measured some masks"
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    assert not [t.number for t in study.get_trials() if t.state.name == "FAIL"]  # no work was lost or redone
+    assert json.loads((out / "search.json").read_text())["evaluations"] == 16
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # plain ask() here; the search uses optimize()
+def test_an_enqueued_trial_is_run_by_one_worker_only(tmp_path):
+    """Optuna pops a WAITING trial with read-then-update; on SQLite that is only atomic because every
+    transaction of the study begins with BEGIN IMMEDIATE (without it, this test sees 1-5 trials run twice)."""
+    first = StudyStore(tmp_path, heartbeat_seconds=2).open(optuna.samplers.RandomSampler(seed=0), {}, resume=True)
+    for i in range(60):
+        first.enqueue_trial({"x": float(i)})
+    popped: dict[str, list[int]] = {"a": [], "b": []}
+
+    def work(name: str) -> None:
+        study = StudyStore(tmp_path, heartbeat_seconds=2).open(optuna.samplers.RandomSampler(seed=1), {},
+                                                                resume=True)
+        for _ in range(30):
+            popped[name].append(study.ask().number)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in popped]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(popped["a"]) == len(popped["b"]) == 30
+    assert not set(popped["a"]) & set(popped["b"])
+
+
+# ------------------------------------------------------------------------------- the real default model
+
+
+def test_agreement_search_on_the_default_model_writes_every_artifact(default_model, tmp_path):
+    config = SearchConfig(k=4, objective="agreement", trials=6, startup_trials=3, out=tmp_path / "s",
+                          prompts=["Name a large animal.", "Say hello in German."], max_new_tokens=6,
+                          random_baselines=1)
+    result = run_search(default_model, config)
+    out = tmp_path / "s"
+    for name in ("study.db", "search.json", "trials.csv", "progress.png", "redundancy.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["chosen_layers"] == result.layers and len(result.layers) == 4
+    assert saved["evaluations"] == 6 and len(saved["single_layer_profile"]) == 30
+    names = {b["name"] for b in saved["baselines"]}
+    assert {"uniform", "first-k", "last-k", "random-k (seed 0)", "importance"} <= names
+    best = max([t["value"] for t in saved["trials"] if t["value"] is not None] + [b["value"] for b in saved["baselines"]])
+    assert saved["value"] == pytest.approx(best)
+    assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(saved["trials"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"k": 6}, "skip all 6 layers"),
+        ({"k": 7}, "skip all 6 layers"),
+        ({"k": 0}, "at least 1"),
+        ({"k": -2}, "at least 1"),
+        ({"k": 5, "keep": [0, 1]}, "more than the 4 attention layers"),
+        ({"k": 2, "keep": [6]}, "Kept layer 6 is out of range"),
+        ({"k": 2, "keep": [-1]}, "out of range"),
+        ({"k": None}, "--k N or --ratio"),
+        ({"k": 2, "ratio": 0.5}, "not both"),
+        ({"k": None, "ratio": 1.5}, "between 0 and 1"),
+        ({"k": 2, "objective": "speed"}, "Unknown objective"),
+        ({"k": 2, "sampler": "cmaes"}, "Unknown sampler"),
+        ({"k": 2, "trials": 0}, "trials must be at least 1"),
+        ({"k": 2, "prompt_ids": [[]]}, "at least one token"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(overrides, message):
+    model = make_tiny("llama", num_hidden_layers=6)
+    config = SearchConfig(**{"objective": "agreement", "prompt_ids": [[5, 6, 7]], **overrides})
+    with pytest.raises(RadError, match=message):
+        run_search(model, config)
+
+
+def test_prompt_files_and_their_errors(tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("First prompt\n\n  Second prompt  \n")
+    assert read_prompt_file(lines) == ["First prompt", "Second prompt"]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "A"}\n{"prompt": "B", "id": 2}\n')
+    assert read_prompt_file(jsonl) == ["A", "B"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(RadError, match="has no prompts"):
+        read_prompt_file(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "A"}\n')
+    with pytest.raises(RadError, match="prompt 1: needs"):
+        read_prompt_file(bad)
+    with pytest.raises(RadError, match="does not exist"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_cli_errors_exit_2(tmp_path, caplog):
+    model = make_tiny("llama", num_hidden_layers=4)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        (["search", str(folder), "--k", "2", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "empty.txt")],
+         "has no prompts"),
+        (["search", str(folder), "--k", "2", "--keep", "0,x", "--out", str(tmp_path / "o")], "Bad --keep"),
+        (["convert", str(folder), "--out", str(tmp_path / "h")], "--layers or --layers-from"),
+        (["convert", str(folder), "--layers-from", str(tmp_path), "--out", str(tmp_path / "h")], "no search.json"),
+    ]
+    for args, message in cases:
+        caplog.clear()
+        assert main(args) == 2
+        assert any(message in r.getMessage() for r in caplog.records if r.levelname == "ERROR"), args
+
+
+def test_an_existing_study_needs_resume_and_the_same_settings(tmp_path):
+    model = _scaled_tiny(6, {})
+    config = SearchConfig(k=2, objective="agreement", trials=3, startup_trials=2, prompt_ids=_random_prompts(2),
+                          max_new_tokens=6, baselines=False, out=tmp_path / "s")
+    first = run_search(model, config)
+    with pytest.raises(RadError, match="--resume"):
+        run_search(model, config)
+    with pytest.raises(RadError, match="started with k = 2"):
+        run_search(model, SearchConfig(**{**config.__dict__, "k": 3, "resume": True}))
+    more = run_search(model, SearchConfig(**{**config.__dict__, "trials": 5, "resume": True}))
+    assert first.evaluations == 3 and more.evaluations == 5
+    kept = [t for t in more.trials if t.measured][:3]
+    assert [(t.layers, t.value) for t in kept] == [(t.layers, t.value) for t in first.trials if t.measured]
