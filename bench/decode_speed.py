@@ -418,7 +418,12 @@ def profile_variant(variant: Variant, context: int, steps: int, cache_kind: str,
 
 
 def cache_kinds(arg: str) -> list[str]:
-    return {"both": ["static", "dynamic"], "all": ["static", "dynamic", "rad"]}.get(arg, [arg])
+    named = {"both": ["static", "dynamic"], "all": ["static", "dynamic", "rad"]}
+    kinds = named.get(arg, arg.split(","))
+    bad = [k for k in kinds if k not in ("static", "dynamic", "rad")]
+    if bad:
+        raise SystemExit(f"Unknown cache kind {bad[0]!r}: use static, dynamic, rad (comma-separated), both or all.")
+    return kinds
 
 
 def run_benchmark(args, variants: list[Variant]) -> dict:
@@ -657,7 +662,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--cache", choices=["static", "dynamic", "rad", "both", "all"], default="all",
+    p.add_argument("--cache", default="all",
                    help="transformers' StaticCache / DynamicCache loops, rad's fast decode path, or several")
     p.add_argument("--init", default="rad", help="hybrid mixer init (speed does not depend on it)")
     p.add_argument("--dtype", default="float32")
