@@ -253,9 +253,8 @@ def _stage_eval(config: RunConfig, paths: RunPaths, teacher, models: dict[str, s
     results = []
     for name, spec in models.items():
         loaded = teacher if spec == config.model else load_model(spec, device=config.device)
-        loaded.source = name
-        results.append(evaluate_model(loaded, eval_config, teacher=teacher))
-        loaded.source = spec
+        # Report under the role's name (the result folder is named after `source`), without touching `teacher`.
+        results.append(evaluate_model(dataclasses.replace(loaded, source=name), eval_config, teacher=teacher))
     table = comparison_table(results)
     (paths.eval / "comparison.md").write_text(table)
     return table
