@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -173,10 +174,13 @@ def test_killed_search_resumes_without_redoing_finished_trials(tiny_folder, tmp_
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if (out / "study.db").exists():
+            # Poll read-only: optuna.load_study here could create the schema while the worker does.
             try:
-                if len(_measured(out)) >= 4:
+                with sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True) as db:
+                    done = db.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+                if done >= 4:
                     break
-            except Exception:  # the worker is still creating the tables
+            except sqlite3.Error:  # the worker is still creating the tables
                 pass
         time.sleep(0.1)
     assert proc.poll() is None, f"worker ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
