@@ -3,15 +3,16 @@ enough to enumerate.
 
 The case: a tiny random Llama (12 layers, hidden 48, attention init std 0.05) in which four layers have
 their o_proj scaled down (layer 2 x0.1, 5 x0.2, 7 x0.3, 10 x0.4), so their skip costs little, graded;
-k = 4, so 495 masks. The objective is `agreement` (deterministic, one batched forward per mask) over 4
-random 12-token prompts and 24 generated tokens. Every mask is measured once up front; the searches then
+k = 4, so 495 masks. The objective is `agreement` (deterministic, one batched forward per mask) over 16
+random 12-token prompts and 32 generated tokens (fine enough that the planted optimum is the only mask at
+98% of itself; `--prompts 4 --new-tokens 24` is the first, too coarse version). Every mask is measured once up front; the searches then
 read that table, which is exactly what evaluating would return (the objective is deterministic), so the
 benchmark measures the samplers, not the model. Each sampler runs through the real search loop
-(`rad.search.optimizer.optimise`: top-k rule, cache, neighbour step, SQLite study) with seeds 0, 1, 2 and
+(`rad.search.optimizer.optimise`: top-k rule, cache, neighbour step, SQLite study) with seeds 0..n-1 and
 stops once a mask reaches 98% of the exhaustive optimum (or at the cap).
 
-    .venv/bin/python bench/search_efficiency.py --out docs/bench_search_efficiency.json \
-        --plot docs/bench_search_efficiency.png                                          # ~2-4 min, 2 cores
+    .venv/bin/python bench/search_efficiency.py --seeds 10 --out docs/bench_search_efficiency.json \
+        --plot docs/bench_search_efficiency.png                                          # ~6 min, 2 cores
     .venv/bin/python bench/search_efficiency.py --quick                                  # 1 seed, small caps
 """
 
@@ -59,10 +60,10 @@ def tiny_model() -> LlamaForCausalLM:
     return model
 
 
-def exhaustive_table() -> tuple[dict[tuple[int, ...], float], float]:
+def exhaustive_table(num_prompts: int = 4, new_tokens: int = 24) -> tuple[dict[tuple[int, ...], float], float]:
     model = tiny_model()
-    prompts = [torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    objective = AgreementObjective(model, prompts, max_new_tokens=24)
+    prompts = [torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(num_prompts)]
+    objective = AgreementObjective(model, prompts, max_new_tokens=new_tokens)
     start = time.perf_counter()
     table = {m: objective.evaluate(m).value for m in itertools.combinations(range(NUM_LAYERS), K)}
     return table, time.perf_counter() - start
@@ -103,7 +104,7 @@ def plot(runs: list[dict], best: float, stop_at: float, expected_random: float, 
     ax.set_xscale("log")
     ax.set_xlabel("evaluations (distinct masks measured)")
     ax.set_ylabel("best agreement so far")
-    ax.set_title(f"Search efficiency: {NUM_LAYERS} layers, k = {K} ({len(runs) // 3} seeds each)")
+    ax.set_title(f"Search efficiency: {NUM_LAYERS} layers, k = {K} ({len({r['seed'] for r in runs})} seeds each)")
     ax.legend(fontsize=8, loc="lower right")
     figure.savefig(path, dpi=110)
 
@@ -113,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--startup", type=int, default=10, help="random start-up trials of GP and TPE")
-    parser.add_argument("--cap", type=int, default=300, help="most evaluations per run (random, TPE)")
+    parser.add_argument("--cap", type=int, default=495, help="most evaluations per run (random, TPE)")
     parser.add_argument("--gp-cap", type=int, default=150, help="most evaluations per GP run")
     parser.add_argument("--samplers", default="gp,tpe,random")
+    parser.add_argument("--prompts", type=int, default=16, help="random prompts of the agreement objective")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     parser.add_argument("--plot", type=Path, default=None, help="write best-so-far curves as a PNG here")
     parser.add_argument("--quick", action="store_true", help="one seed, caps 100/60: does the script work")
     args = parser.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds, args.cap, args.gp_cap = 1, 100, 60
 
-    table, exhaustive_seconds = exhaustive_table()
+    table, exhaustive_seconds = exhaustive_table(args.prompts, args.new_tokens)
     best = max(table.values())
     stop_at = TARGET * best
     good = sum(v >= stop_at for v in table.values())
