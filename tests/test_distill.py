@@ -213,6 +213,24 @@ def test_default_data_is_gsm8k_train(tokenizer):
     assert data.source.endswith("gsm8k_train.jsonl")
 
 
+def test_default_data_without_shared_or_hub_falls_back_to_python_docs(tokenizer, monkeypatch):
+    # A clone with no ../shared/data beside it on a machine without the hub: no data file can be found,
+    # and the hub is forced offline (it is unreachable here anyway).
+    import rad.distill.data as data_module
+
+    monkeypatch.setattr(data_module, "default_data_path", lambda extra_roots=None: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = build_data(DataConfig(seq_len=64, max_examples=20, eval_examples=2), tokenizer)
+    assert data.source == data_module.OFFLINE_SOURCE
+    from pydoc_data.topics import topics
+
+    first_topic = topics[sorted(topics)[0]].strip()
+    decoded = tokenizer.decode(torch.cat([data.train.input_ids, data.eval.input_ids]).flatten().tolist())
+    assert first_topic[:40] in decoded.replace("\n", " ") or first_topic[:40] in decoded
+    assert len(data.train) > 0 and len(data.eval) > 0
+
+
 # ---------------------------------------------------------------- loop, checkpoints, resume
 
 

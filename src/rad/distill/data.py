@@ -2,7 +2,9 @@
 
 The default is GSM8K *train* (the evaluation uses GSM8K test and CRUXEval, so there is no overlap): the
 copy in `../shared/data/gsm8k_train.jsonl` next to the repository when present (works offline right
-after `make setup`), else `openai/gsm8k` (config `main`, split `train`) from the hub.
+after `make setup`), else `openai/gsm8k` (config `main`, split `train`) from the hub, else (offline, no
+shared data) the English text of Python's own reference documentation (`pydoc_data.topics`, part of
+every CPython install): generic text, so self-distillation still runs anywhere, with a warning.
 """
 
 from __future__ import annotations
@@ -68,6 +70,18 @@ def default_data_path(extra_roots: list[str] | None = None) -> Path | None:
     return None
 
 
+OFFLINE_SOURCE = "python-docs:pydoc_data.topics"
+
+
+def python_docs_records() -> list[dict]:
+    """One text record per topic of the interpreter's reference documentation (~465 KB of English)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip it
+        return []
+    return [{"text": topics[name].strip()} for name in sorted(topics) if topics[name].strip()]
+
+
 def load_records(config: DataConfig) -> tuple[list[dict], str]:
     """The raw records and a description of where they came from."""
     spec = config.spec
@@ -78,10 +92,16 @@ def load_records(config: DataConfig) -> tuple[list[dict], str]:
         try:
             return _load_hub(*DEFAULT_HUB), f"hub:{DEFAULT_HUB[0]}"
         except RadError as err:
-            raise RadError(
-                f"No default distillation data: ../shared/data/gsm8k_train.jsonl is absent and the hub failed "
-                f"({err}); pass --data FILE_OR_HUB_ID."
-            ) from None
+            records = python_docs_records()
+            if not records:
+                raise RadError(
+                    f"No default distillation data: ../shared/data/gsm8k_train.jsonl is absent and the hub failed "
+                    f"({err}); pass --data FILE_OR_HUB_ID."
+                ) from None
+            logger.warning("No GSM8K train data (../shared/data is absent and the hub failed: %s); distilling "
+                           "on Python's reference documentation (pydoc_data) instead. Pass --data for real "
+                           "training data.", str(err)[:120])
+            return records, OFFLINE_SOURCE
     if any(bad in spec for bad in FORBIDDEN):
         raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
     path = Path(spec).expanduser()
