@@ -218,6 +218,29 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"Report: {report}")
 
 
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from rad.ablate import load_ablate_config, run_ablation
+
+    preset = args.preset if args.preset or args.config else "default"
+    overrides = list(args.set or [])
+    if args.searched_from:
+        overrides.append(f"searched_from={json.dumps(args.searched_from)}")
+    config = load_ablate_config(preset if not args.config or args.preset else None, args.config, overrides)
+    if args.out:
+        config.out = args.out
+    result = run_ablation(config)
+    s = result.summary
+    print(f"Baseline {s['baseline']}: final held-out KL {s['baseline_final_kl']:.4g} "
+          f"(first reached at step {s['baseline_steps']})")
+    for name in s["order"]:
+        a = s["arms"][name]
+        steps = "never" if a["steps_to_baseline_kl"] is None else f"step {a['steps_to_baseline_kl']}"
+        speed = f", {a['speedup']:.2f}x" if a["speedup"] is not None else ""
+        same = f" (same as {a['same_as']})" if a["same_as"] else ""
+        print(f"  {name:<22} final KL {a['final_kl']:.4g}, baseline KL reached: {steps}{speed}{same}")
+    print(f"Report: {result.report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rad", description="Redundancy-Aware Distillation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
@@ -272,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. distill.steps=10")
     p.add_argument("--out", default=None, help="run folder (default: from the config)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("ablate", help="the paper's ablation: {searched, uniform} layers x {rad, mil} init x "
+                                      "{mixers, all} trained; KL curves, steps to the baseline's KL, scores")
+    p.add_argument("--preset", default=None,
+                   help="smoke (a few minutes) or default (the small-scale run, hours on 2 CPU cores)")
+    p.add_argument("--config", default=None, help="a YAML ablation config (on top of --preset, if given)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. distill.steps=10, inits=[rad], distill.lr.all=1e-4")
+    p.add_argument("--searched-from", default=None, metavar="DIR",
+                   help="take the searched layers from a finished `rad search` (DIR/search.json)")
+    p.add_argument("--out", default=None, help="ablation folder (default: from the config)")
+    p.set_defaults(func=_cmd_ablate)
 
     p = sub.add_parser("info", help="layer map, parameter counts and cache bytes per token")
     p.add_argument("model")

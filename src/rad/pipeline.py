@@ -77,35 +77,50 @@ class RunConfig:
     speed_contexts: list[int] = field(default_factory=lambda: [256, 1024])
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls, data: dict, where: str, what: str = "run config"):
+    """`cls` from a nested dict: unknown keys are errors; a number written as text (YAML reads 1e-4 as a
+    string) fills a float field as a float."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise RadError(f"Unknown setting {where}{unknown[0]} in the run config; known: {', '.join(names)}.")
+        raise RadError(f"Unknown setting {where}{unknown[0]} in the {what}; known: {', '.join(names)}.")
     kwargs = {}
+    defaults = cls()
     for key, value in data.items():
-        default = getattr(cls(), key) if key in names else None
+        default = getattr(defaults, key)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[key] = _build(type(default), value, f"{where}{key}.")
+            kwargs[key] = _build(type(default), value, f"{where}{key}.", what)
+        elif isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise RadError(f"Setting {where}{key} must be a number, got {value!r}.") from None
         else:
             kwargs[key] = value
     return cls(**kwargs)
 
 
-def load_run_config(preset: str | None = None, config_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Preset (smoke, default, paper) or a YAML file, then `key.sub=value` overrides (YAML-parsed values)."""
+def preset_path(preset: str) -> Path:
+    """The file of a `rad run` preset (the `ablate*` presets belong to `rad ablate`)."""
+    known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("ablate"))
+    if preset not in known:
+        raise RadError(f"Unknown preset {preset!r}; choose one of {', '.join(known)}.")
+    return PRESETS_DIR / f"{preset}.yaml"
+
+
+def load_config(cls, preset_file: Path | None = None, config_path: str | None = None, overrides: list[str] = (),
+                what: str = "run config"):
+    """A preset file and/or a YAML file (merged), then `key.sub=value` overrides (YAML-parsed), into `cls`."""
     data: dict = {}
-    if preset:
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise RadError(f"Unknown preset {preset!r}; choose one of {known}.")
-        data = yaml.safe_load(path.read_text()) or {}
+    if preset_file is not None:
+        data = yaml.safe_load(Path(preset_file).read_text()) or {}
     if config_path:
         try:
             extra = yaml.safe_load(Path(config_path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise RadError(f"Cannot read the run config {config_path}: {err}") from err
+            raise RadError(f"Cannot read the {what} {config_path}: {err}") from err
+        if not isinstance(extra, dict):
+            raise RadError(f"The {what} {config_path} is not a YAML mapping of settings.")
         data = _merge(data, extra)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -115,8 +130,15 @@ def load_run_config(preset: str | None = None, config_path: str | None = None, o
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RadError(f"Bad override {item!r}: {p} is not a group of settings.")
         node[leaf] = yaml.safe_load(value)
-    return _build(RunConfig, data, "")
+    return _build(cls, data, "", what)
+
+
+def load_run_config(preset: str | None = None, config_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Preset (smoke, default, paper) or a YAML file, then `key.sub=value` overrides (YAML-parsed values)."""
+    return load_config(RunConfig, preset_path(preset) if preset else None, config_path, overrides)
 
 
 def _merge(base: dict, extra: dict) -> dict:

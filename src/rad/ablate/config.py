@@ -1,0 +1,193 @@
+"""The settings of `rad ablate`: one teacher, one data set, one seed, several arms.
+
+An arm is (layer set, init, trainable set): `searched` or `uniform` layers, `rad` or `mil` init, `mixers`
+or `all` parameters trained. Every arm shares the `distill` settings, so the arms differ only in what the
+arm says; the baseline arm (uniform, mil, all: MambaInLlama's recipe) sets the KL target the others race to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rad.distill.modules import TRAIN_CHOICES as TRAIN_SETS
+from rad.errors import RadError
+from rad.models.mamba_init import INITS as INIT_CHOICES
+from rad.pipeline import PRESETS_DIR, RunDistill, RunSearch, load_config
+
+LAYER_SETS = ("searched", "uniform")
+
+_PIPELINE = RunDistill()  # the defaults of `rad run`'s distillation stage, which the ablation mirrors
+
+
+@dataclass(frozen=True)
+class Arm:
+    layers: str  # searched | uniform
+    init: str  # rad | mil | random
+    train: str  # mixers | mixers+mlp | all
+
+    @property
+    def name(self) -> str:
+        return f"{self.layers}-{self.init}-{self.train}"
+
+
+@dataclass
+class BaselineArm:
+    """The reference arm; it is always run, also when the grid below does not contain it."""
+
+    layers: str = "uniform"
+    init: str = "mil"
+    train: str = "all"
+
+    def arm(self) -> Arm:
+        return Arm(self.layers, self.init, self.train)
+
+
+def _default_lr() -> dict[str, float]:
+    # `rad run` trains the RAD student (mixers) at lr and the baseline student (all) at baseline_lr.
+    return {"mixers": _PIPELINE.lr, "mixers+mlp": _PIPELINE.lr, "all": _PIPELINE.baseline_lr}
+
+
+@dataclass
+class AblateDistill:
+    """Distillation settings shared by every arm (defaults: those of `rad run`'s distil stage)."""
+
+    steps: int = _PIPELINE.steps
+    seq_len: int = _PIPELINE.seq_len
+    micro_batch: int = _PIPELINE.micro_batch
+    grad_accum: int = _PIPELINE.grad_accum
+    lr: dict[str, float] = field(default_factory=_default_lr)  # per trainable set; `all` wants a smaller one
+    warmup_ratio: float = 0.01  # DistillConfig's default, which `rad run` uses
+    eval_every: int = _PIPELINE.eval_every
+    eval_sequences: int = _PIPELINE.eval_sequences
+    save_every: int = _PIPELINE.save_every
+    data: str | None = None  # None: GSM8K train (rad distill's default)
+    max_examples: int | None = _PIPELINE.max_examples
+    eval_examples: int | None = None  # held-out records; None: 2 %
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    align_weight: float = _PIPELINE.align_weight
+    tensorboard: bool = False
+    keep_checkpoints: bool = False  # delete an arm's checkpoints once its student is saved (they are GBs)
+
+    def __post_init__(self):
+        lr = dict(_default_lr())
+        for key, value in dict(self.lr or {}).items():
+            if key not in TRAIN_SETS:
+                raise RadError(f"Unknown trainable set {key!r} in distill.lr; use {', '.join(TRAIN_SETS)}.")
+            try:
+                lr[key] = float(value)
+            except (TypeError, ValueError):
+                raise RadError(f"distill.lr.{key} must be a number, got {value!r}.") from None
+            if lr[key] <= 0:
+                raise RadError(f"distill.lr.{key} must be positive, got {value!r}.")
+        self.lr = lr
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise RadError(f"distill.steps must be a positive integer, got {self.steps!r}.")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise RadError("distill.eval_every must be at least 1: the ablation compares held-out KL curves.")
+
+
+@dataclass
+class AblateEval:
+    """Task scores of each arm's final student (`tasks: []` skips them)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "cruxeval"])
+    limit: int | None = 20
+    max_new_tokens: int | None = 256
+    teacher: bool = True  # also score the teacher, as the reference row
+
+    def __post_init__(self):
+        self.tasks = _names(self.tasks, "eval.tasks")
+
+
+@dataclass
+class AblateConfig:
+    """One ablation; `src/rad/presets/ablate*.yaml`, `--config` and `--set a.b=c` fill it."""
+
+    model: str = "smollm2-135m"
+    out: str = "runs/ablate"
+    seed: int = 0
+    device: str | None = None
+    k: int | None = 8  # layers converted in every arm; None: as many as the searched set has
+    # Where the searched layers come from: a `rad search` folder (search.json), an explicit list, or
+    # (neither given) a search run with the settings below into OUT/search.
+    searched_from: str | None = None
+    searched_layers: list[int] | None = None
+    search: RunSearch = field(default_factory=RunSearch)
+    layers: list[str] = field(default_factory=lambda: list(LAYER_SETS))
+    inits: list[str] = field(default_factory=lambda: ["rad", "mil"])
+    train: list[str] = field(default_factory=lambda: ["mixers", "all"])
+    baseline: BaselineArm = field(default_factory=BaselineArm)
+    distill: AblateDistill = field(default_factory=AblateDistill)
+    eval: AblateEval = field(default_factory=AblateEval)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.layers = _choices(self.layers, LAYER_SETS, "layers", "layer set")
+        self.inits = _choices(self.inits, INIT_CHOICES, "inits", "init")
+        self.train = _choices(self.train, TRAIN_SETS, "train", "trainable set")
+        b = self.baseline
+        _choices([b.layers], LAYER_SETS, "baseline.layers", "layer set")
+        _choices([b.init], INIT_CHOICES, "baseline.init", "init")
+        _choices([b.train], TRAIN_SETS, "baseline.train", "trainable set")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise RadError(f"k must be a positive number of layers, got {self.k!r}.")
+        if self.searched_from is not None and self.searched_layers is not None:
+            raise RadError("Give the searched layers either as searched_from (a search folder) or as "
+                           "searched_layers (a list), not both.")
+        if self.searched_layers is not None:
+            if isinstance(self.searched_layers, str):
+                self.searched_layers = [p for p in self.searched_layers.split(",") if p.strip()]
+            try:
+                self.searched_layers = [int(i) for i in self.searched_layers]
+            except (TypeError, ValueError):
+                raise RadError(f"searched_layers must be a list of layer indices, got {self.searched_layers!r}."
+                               ) from None
+            if self.k is not None and len(self.searched_layers) != self.k:
+                raise RadError(f"searched_layers has {len(self.searched_layers)} layers but k = {self.k}; "
+                               "every arm converts k layers.")
+
+    def arms(self) -> list[Arm]:
+        """The grid, in order (layer set, then init, then trainable set)."""
+        return [Arm(lay, init, train) for lay in self.layers for init in self.inits for train in self.train]
+
+
+def _names(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise RadError(f"{what} must be a list, got {value!r}.")
+    return [str(v) for v in value]
+
+
+def _choices(value, allowed: tuple[str, ...], what: str, kind: str) -> list[str]:
+    names = _names(value, what)
+    if not names:
+        raise RadError(f"{what} is empty; give at least one of {', '.join(allowed)}.")
+    for name in names:
+        if name not in allowed:
+            raise RadError(f"Unknown {kind} {name!r} in {what}; choose from {', '.join(allowed)}.")
+    if len(set(names)) != len(names):
+        raise RadError(f"{what} lists a {kind} twice: {names}.")
+    return names
+
+
+def ablate_preset_path(preset: str) -> Path:
+    """`smoke` -> presets/ablate-smoke.yaml, `default` -> presets/ablate.yaml (the file stems work too)."""
+    known = sorted(p.stem for p in PRESETS_DIR.glob("ablate*.yaml"))
+    stem = "ablate" if preset in ("default", "ablate") else preset if preset.startswith("ablate-") else \
+        f"ablate-{preset}"
+    if stem not in known:
+        names = ", ".join("default" if s == "ablate" else s.removeprefix("ablate-") for s in known)
+        raise RadError(f"Unknown ablation preset {preset!r}; choose one of {names}.")
+    return PRESETS_DIR / f"{stem}.yaml"
+
+
+def load_ablate_config(preset: str | None = None, config_path: str | None = None,
+                       overrides: list[str] = ()) -> AblateConfig:
+    """Preset (smoke, default) and/or a YAML file, then `key.sub=value` overrides, like `rad run`."""
+    return load_config(AblateConfig, ablate_preset_path(preset) if preset else None, config_path, overrides,
+                       what="ablation config")

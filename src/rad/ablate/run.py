@@ -1,0 +1,365 @@
+"""`rad ablate`: every arm of {searched, uniform} layers x {rad, mil} init x {mixers, all} trained, from one
+teacher with the same data, steps and seed, then held-out KL curves, steps to the baseline's final KL, task
+scores, `kl_curves.png` and `report.md`.
+
+Layout under OUT: `config.yaml` (the resolved settings), `search/` (only when the ablation ran the search
+itself), `arms/<layers>-<init>-<train>/` with `settings.json`, `hybrid/` (the converted teacher),
+`distill/` (a `rad distill` folder: log.jsonl, curves.png, summary.json, student/) and `result.json` (the
+arm's finished record), `eval/<arm>/` (per-item task files), `ablate.json`, `kl_curves.png`, `report.md`.
+An arm whose result.json matches the settings is skipped; an interrupted one continues where it stopped
+(its hybrid and student are written atomically, its distillation resumes from the newest checkpoint, its
+task evaluation from the per-item files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from rad.ablate.config import AblateConfig, Arm
+from rad.ablate.metrics import convergence, read_curve
+from rad.errors import RadError
+from rad.utils.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "ablate.json"
+SETTINGS_FILE = "settings.json"
+ARM_RESULT_FILE = "result.json"
+
+
+@dataclass
+class AblateResult:
+    out: Path
+    report: Path
+    summary: dict  # what ablate.json holds
+    statuses: dict[str, str]  # arm -> ran | resumed | skipped | same as <arm>
+
+
+@dataclass
+class _Plan:
+    arm: Arm
+    layers: list[int]
+    folder: Path
+    same_as: str | None = None
+
+    @property
+    def hybrid(self) -> Path:
+        return self.folder / "hybrid"
+
+    @property
+    def distill(self) -> Path:
+        return self.folder / "distill"
+
+    @property
+    def student(self) -> Path:
+        return self.distill / "student"
+
+
+def arm_folder(out: str | Path, arm: Arm) -> Path:
+    return Path(out) / "arms" / arm.name
+
+
+def run_ablation(config: AblateConfig) -> AblateResult:
+    """Run (or continue) every arm and write ablate.json, kl_curves.png and report.md under `config.out`."""
+    from rad.models.convert import package_versions
+    from rad.models.layers import uniform_layers, validate_layers
+    from rad.models.loading import load_model
+
+    t_start = time.perf_counter()
+    root = Path(config.out)
+    searched_file = _check_searched_from(config)
+    eval_config = _eval_config(config, root)  # unknown tasks fail now, not after hours of training
+
+    teacher = load_model(config.model, device=config.device)
+    num_layers = teacher.model.config.num_hidden_layers
+    if config.k is not None and not 1 <= config.k <= num_layers:
+        raise RadError(f"k = {config.k} is out of range: {config.model} has {num_layers} layers (1..{num_layers}).")
+    t0 = time.perf_counter()
+    searched, source = _searched_layers(config, root, teacher, searched_file)
+    search_s = time.perf_counter() - t0
+    searched = validate_layers(searched, num_layers)
+    k = len(searched)
+    if config.k is not None and k != config.k:
+        raise RadError(f"The searched layers ({source}) are {k}, not k = {config.k}; set k: {k} or give "
+                       f"{config.k} layers.")
+    if not 1 <= k <= num_layers:
+        raise RadError(f"k = {k} is out of range: {config.model} has {num_layers} layers (1..{num_layers}).")
+    layer_sets = {"searched": searched, "uniform": uniform_layers(k, num_layers)}
+    coincide = layer_sets["searched"] == layer_sets["uniform"]
+    if coincide:
+        logger.warning("The searched layers %s are the uniform layers: each searched arm coincides with its "
+                       "uniform twin and is run once (reported as 'same as').", searched)
+    logger.info("Layers converted: searched %s (%s), uniform %s", layer_sets["searched"], source,
+                layer_sets["uniform"])
+
+    order, baseline = _arm_order(config)
+    plans = _plans(config, order, baseline, layer_sets)
+    # Run the baseline first (its final KL is the target), then the others in display order.
+    runnable = sorted((p for p in plans.values() if p.same_as is None), key=lambda p: p.arm != baseline)
+    logger.info("%d arms (%d to run%s); baseline %s", len(plans), len(runnable),
+                f", {len(plans) - len(runnable)} coincide" if len(runnable) < len(plans) else "", baseline.name)
+
+    # Phase 1, with the teacher in memory: check (or write) each arm's settings, convert the missing hybrids.
+    for plan in runnable:
+        _check_settings(plan.folder, _arm_settings(config, plan), write=False)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=False))
+    done: dict[str, dict] = {}
+    timings: dict[str, dict] = {p.arm.name: {} for p in runnable}
+    for plan in runnable:
+        settings = _arm_settings(config, plan)
+        _check_settings(plan.folder, settings)
+        record = _finished(plan, settings, _eval_settings(config))
+        if record is not None:
+            done[plan.arm.name] = record
+            logger.info("arm %s: done, skipped", plan.arm.name)
+            continue
+        if (plan.hybrid / "rad_conversion.json").is_file():
+            logger.info("arm %s: hybrid %s exists, skipped", plan.arm.name, plan.hybrid)
+            continue
+        t0 = time.perf_counter()
+        _convert(teacher, config, plan)
+        timings[plan.arm.name]["convert_s"] = time.perf_counter() - t0
+    del teacher
+    _free_memory()
+
+    # Phase 2: distil and score each arm in turn (baseline first), one student in memory at a time.
+    statuses: dict[str, str] = {}
+    todo = [p for p in runnable if p.arm.name not in done]
+    for i, plan in enumerate(todo, 1):
+        name = plan.arm.name
+        logger.info("arm %d/%d %s: layers %s, %s init, training %s", i, len(todo), name, plan.layers,
+                    plan.arm.init, plan.arm.train)
+        resumed = "convert_s" not in timings[name] or plan.distill.exists()
+        done[name] = _run_arm(config, plan, eval_config, timings[name])
+        statuses[name] = "resumed" if resumed else "ran"
+        _free_memory()
+    for plan in runnable:
+        statuses.setdefault(plan.arm.name, "skipped")
+
+    teacher_scores, teacher_eval_s = {}, None
+    if eval_config is not None and config.eval.teacher:
+        t0 = time.perf_counter()
+        teacher_scores = _score(load_model(config.model, device=config.device), "teacher", eval_config)
+        teacher_eval_s = time.perf_counter() - t0
+        _free_memory()
+
+    records = {}
+    for name, plan in plans.items():
+        if plan.same_as is not None:
+            records[name] = {**done[plan.same_as], "name": name, "layer_set": plan.arm.layers, "same_as": plan.same_as}
+            statuses[name] = f"same as {plan.same_as}"
+        else:
+            records[name] = {**done[name], "same_as": None}
+    conv = convergence({n: r["curve"] for n, r in records.items()}, baseline.name)
+    for name, r in records.items():
+        r.update(conv["arms"][name])
+    summary = {
+        "model": config.model, "num_layers": num_layers, "k": k,
+        "layer_sets": layer_sets, "searched_source": source, "layer_sets_coincide": coincide,
+        "baseline": baseline.name, "baseline_final_kl": conv["target_kl"], "baseline_steps": conv["baseline_steps"],
+        "order": list(plans), "arms": records, "teacher_scores": teacher_scores,
+        "statuses": statuses,
+        "timings": {"search_s": search_s, "teacher_eval_s": teacher_eval_s,
+                    "total_s": time.perf_counter() - t_start},
+        "command": f"rad ablate --config {root / 'config.yaml'}",
+        "config": asdict(config), "versions": package_versions(),
+    }
+    atomic_write_text(root / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+    from rad.ablate.report import plot_kl_curves, write_report
+
+    plot_kl_curves(summary, root / "kl_curves.png")
+    report = write_report(summary, root)
+    logger.info("Report: %s", report)
+    return AblateResult(out=root, report=report, summary=summary, statuses=statuses)
+
+
+def _check_searched_from(config: AblateConfig) -> Path | None:
+    if config.searched_from is None:
+        return None
+    from rad.search.report import RESULT_FILE as SEARCH_FILE
+
+    path = Path(config.searched_from) / SEARCH_FILE
+    if not path.is_file():
+        raise RadError(f"searched_from {config.searched_from} has no {SEARCH_FILE}; point it at a finished "
+                       "`rad search --out DIR` folder (or give searched_layers).")
+    return path
+
+
+def _searched_layers(config: AblateConfig, root: Path, teacher, searched_file: Path | None) -> tuple[list[int], str]:
+    if config.searched_layers is not None:
+        return list(config.searched_layers), "given as searched_layers"
+    if searched_file is not None:
+        from rad.search.report import read_chosen_layers  # what `rad convert --layers-from` reads
+
+        return read_chosen_layers(searched_file.parent), f"chosen by the search in {searched_file.parent}"
+    from rad.pipeline import RunConfig, RunPaths, _stage_search
+
+    search = dataclasses.replace(config.search, k=config.k if config.k is not None else config.search.k)
+    logger.info("No searched layers given: searching (%s objective, %d trials) into %s", search.objective,
+                search.trials, root / "search")
+    result = _stage_search(RunConfig(model=config.model, seed=config.seed, device=config.device, search=search),
+                           RunPaths(root), teacher)
+    return [int(i) for i in result["chosen_layers"]], f"chosen by the search in {root / 'search'}"
+
+
+def _eval_config(config: AblateConfig, root: Path):
+    if not config.eval.tasks:
+        return None
+    from rad.evaluate.runner import EvalConfig
+
+    e = config.eval
+    return EvalConfig(tasks=list(e.tasks), out=str(root / "eval"), limit=e.limit, max_new_tokens=e.max_new_tokens)
+
+
+def _arm_order(config: AblateConfig) -> tuple[list[Arm], Arm]:
+    grid = config.arms()
+    baseline = config.baseline.arm()
+    if baseline not in grid:
+        logger.info("The baseline arm %s is not in the grid; it is added (the KL target comes from it).",
+                    baseline.name)
+        grid.append(baseline)
+    return grid, baseline
+
+
+def _plans(config: AblateConfig, order: list[Arm], baseline: Arm, layer_sets: dict) -> dict[str, _Plan]:
+    """One plan per arm in display order; an arm equal to an earlier one in (layers, init, train) is marked
+    `same_as` it. The baseline is claimed first, then uniform arms, so coinciding arms point at those."""
+    priority = [baseline] + [a for a in order if a.layers == "uniform"] + [a for a in order if a.layers != "uniform"]
+    owner: dict[tuple, str] = {}
+    same_as: dict[str, str] = {}
+    for arm in priority:
+        key = (tuple(layer_sets[arm.layers]), arm.init, arm.train)
+        if key in owner and owner[key] != arm.name:
+            same_as[arm.name] = owner[key]
+        else:
+            owner.setdefault(key, arm.name)
+    return {a.name: _Plan(a, list(layer_sets[a.layers]), arm_folder(config.out, a), same_as.get(a.name))
+            for a in order}
+
+
+def _arm_settings(config: AblateConfig, plan: _Plan) -> dict:
+    """What makes an arm's training what it is; a folder made with other values is refused, not reused."""
+    d = asdict(config.distill)
+    for key in ("lr", "tensorboard", "keep_checkpoints", "save_every"):
+        d.pop(key)
+    return {"model": config.model, "layers": plan.layers, "init": plan.arm.init, "train": plan.arm.train,
+            "seed": config.seed, "lr": config.distill.lr[plan.arm.train], "distill": d}
+
+
+def _eval_settings(config: AblateConfig) -> dict:
+    e = asdict(config.eval)
+    e.pop("teacher")
+    return e
+
+
+def _check_settings(folder: Path, settings: dict, write: bool = True) -> None:
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise RadError(f"{folder} was made with other settings ({', '.join(changed)} differ); delete it or "
+                           "choose another out.")
+        return
+    if write:
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _finished(plan: _Plan, settings: dict, eval_settings: dict) -> dict | None:
+    path = plan.folder / ARM_RESULT_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != settings or record.get("eval_settings") != eval_settings:
+        return None  # e.g. other eval tasks: redo the eval (per-item files are reused) and rewrite it
+    return record
+
+
+def _convert(teacher, config: AblateConfig, plan: _Plan) -> None:
+    from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+
+    cc = ConversionConfig(layers=list(plan.layers), init=plan.arm.init, seed=config.seed)
+    hybrid = convert_to_hybrid(teacher.model, cc)
+    save_hybrid(hybrid, teacher.tokenizer, plan.hybrid, conversion_record(config.model, teacher.model, cc),
+                overwrite=True)
+    logger.info("arm %s: converted layers %s (%s init) -> %s", plan.arm.name, plan.layers, plan.arm.init,
+                plan.hybrid)
+
+
+def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict) -> dict:
+    from rad.distill.data import DataConfig
+    from rad.distill.objective import LossWeights
+    from rad.distill.train import DistillConfig, run_distill
+    from rad.models.loading import load_model
+
+    name, d = plan.arm.name, config.distill
+    if (plan.student / "config.json").is_file():
+        logger.info("arm %s: distillation %s exists, skipped", name, plan.student)
+    else:
+        t0 = time.perf_counter()
+        run_distill(DistillConfig(
+            hybrid=str(plan.hybrid), out=str(plan.distill), train=plan.arm.train, steps=d.steps,
+            lr=d.lr[plan.arm.train], micro_batch=d.micro_batch, grad_accum=d.grad_accum,
+            warmup_ratio=d.warmup_ratio, eval_every=d.eval_every, eval_sequences=d.eval_sequences,
+            save_every=d.save_every, seed=config.seed, device=config.device, resume=plan.distill.exists(),
+            data=DataConfig(spec=d.data, seq_len=d.seq_len, max_examples=d.max_examples,
+                            eval_examples=d.eval_examples, seed=config.seed),
+            loss=LossWeights(kl=d.kl_weight, ce=d.ce_weight, align=d.align_weight),
+            progress=config.progress, tensorboard=d.tensorboard, plots=True,
+        ))
+        timings["distill_s"] = time.perf_counter() - t0
+    if not d.keep_checkpoints and (plan.distill / "checkpoints").exists():
+        shutil.rmtree(plan.distill / "checkpoints", ignore_errors=True)
+    curve = read_curve(plan.distill / "log.jsonl")
+    if not curve:
+        raise RadError(f"{plan.distill / 'log.jsonl'} has no held-out evaluations; delete {plan.distill} and rerun.")
+    summary_path = plan.distill / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    scores = {}
+    if eval_config is not None:
+        t0 = time.perf_counter()
+        scores = _score(load_model(str(plan.student), device=config.device), name, eval_config)
+        timings["eval_s"] = time.perf_counter() - t0
+    previous = plan.folder / ARM_RESULT_FILE
+    old_timings = json.loads(previous.read_text()).get("timings", {}) if previous.is_file() else {}
+    record = {
+        "name": name, "layer_set": plan.arm.layers, "layers": plan.layers, "init": plan.arm.init,
+        "train": plan.arm.train, "lr": d.lr[plan.arm.train],
+        "trainable_parameters": summary.get("trainable_parameters"),
+        "total_parameters": summary.get("total_parameters"), "data": summary.get("data"),
+        "curve": curve, "kl_at_init": curve[0]["eval_kl"] if curve[0]["step"] == 0 else None,
+        "final_kl": curve[-1]["eval_kl"], "final_step": curve[-1]["step"], "scores": scores,
+        "timings": {**old_timings, **timings}, "folder": str(plan.folder),
+        "settings": _arm_settings(config, plan), "eval_settings": _eval_settings(config),
+    }
+    atomic_write_text(plan.folder / ARM_RESULT_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _score(loaded, name: str, eval_config) -> dict:
+    from rad.evaluate.runner import evaluate_model
+
+    result = evaluate_model(dataclasses.replace(loaded, source=name), eval_config)
+    return {t: {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "ci95": list(r.ci95)}
+            for t, r in result.tasks.items()}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
