@@ -100,12 +100,9 @@ def _parse_keep(text: str) -> list[int]:
 def _cmd_search(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    import optuna
-
     from rad.search import SearchConfig, compare_objectives, read_prompt_file, run_search
 
-    if not args.verbose:
-        optuna.logging.set_verbosity(optuna.logging.ERROR)  # rad logs each evaluation itself
+    _quiet_optuna(args)
     config = SearchConfig(
         k=args.k,
         ratio=args.ratio,
@@ -207,9 +204,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"Results for {r.model}: {r.folder / 'results.json'}")
 
 
+def _quiet_optuna(args: argparse.Namespace) -> None:
+    """Optuna logs every trial with all 30 parameters; rad logs each evaluation in one line itself."""
+    if not args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from rad.pipeline import load_run_config, run_pipeline
 
+    _quiet_optuna(args)
     preset = args.preset if args.preset or args.config else "default"
     config = load_run_config(preset if not args.config or args.preset else None, args.config, args.set or [])
     if args.out:
@@ -221,6 +227,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from rad.ablate import load_ablate_config, run_ablation
 
+    _quiet_optuna(args)
     preset = args.preset if args.preset or args.config else "default"
     overrides = list(args.set or [])
     if args.searched_from:

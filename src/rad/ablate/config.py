@@ -57,7 +57,7 @@ class AblateDistill:
     micro_batch: int = _PIPELINE.micro_batch
     grad_accum: int = _PIPELINE.grad_accum
     lr: dict[str, float] = field(default_factory=_default_lr)  # per trainable set; `all` wants a smaller one
-    warmup_ratio: float = 0.01  # DistillConfig's default, which `rad run` uses
+    warmup_ratio: float = _PIPELINE.warmup_ratio  # as `rad run`
     eval_every: int = _PIPELINE.eval_every
     eval_sequences: int = _PIPELINE.eval_sequences
     save_every: int = _PIPELINE.save_every
