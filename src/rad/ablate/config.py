@@ -96,6 +96,7 @@ class AblateEval:
     limit: int | None = 20
     max_new_tokens: int | None = 256
     teacher: bool = True  # also score the teacher, as the reference row
+    batch_size: int = 8  # left-padded batches: same answers as one by one, 2.5x faster (docs/evaluate.md)
 
     def __post_init__(self):
         self.tasks = _names(self.tasks, "eval.tasks")

@@ -218,7 +218,8 @@ def _eval_config(config: AblateConfig, root: Path):
     from rad.evaluate.runner import EvalConfig
 
     e = config.eval
-    return EvalConfig(tasks=list(e.tasks), out=str(root / "eval"), limit=e.limit, max_new_tokens=e.max_new_tokens)
+    return EvalConfig(tasks=list(e.tasks), out=str(root / "eval"), limit=e.limit, max_new_tokens=e.max_new_tokens,
+                      batch_size=e.batch_size)
 
 
 def _arm_order(config: AblateConfig) -> tuple[list[Arm], Arm]:
