@@ -27,6 +27,7 @@ from rad.distill import DataConfig, build_data, kl_divergence
 from rad.errors import RadError
 from rad.models.loading import load_model
 from rad.models.skip import skip_attention
+from rad.pipeline import RunDistill
 from tests.conftest import make_tiny
 
 
@@ -130,7 +131,7 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
         record = json.loads((folder / "hybrid" / "rad_conversion.json").read_text())
         assert (record["converted_layers"], record["init"]) == (layers, init), name
         assert json.loads((folder / "distill" / "config.json").read_text())["train"] == train
-        assert arm["lr"] == (1e-3 if train == "mixers" else 2e-4)
+        assert arm["lr"] == (RunDistill().lr if train == "mixers" else RunDistill().baseline_lr)  # rad run's
         # The same held-out curve points for every arm: step 0 (before training) to the last step.
         assert [p["step"] for p in arm["curve"]] == [0, 1, 2, 3]
         assert arm["final_kl"] == arm["curve"][-1]["eval_kl"] and arm["kl_at_init"] == arm["curve"][0]["eval_kl"]
@@ -269,7 +270,7 @@ def test_bad_ablation_settings_are_clear_errors(tiny_src, tmp_path):
     with pytest.raises(RadError, match=r"are 3, not k = 2"):
         run_ablation(_tiny_config(tiny_src, tmp_path / "n", searched_layers=None, searched_from=str(tmp_path)))
     c = load_ablate_config("smoke", overrides=["distill.lr.all=1e-4", "layers=uniform"])
-    assert c.distill.lr["all"] == 1e-4 and c.distill.lr["mixers"] == 1e-3 and c.layers == ["uniform"]
+    assert c.distill.lr["all"] == 1e-4 and c.distill.lr["mixers"] == RunDistill().lr and c.layers == ["uniform"]
     assert main(["ablate", "--preset", "smoke", "--set", "train=[everything]"]) == 2
 
 
