@@ -359,3 +359,17 @@ def test_an_existing_study_needs_resume_and_the_same_settings(tmp_path):
     assert first.evaluations == 3 and more.evaluations == 5
     kept = [t for t in more.trials if t.measured][:3]
     assert [(t.layers, t.value) for t in kept] == [(t.layers, t.value) for t in first.trials if t.measured]
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_after_the_grace_period(tmp_path):
+    # study.ask() creates a RUNNING trial without starting Optuna's heartbeat thread: exactly what a worker
+    # killed between creating a trial and its first heartbeat leaves behind.
+    store = StudyStore(tmp_path, heartbeat_seconds=1)
+    study = store.open(optuna.samplers.RandomSampler(seed=0), {}, resume=False)
+    orphan = study.ask()
+    time.sleep(2.2)  # past the grace period of 2 x 1 s
+    fresh = study.ask()
+    store.fail_stale_trials(study)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[orphan.number] == "FAIL"
+    assert states[fresh.number] == "RUNNING"  # younger than the grace period: possibly alive

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import json
 import logging
@@ -254,9 +255,22 @@ class StudyStore:
         return BudgetStatus(evaluated, in_flight, frozenset(claimed))
 
     def fail_stale_trials(self, study: optuna.Study) -> None:
+        """Optuna fails RUNNING trials whose heartbeat is stale; a worker killed between creating a trial
+        and its first heartbeat leaves one with no heartbeat at all, which Optuna never fails: fail those
+        too once they are older than the grace period."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+        # Optuna writes datetime_start as naive local time (SQLAlchemy's text form), so compare in the same.
+        cutoff = (datetime.datetime.now() - datetime.timedelta(seconds=2 * self.heartbeat_seconds)).isoformat(" ")
+        with contextlib.closing(self._connect_autocommit()) as conn:
+            rows = conn.execute(
+                "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND h.trial_id IS NULL AND t.datetime_start < ?", (cutoff,)
+            ).fetchall()
+        for (trial_id,) in rows:
+            with contextlib.suppress(RuntimeError):  # it finished meanwhile (a slow but live worker)
+                study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
     # -- measurements outside the optimiser ----------------------------------------------------------
 
