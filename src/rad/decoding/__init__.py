@@ -1,4 +1,4 @@
-"""Decoding: plain generation (and, later, the self-speculative engine)."""
+"""Decoding: the fast decode engine, plain and self-speculative, and text generation on it."""
 
 from rad.decoding.generate import GenerationResult, encode_prompt, generate_text
 

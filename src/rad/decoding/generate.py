@@ -1,4 +1,8 @@
-"""Text generation on rad's decode engine (plain, or self-speculative with some attention skipped)."""
+"""Text generation on rad's decode engine (plain, or self-speculative with some attention skipped).
+
+`rad generate` lives here so the CLI stays thin; prompts and end-of-turn ids come from `rad.models.tokens`,
+the same as the search and the evaluation use.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from rad.decoding.speculative import DraftConfig, SamplingConfig, SpeculativeResult, speculative_generate
 from rad.errors import RadError
 from rad.models.loading import LoadedModel
+from rad.models.tokens import encode_chat, eos_token_ids
 
 
 @dataclass
@@ -34,16 +39,11 @@ class GenerationResult:
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    """Token ids (1, T); with `chat`, the prompt is one user turn in the model's chat template."""
+    """Token ids (1, T); with `chat`, the prompt is one user turn of `encode_chat` (template or its fallback)."""
     if not prompt:
         raise RadError("The prompt is empty; pass some text with --prompt.")
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise RadError("This tokenizer has no chat template; drop --chat to use the raw prompt.")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        return torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": prompt}], True)], dtype=torch.long)
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
@@ -62,7 +62,7 @@ def generate_text(
     skipped); with `compare`, also decode plainly to report the speed-up (greedy output is identical)."""
     tokenizer = loaded.tokenizer
     input_ids = encode_prompt(tokenizer, prompt, chat)
-    eos = tokenizer.eos_token_id
+    eos = eos_token_ids(tokenizer, loaded.model)
     kwargs = dict(draft=draft, sampling=sampling, eos_token_id=eos)
     decoding = speculative_generate(loaded.model, input_ids, skip_layers, max_new_tokens, **kwargs)
     baseline = None

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rad.decoding.cache import DecodeCache
 from rad.decoding.runner import FastDecoder
 from rad.errors import RadError
 from rad.models.layers import decoder_layers
+from rad.models.tokens import token_ids
 
 
 @dataclass
@@ -54,6 +56,13 @@ class SpeculativeResult:
     prefill_seconds: float = 0.0
     seconds: float = 0.0  # decode time after prefill
     accepted_per_round: list[int] = field(default_factory=list)
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        """Count one verification round of `drafted` proposals, `accepted` of them kept."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accepted_per_round.append(accepted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -93,6 +102,127 @@ def _distribution(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
     return _filter_top_p(probs, sampling.top_p)
 
 
+@dataclass
+class _Run:
+    """What one call decodes with: the fast decoder and its cache, the draft's skip set, the sampling rule."""
+
+    decoder: FastDecoder
+    cache: DecodeCache
+    skip: frozenset[int] | None
+    sampling: SamplingConfig
+    generator: torch.Generator | None  # None: greedy
+
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    def tensor(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], device=self.decoder.device)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=self.generator)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token(s) of the verifier: argmax, or a sample of the tempered, top-p distribution."""
+        if self.greedy:
+            return logits.argmax(-1)
+        return self.sample(_distribution(logits, self.sampling))[..., 0]
+
+
+def _check_inputs(model, input_ids: torch.Tensor, skip_layers, max_new_tokens: int,
+                  decoder: FastDecoder | None) -> tuple[FastDecoder, frozenset[int] | None]:
+    """The decoder and the layers the draft skips (None: no draft), after checking the prompt and the layers."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise RadError(f"Speculative decoding takes one prompt of shape (1, T), got {tuple(input_ids.shape)}.")
+    if max_new_tokens < 1:
+        raise RadError("max_new_tokens must be at least 1.")
+    decoder = decoder or FastDecoder(model)
+    if skip_layers is None:
+        return decoder, None
+    skip = frozenset(int(i) for i in skip_layers)
+    n = len(decoder_layers(model))
+    bad = [i for i in skip if not 0 <= i < n]
+    if bad:
+        raise RadError(f"Cannot skip layer {bad[0]}: the model has layers 0..{n - 1}.")
+    mamba = [i for i in skip if decoder.is_mamba[i]]
+    if mamba:
+        raise RadError(f"Cannot skip layer {mamba[0]}: it is a Mamba2 mixer; only attention can be skipped.")
+    return decoder, skip
+
+
+def _draft(run: _Run, token: int, steps: int, stop_below: float | None) -> tuple[list[int], list[torch.Tensor]]:
+    """Up to `steps` draft tokens after `token`, and (sampling) the draft distribution of each.
+
+    Stops early once the draft's probability of its own token falls below `stop_below`. The cache is left
+    as it was: the KV length is reset and a hybrid's Mamba2 states are restored from a snapshot.
+    """
+    decoder, cache = run.decoder, run.cache
+    snapshot = cache.snapshot_recurrent() if decoder.n_mamba else None
+    base = cache.length
+    proposals: list[int] = []
+    draft_probs: list[torch.Tensor] = []
+    for _ in range(steps):
+        logits, pending = decoder.forward(run.tensor([token]), cache, run.skip)
+        decoder.commit(cache, pending, 1)
+        logits = logits[0, -1]
+        if run.greedy:
+            probs = torch.softmax(logits, -1)
+            token = int(logits.argmax())
+        else:
+            probs = _distribution(logits, run.sampling)
+            token = int(run.sample(probs))
+            draft_probs.append(probs)
+        proposals.append(token)
+        if stop_below is not None and float(probs[token]) < stop_below:
+            break
+    cache.length = base
+    if snapshot is not None:
+        cache.restore_recurrent(snapshot)
+    return proposals, draft_probs
+
+
+def _verify_greedy(logits: torch.Tensor, proposals: list[int]) -> tuple[int, int]:
+    """(accepted, bonus): the proposals that match the verifier's argmax, then the verifier's next token."""
+    targets = logits.argmax(-1).tolist()
+    accepted = 0
+    while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
+        accepted += 1
+    return accepted, targets[accepted]
+
+
+def _verify_sample(run: _Run, logits: torch.Tensor, proposals: list[int],
+                   draft_probs: list[torch.Tensor]) -> tuple[int, int]:
+    """(accepted, bonus) by speculative-sampling acceptance: keep token x with probability min(1, p(x)/q(x));
+    at the first rejection, sample the residual max(p - q, 0); if all are kept, sample p after them."""
+    for accepted, (token, q) in enumerate(zip(proposals, draft_probs, strict=True)):
+        p = _distribution(logits[accepted], run.sampling)
+        if torch.rand((), generator=run.generator, device=run.decoder.device) < torch.clamp(p[token] / q[token], max=1):
+            continue
+        residual = torch.clamp(p - q, min=0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p
+        return accepted, int(run.sample(residual))
+    accepted = len(proposals)
+    return accepted, int(run.sample(_distribution(logits[accepted], run.sampling)))
+
+
+def _verify(run: _Run, token: int, proposals: list[int], draft_probs: list[torch.Tensor]) -> tuple[int, int]:
+    """One full-model pass over `token` and the proposals; commits the accepted prefix; (accepted, bonus)."""
+    logits, pending = run.decoder.forward(run.tensor([token, *proposals]), run.cache)  # (1, 1 + d, V)
+    if run.greedy:
+        accepted, bonus = _verify_greedy(logits[0], proposals)
+    else:
+        accepted, bonus = _verify_sample(run, logits[0], proposals, draft_probs)
+    run.decoder.commit(run.cache, pending, accepted + 1)  # `token` and the accepted proposals are now cached
+    return accepted, bonus
+
+
+def _adapt_threshold(draft: DraftConfig, threshold: float, recent: float, rate: float) -> tuple[float, float]:
+    """Draft & Verify: track recent acceptance, nudge the threshold towards the target rate."""
+    recent = 0.5 * recent + 0.5 * rate
+    nudged = threshold + draft.threshold_step if recent < draft.target_acceptance else threshold - draft.threshold_step
+    return 0.9 * threshold + 0.1 * nudged, recent
+
+
 @torch.no_grad()
 def speculative_generate(
     model,
@@ -106,43 +236,23 @@ def speculative_generate(
     decoder: FastDecoder | None = None,
 ) -> SpeculativeResult:
     """Generate up to `max_new_tokens` for one prompt (1, T); `skip_layers=None` is plain decoding."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise RadError(f"Speculative decoding takes one prompt of shape (1, T), got {tuple(input_ids.shape)}.")
-    if max_new_tokens < 1:
-        raise RadError("max_new_tokens must be at least 1.")
-    decoder = decoder or FastDecoder(model)
+    decoder, skip = _check_inputs(model, input_ids, skip_layers, max_new_tokens, decoder)
     draft = draft or DraftConfig()
     sampling = sampling or SamplingConfig()
-    greedy = sampling.temperature <= 0
-    skip = frozenset(int(i) for i in skip_layers) if skip_layers is not None else None
-    if skip is not None:
-        n = len(decoder_layers(model))
-        bad = [i for i in skip if not 0 <= i < n]
-        if bad:
-            raise RadError(f"Cannot skip layer {bad[0]}: the model has layers 0..{n - 1}.")
-        mamba = [i for i in skip if decoder.is_mamba[i]]
-        if mamba:
-            raise RadError(f"Cannot skip layer {mamba[0]}: it is a Mamba2 mixer; only attention can be skipped.")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     generator = None
-    if not greedy:
+    if sampling.temperature > 0:
         generator = torch.Generator(device=decoder.device).manual_seed(sampling.seed)
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if greedy:
-            return logits.argmax(-1)
-        return torch.multinomial(_distribution(logits, sampling), 1, generator=generator)[..., 0]
-
+    eos = set(token_ids(eos_token_id))
     clock = _Clock(decoder.device)
     input_ids = input_ids.to(decoder.device)
     cache = decoder.new_cache(input_ids.shape[1] + max_new_tokens + draft.max_draft + 1)
+    run = _Run(decoder, cache, skip, sampling, generator)
+    result = SpeculativeResult(tokens=torch.empty(0, dtype=torch.long))
+
     start = clock()
     last_logits = decoder.prefill(input_ids, cache)  # (1, V)
-    result = SpeculativeResult(tokens=torch.empty(0, dtype=torch.long))
     result.prefill_seconds = clock() - start
-    out: list[int] = []
-    nxt = int(pick(last_logits)[0])
-    out.append(nxt)
+    out = [int(run.pick(last_logits)[0])]
     threshold, recent = draft.threshold, 1.0
     decode_start = clock()
 
@@ -151,74 +261,23 @@ def speculative_generate(
 
     while not finished():
         budget = max_new_tokens - len(out)  # tokens still to emit; the round emits accepted + 1
-        proposals: list[int] = []
-        draft_probs: list[torch.Tensor] = []
+        proposals, draft_probs = [], []
         if skip is not None and budget > 1:
             t0 = clock()
-            snapshot = cache.snapshot_recurrent() if decoder.n_mamba else None
-            base = cache.length
-            token = nxt
-            for _ in range(min(draft.max_draft, budget - 1)):
-                logits, pending = decoder.forward(torch.tensor([[token]], device=decoder.device), cache, skip)
-                decoder.commit(cache, pending, 1)
-                logits = logits[0, -1]
-                if greedy:
-                    probs = torch.softmax(logits, -1)
-                    token = int(logits.argmax())
-                    confidence = float(probs[token])
-                else:
-                    probs = _distribution(logits, sampling)
-                    token = int(torch.multinomial(probs, 1, generator=generator))
-                    confidence = float(probs[token])
-                    draft_probs.append(probs)
-                proposals.append(token)
-                if draft.adaptive and confidence < threshold:
-                    break
-            cache.length = base
-            if snapshot is not None:
-                cache.restore_recurrent(snapshot)
+            stop_below = threshold if draft.adaptive else None
+            proposals, draft_probs = _draft(run, out[-1], min(draft.max_draft, budget - 1), stop_below)
             result.draft_seconds += clock() - t0
         t0 = clock()
-        feed = torch.tensor([[nxt, *proposals]], device=decoder.device)
-        logits, pending = decoder.forward(feed, cache)  # (1, 1 + d, V)
-        logits = logits[0]
-        accepted = 0
-        if greedy:
-            targets = logits.argmax(-1).tolist()
-            while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
-                accepted += 1
-            bonus = targets[accepted]
-        else:
-            bonus = None
-            for j, token in enumerate(proposals):
-                p = _distribution(logits[j], sampling)
-                q = draft_probs[j]
-                if torch.rand((), generator=generator, device=decoder.device) < torch.clamp(p[token] / q[token], max=1):
-                    accepted += 1
-                    continue
-                residual = torch.clamp(p - q, min=0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p
-                bonus = int(torch.multinomial(residual, 1, generator=generator))
-                break
-            if bonus is None:
-                bonus = int(torch.multinomial(_distribution(logits[accepted], sampling), 1, generator=generator))
-        decoder.commit(cache, pending, accepted + 1)  # nxt and the accepted proposals are now in the cache
+        accepted, bonus = _verify(run, out[-1], proposals, draft_probs)
         result.verify_seconds += clock() - t0
         if skip is not None:
-            result.rounds += 1
-            result.drafted += len(proposals)
-            result.accepted += accepted
-            result.accepted_per_round.append(accepted)
+            result.record_round(len(proposals), accepted)
             if draft.adaptive and proposals:
-                # Draft & Verify: track recent acceptance, nudge the threshold towards the target rate.
-                recent = 0.5 * recent + 0.5 * (accepted / len(proposals))
-                nudged = threshold + draft.threshold_step if recent < draft.target_acceptance else threshold - draft.threshold_step
-                threshold = 0.9 * threshold + 0.1 * nudged
+                threshold, recent = _adapt_threshold(draft, threshold, recent, accepted / len(proposals))
         for token in [*proposals[:accepted], bonus]:
             out.append(token)
             if finished():
                 break
-        nxt = out[-1]
     result.seconds = clock() - decode_start
     result.tokens = torch.tensor(out[:max_new_tokens], dtype=torch.long)
     return result

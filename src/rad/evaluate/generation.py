@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rad.decoding.speculative import greedy_generate
-from rad.errors import RadError
+from rad.models.tokens import chat_add_special_tokens, eos_token_ids, render_chat
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,11 @@ class GenerationConfig:
     chat: bool = True
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a turn: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if config_eos is not None:
-        ids.update([config_eos] if isinstance(config_eos, int) else config_eos)
-    return sorted(ids)
-
-
 def render_prompt(tokenizer, messages: list[dict], raw: str, chat: bool) -> str:
+    """The prompt text: `raw` without `chat`, else the messages by `render_chat` (template or its fallback)."""
     if not chat:
         return raw
-    if not getattr(tokenizer, "chat_template", None):
-        raise RadError("This tokenizer has no chat template; evaluate with --no-chat (plain prompts).")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
 
 
 def truncate_at(text: str, stops: tuple[str, ...]) -> str:
@@ -56,12 +44,12 @@ class Generator:
 
     def __init__(self, model, tokenizer, config: GenerationConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.eos = eos_ids(model, tokenizer)
+        self.eos = eos_token_ids(tokenizer, model)
         self.calls = 0
 
     def _encode_kwargs(self) -> dict:
-        # A chat template already holds BOS where the model wants one.
-        return {"add_special_tokens": not self.config.chat}
+        # A chat template already holds BOS where the model wants one; plain text and the fallback do not.
+        return {"add_special_tokens": not self.config.chat or chat_add_special_tokens(self.tokenizer)}
 
     def generate(self, prompts: list[str]) -> list[str]:
         self.calls += len(prompts)

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from rad.errors import RadError
 from rad.search.config import SearchSpace
 from rad.search.objectives import Evaluation
-from rad.search.storage import StudyStore, mask_key, parse_mask_key, trial_states
+from rad.search.storage import StudyStore, mask_key, parse_mask_key
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def optimise(
     """Run trials until the study holds `budget` measured masks (all workers together), or all masks are.
 
     `stop_at`: also stop once some measured mask scores at least this (benchmarks of the samplers).
+    The multi-worker claims live in `store`; this is the ask (`objective`) / tell (`run_trial`) loop.
     """
     target = min(budget, space.size)
     if budget > space.size:
@@ -128,63 +129,30 @@ def optimise(
     def objective(trial: optuna.Trial) -> float:
         z = [trial.suggest_float(space.param_name(c), 0.0, 1.0) for c in space.candidates]
         mask = space.top_k(z)
-        key = mask_key(mask)
-        trial.set_user_attr("mask", list(mask))
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
-        claim = store.claim(key, trial.number, worker, target, trial_states(study))
-        last.update(kind=claim.kind, number=trial.number, z=z, mask=mask)
+        claim = store.claim_next(study, trial, mask, worker, target)
+        last.update(kind=claim.kind, number=trial.number, z=z)
         if claim.kind == "cached":
-            trial.set_user_attr("cached", True)
-            trial.set_user_attr("cached_from", claim.trial)
-            last["returned"] = True
             return float(claim.value)
-        if claim.kind in ("busy", "full"):
-            trial.set_user_attr("skipped", claim.kind)
-            why = f"trial {claim.trial} is measuring it" if claim.kind == "busy" else "no budget left"
-            raise optuna.TrialPruned(f"mask {key}: {why}")
-        evaluation = evaluate(mask)
-        trial.set_user_attr("cached", False)
-        trial.set_user_attr("details", evaluation.details)
-        trial.set_user_attr("seconds", round(evaluation.seconds, 6))
-        last["returned"] = True
-        return float(evaluation.value)
+        if claim.kind != "claimed":
+            raise optuna.TrialPruned(f"mask {mask_key(mask)}: {claim.reason}")
+        return store.finish(trial, evaluate(mask))
 
     while True:
-        store.fail_stale_trials(study)
-        states = trial_states(study)
-        status = store.status(states)
-        if status.evaluated >= target:
+        status = store.refresh(study)
+        if status.evaluated >= target or _reached(study, stop_at):
             break
-        if stop_at is not None and any(
-            state == TrialState.COMPLETE and value >= stop_at for state, value in states.values()
-        ):
-            break
-        if len(states) >= max_trials:
+        if status.trials >= max_trials:
             logger.warning("Stopping after %d trials with %d of %d masks measured: the sampler keeps "
-                           "proposing known masks.", len(states), status.evaluated, target)
+                           "proposing known masks.", status.trials, status.evaluated, target)
             break
         if status.evaluated + status.in_flight >= target:
             time.sleep(POLL_SECONDS)  # the last slots are being measured elsewhere (or by a dead worker)
             continue
         if stall_patience and stall >= stall_patience:
-            fresh = _unclaimed_mask(space, status.claimed, rng)
-            if fresh is not None:
-                study.enqueue_trial(space.z_for(fresh, rng), user_attrs={"source": "explore"})
-                stats.explored += 1
+            stats.explored += _enqueue_unclaimed(study, space, status.claimed, rng)
             stall = 0
         last.clear()
-        try:
-            study.optimize(objective, n_trials=1)
-        except RuntimeError:
-            # A trial declared dead by a heartbeat check (this worker was too slow) cannot be told its value
-            # once the objective has returned; its mask is free again and another trial measures it.
-            # Anything else, an error of the objective included, is a real error.
-            if not last.get("returned") or (
-                study.get_trials(deepcopy=False)[last["number"]].state != TrialState.FAIL
-            ):
-                raise
-            logger.warning("Trial %d was declared dead while running; its result is dropped.", last["number"])
+        if not store.run_trial(study, objective):
             continue
         kind = last.get("kind", "failed")
         if kind == "claimed":
@@ -196,13 +164,29 @@ def optimise(
         stats.skipped += kind in ("busy", "full")
         stall += 1
         if kind == "cached" and neighbour_on_repeat:
-            claimed = store.status(trial_states(study)).claimed
-            z = nearest_new_mask_point(space, last["z"], claimed)
+            z = nearest_new_mask_point(space, last["z"], store.claimed_masks(study))
             if z is not None:
                 study.enqueue_trial(z, user_attrs={"source": "neighbour"})
         elif kind == "busy":
             time.sleep(POLL_SECONDS / 5)
     return stats
+
+
+def _reached(study: optuna.Study, stop_at: float | None) -> bool:
+    """Whether some finished trial scores at least `stop_at` (never, without one)."""
+    if stop_at is None:
+        return False
+    return any(t.value >= stop_at for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _enqueue_unclaimed(study: optuna.Study, space: SearchSpace, claimed: frozenset[str],
+                       rng: np.random.Generator) -> int:
+    """After a stall, enqueue a random unmeasured mask; 1 if there was one, else 0."""
+    fresh = _unclaimed_mask(space, claimed, rng)
+    if fresh is None:
+        return 0
+    study.enqueue_trial(space.z_for(fresh, rng), user_attrs={"source": "explore"})
+    return 1
 
 
 def nearest_new_mask_point(space: SearchSpace, z: list[float], claimed: frozenset[str]) -> dict | None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from rad.errors import RadError
-
-logger = logging.getLogger(__name__)
+from rad.models.tokens import encode_chat
 
 # Short, varied chat requests written for this project: explanation, advice, writing, lists, code,
 # translation, summarising. None is a math word problem or a code-execution puzzle, so the search never
@@ -68,25 +66,15 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[str]:
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[torch.Tensor]:
-    """Token ids (1, T) per prompt; with `chat`, each is a user turn in the chat template (if there is one)."""
+    """Token ids (1, T) per prompt; with `chat`, each is one user turn of `encode_chat` (template or fallback)."""
     if not prompts:
         raise RadError("There are no search prompts; give a prompt file with at least one prompt.")
     if tokenizer is None:
         raise RadError("The model has no tokenizer; pass tokenised prompts (SearchConfig.prompt_ids) instead.")
-    use_template = chat and bool(getattr(tokenizer, "chat_template", None))
-    if chat and not use_template:
-        logger.warning("The tokenizer has no chat template; the search prompts are used as raw text.")
-    encoded = []
-    for prompt in prompts:
-        if use_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-        encoded.append(ids)
-    return encoded
+    if not chat:
+        return [tokenizer(prompt, return_tensors="pt").input_ids for prompt in prompts]
+    return [torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": p}], True)], dtype=torch.long)
+            for p in prompts]
 
 
 def ids_from_lists(prompt_ids: list[list[int]]) -> list[torch.Tensor]:

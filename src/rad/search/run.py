@@ -16,6 +16,7 @@ from torch import nn
 from rad.errors import RadError
 from rad.models.layers import attention_layer_indices, decoder_layers
 from rad.models.loading import LoadedModel, load_model
+from rad.models.tokens import eos_token_ids
 from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
 from rad.search.objectives import Evaluation, make_objective
@@ -32,7 +33,7 @@ class _Prepared:
     loaded: LoadedModel
     space: SearchSpace
     prompts: list[torch.Tensor]
-    eos_token_id: int | list[int] | None
+    eos_token_id: list[int] | None  # None: no end-of-turn token (tokenised prompts of a bare model)
 
 
 def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
@@ -52,9 +53,7 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     else:
         texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
-    tokenizer_eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    eos = tokenizer_eos if tokenizer_eos is not None else getattr(hf.generation_config, "eos_token_id", None)
-    return _Prepared(loaded, space, prompts, eos)
+    return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None)
 
 
 def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = None):

@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +83,20 @@ class Claim:
     value: float | None = None
     trial: int | None = None
 
+    @property
+    def reason(self) -> str:
+        """Why a "busy" or "full" claim is skipped, for the pruned trial's message."""
+        return f"trial {self.trial} is measuring it" if self.kind == "busy" else "no budget left"
+
 
 @dataclass(frozen=True)
 class BudgetStatus:
+    """The shared budget: masks measured, masks being measured by live trials, their keys; all trials."""
+
     evaluated: int
     in_flight: int
     claimed: frozenset[str]
+    trials: int = 0
 
 
 TrialStates = dict[int, tuple[TrialState, float | None]]
@@ -111,12 +119,19 @@ def _classify(trial: int, states: TrialStates) -> str:
 
 
 class StudyStore:
-    """Opens (creating or resuming) the study in `folder` and coordinates claims on it."""
+    """Opens (creating or resuming) the study in `folder` and coordinates claims on it.
 
-    def __init__(self, folder: str | Path, *, heartbeat_seconds: int = 10):
+    The optimiser sees four calls: `refresh` (heartbeat check, then the shared budget), `claim_next` (may
+    this trial measure its mask?), `finish` (record the measurement) and `run_trial` (one trial, dropping
+    a result whose trial was declared dead meanwhile). `clock` gives the local time (tests move it).
+    """
+
+    def __init__(self, folder: str | Path, *, heartbeat_seconds: int = 10,
+                 clock: Callable[[], datetime.datetime] = datetime.datetime.now):
         self.folder = Path(folder)
         self.path = self.folder / STUDY_FILE
         self.heartbeat_seconds = int(heartbeat_seconds)
+        self.clock = clock
         self.storage: optuna.storages.RDBStorage | None = None
 
     # -- opening -------------------------------------------------------------------------------------
@@ -211,6 +226,62 @@ class StudyStore:
             )
             return int(cursor.lastrowid) - 1
 
+    # -- the claim protocol, as the optimiser uses it -------------------------------------------------
+
+    def refresh(self, study: optuna.Study) -> BudgetStatus:
+        """Fail the trials of dead workers (heartbeat), then count the shared budget."""
+        self.fail_stale_trials(study)
+        return self.status(trial_states(study))
+
+    def claimed_masks(self, study: optuna.Study) -> frozenset[str]:
+        """Masks measured or being measured by a live trial (any worker)."""
+        return self.status(trial_states(study)).claimed
+
+    def claim_next(self, study: optuna.Study, trial: optuna.Trial, mask, worker: int, budget: int) -> Claim:
+        """Claim `mask` for the running `trial` (see `claim`) and note the answer on the trial."""
+        trial.set_user_attr("mask", list(mask))
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
+        claim = self.claim(mask_key(mask), trial.number, worker, budget, trial_states(study))
+        if claim.kind == "cached":
+            trial.set_user_attr("cached", True)
+            trial.set_user_attr("cached_from", claim.trial)
+        elif claim.kind in ("busy", "full"):
+            trial.set_user_attr("skipped", claim.kind)
+        return claim
+
+    @staticmethod
+    def finish(trial: optuna.Trial, evaluation: Evaluation) -> float:
+        """Note a claimed mask's measurement on its trial; the value to tell Optuna (COMPLETE ends the claim)."""
+        trial.set_user_attr("cached", False)
+        trial.set_user_attr("details", evaluation.details)
+        trial.set_user_attr("seconds", round(evaluation.seconds, 6))
+        return float(evaluation.value)
+
+    @staticmethod
+    def run_trial(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> bool:
+        """Run one trial with Optuna's heartbeat; False if it was declared dead while running (result dropped).
+
+        A trial declared dead by a heartbeat check (this worker was too slow) cannot be told its value once
+        the objective has returned; its mask is free again and another trial measures it. Anything else,
+        an error of the objective included, is a real error.
+        """
+        ran: dict[str, int] = {}
+
+        def tracked(trial: optuna.Trial) -> float:
+            value = objective(trial)
+            ran["number"] = trial.number
+            return value
+
+        try:
+            study.optimize(tracked, n_trials=1)
+        except RuntimeError:
+            if "number" not in ran or study.get_trials(deepcopy=False)[ran["number"]].state != TrialState.FAIL:
+                raise
+            logger.warning("Trial %d was declared dead while running; its result is dropped.", ran["number"])
+            return False
+        return True
+
     # -- claims --------------------------------------------------------------------------------------
 
     def claim(self, key: str, trial: int, worker: int, budget: int, states: TrialStates) -> Claim:
@@ -252,7 +323,7 @@ class StudyStore:
             in_flight += status == "live"
             if status != "void":
                 claimed.add(mask)
-        return BudgetStatus(evaluated, in_flight, frozenset(claimed))
+        return BudgetStatus(evaluated, in_flight, frozenset(claimed), trials=len(states))
 
     def fail_stale_trials(self, study: optuna.Study) -> None:
         """Optuna fails RUNNING trials whose heartbeat is stale; a worker killed between creating a trial
@@ -262,7 +333,7 @@ class StudyStore:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         # Optuna writes datetime_start as naive local time (SQLAlchemy's text form), so compare in the same.
-        cutoff = (datetime.datetime.now() - datetime.timedelta(seconds=2 * self.heartbeat_seconds)).isoformat(" ")
+        cutoff = (self.clock() - datetime.timedelta(seconds=2 * self.heartbeat_seconds)).isoformat(" ")
         with contextlib.closing(self._connect_autocommit()) as conn:
             rows = conn.execute(
                 "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
