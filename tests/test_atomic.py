@@ -1,10 +1,14 @@
-"""The cache and output folders are written atomically: killed or racing writers never leave half a folder."""
+"""Folders and result files are written atomically: a killed or racing writer never leaves half of one."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
 
-from rad.utils.atomic import atomic_directory
+import pytest
+
+from rad.utils.atomic import atomic_directory, atomic_write_bytes, atomic_write_json
 
 WRITER = textwrap.dedent(
     """
@@ -51,3 +55,20 @@ def test_exception_inside_removes_temp(tmp_path):
     except RuntimeError:
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_writes_replace_whole_files(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "results.json"
+    atomic_write_json(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n' and json.loads(path.read_text()) == {"a": 1}
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(path, {"b": 2})
+    assert path.read_bytes() == b"new"  # the old file, untouched
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind

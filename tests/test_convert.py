@@ -6,6 +6,7 @@ from transformers import BambaForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, convert_to_hybrid
+from rad.models.naming import bamba_name
 from rad.models.skip import skip_attention
 
 from .conftest import make_tiny
@@ -21,6 +22,41 @@ def test_zero_layers_converted_is_the_same_model(family):
     with torch.no_grad():
         diff = (hybrid(IDS).logits - model(IDS).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_name_map_covers_every_parameter_of_a_hybrid(family):
+    """`bamba_name` is what both conversion and the teacher's weight sharing go by: every source parameter
+    (but a replaced attention) has a twin of equal value, and only the new mixers lack a source."""
+    from rad.distill.modules import select_trainable, share_frozen_weights
+
+    converted = [1, 3]
+    model = make_tiny(family)
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=converted))
+    source = dict(model.named_parameters(remove_duplicate=False))
+    target = dict(hybrid.named_parameters(remove_duplicate=False))
+
+    def replaced(name):
+        parts = name.split(".")
+        return name.startswith("model.layers.") and int(parts[2]) in converted and parts[3] == "self_attn"
+
+    twins = {name: bamba_name(name) for name in source if not replaced(name)}
+    for name, twin in twins.items():
+        assert twin in target, f"{name} -> {twin} is not a hybrid parameter"
+        assert torch.equal(target[twin], source[name]), twin
+    unmapped = set(target) - set(twins.values())
+    mixers = {n for n in unmapped if n.split(".")[3] == "mamba" and int(n.split(".")[2]) in converted}
+    # Bamba's attention_bias also gives o_proj a bias, which Qwen2 lacks (conversion zeroes it).
+    extra = {f"model.layers.{i}.self_attn.o_proj.bias" for i in (0, 2)} if family == "qwen2" else set()
+    assert unmapped - mixers == extra
+    assert {int(n.split(".")[2]) for n in mixers} == set(converted)
+
+    teacher = make_tiny(family)  # the same values as `model`: every frozen twin is shared
+    select_trainable(hybrid, "mixers")
+    share_frozen_weights(teacher, hybrid)
+    for name, param in teacher.named_parameters(remove_duplicate=False):
+        if not replaced(name):
+            assert param.data_ptr() == target[bamba_name(name)].data_ptr(), name
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -213,12 +213,13 @@ def test_default_data_is_gsm8k_train(tokenizer):
     assert data.source.endswith("gsm8k_train.jsonl")
 
 
-def test_default_data_without_shared_or_hub_falls_back_to_python_docs(tokenizer, monkeypatch):
-    # A clone with no ../shared/data beside it on a machine without the hub: no data file can be found,
-    # and the hub is forced offline (it is unreachable here anyway).
+def test_default_data_without_shared_or_hub_falls_back_to_python_docs(tokenizer, monkeypatch, tmp_path):
+    # A clone with no ../shared/data beside it on a machine without the hub: an empty data folder and
+    # cache, and the hub forced offline (it is unreachable here anyway).
     import rad.distill.data as data_module
 
-    monkeypatch.setattr(data_module, "default_data_path", lambda extra_roots=None: None)
+    monkeypatch.setenv("RAD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RAD_DATA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = build_data(DataConfig(seq_len=64, max_examples=20, eval_examples=2), tokenizer)
@@ -262,9 +263,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _cli(args, env_extra=None, launcher=None, timeout=240):
+def _cli(args, launcher=None, timeout=240):
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    env.update(env_extra or {})
     cmd = (launcher or [PY, "-c", _SCRIPT]) + args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
@@ -276,15 +276,41 @@ def _cli_args(tiny_dirs, out, steps=6, extra=()):
             "--align-weight", "0.05", *extra]
 
 
+# Runs `run_distill` on a JSON DistillConfig in a fresh process; the test, not rad, SIGKILLs it at a step.
+_RUN_SCRIPT = """
+import json, os, signal, sys, torch
+torch.set_num_threads(1)
+from rad.distill import DataConfig, DistillConfig, LossWeights, run_distill
+spec, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+config = DistillConfig(**{**spec, "data": DataConfig(**spec["data"]), "loss": LossWeights(**spec["loss"]),
+                          "betas": tuple(spec["betas"])})
+
+def kill(step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_distill(config, on_step=kill if kill_at else None)
+"""
+
+
+def _run_in_subprocess(config: DistillConfig, kill_at: int = 0, timeout=240):
+    from dataclasses import asdict
+
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    cmd = [PY, "-c", _RUN_SCRIPT, json.dumps(asdict(config)), str(kill_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
 def test_sigkill_and_resume_is_bitwise_identical(tiny_dirs, tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
-    r = _cli(_cli_args(tiny_dirs, full))
+    settings = dict(steps=6, eval_every=3, loss=LossWeights(align=0.05), tensorboard=True, plots=True)
+    r = _run_in_subprocess(_config(tiny_dirs, full, **settings))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _cli(_cli_args(tiny_dirs, broken), env_extra={"RAD_DISTILL_KILL_AT_STEP": "5"})
+    r = _run_in_subprocess(_config(tiny_dirs, broken, **settings), kill_at=5)
     assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL after step 5, last checkpoint at step 4
     assert [p.name for p in list_checkpoints(broken / "checkpoints")] == ["step-0000002", "step-0000004"]
     assert not (broken / "student").exists()
-    r = _cli(_cli_args(tiny_dirs, broken, extra=["--resume"]))
+    r = _run_in_subprocess(_config(tiny_dirs, broken, resume=True, **settings))
     assert r.returncode == 0, r.stderr[-2000:]
     a = load_file(str(full / "student" / "model.safetensors"))
     b = load_file(str(broken / "student" / "model.safetensors"))
@@ -295,6 +321,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_dirs, tmp_path):
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     full_log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log if r["kind"] == "train"] == [r["loss"] for r in full_log if r["kind"] == "train"]
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [0, 3, 6]
     assert [p.name for p in list_checkpoints(broken / "checkpoints")] == ["step-0000004", "step-0000006"]
     # The final student is a stock transformers checkpoint.
     from transformers import AutoModelForCausalLM
@@ -319,6 +346,16 @@ def test_corrupt_or_partial_checkpoint_is_detected(tiny_dirs, tmp_path):
         run_distill(_config(tiny_dirs, out, steps=4, eval_every=0))
 
 
+def test_restart_without_a_checkpoint_starts_a_fresh_log(tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    run_distill(_config(tiny_dirs, out, steps=1, eval_every=1, save_every=0))
+    assert not list_checkpoints(out / "checkpoints")  # nothing to resume: the next run starts over
+    result = run_distill(_config(tiny_dirs, out, steps=1, eval_every=1, save_every=0))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in log] == [("eval", 0), ("train", 1), ("eval", 1)]
+    assert [r["step"] for r in result.evals] == [0, 1]
+
+
 def test_two_processes_match_one_process(tiny_dirs, tmp_path):
     """Same global batch (4): 1 process x accum 2 x micro 2 vs 2 processes x micro 2 (gloo)."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -328,6 +365,7 @@ def test_two_processes_match_one_process(tiny_dirs, tmp_path):
                 "--main_process_port", "29517", "-m", "rad.cli"]
     r = _cli(_cli_args(tiny_dirs, two, steps=4), launcher=launcher)
     assert r.returncode == 0, (r.stdout[-1000:], r.stderr[-3000:])
+    assert r.stderr.count("rad: Data ") == 1, r.stderr[-3000:]  # info lines from the main process only
 
     def curve(folder):
         rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]

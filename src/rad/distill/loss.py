@@ -4,10 +4,15 @@ Logits for a 49k vocabulary dominate memory (batch x length x vocab x 4 bytes, f
 KL is computed from the final hidden states in chunks over the sequence: each chunk's logits exist only
 inside a checkpointed function and are recomputed in the backward pass, so peak memory is set by the
 chunk, not by the batch.
+
+This module owns the teacher-agreement arithmetic (KL, perplexities, top-1 agreement): training, its
+held-out evaluation and `rad eval`'s teacher metrics all use `logit_sums` / `mean_metrics` (or the fused
+equivalent of `logit_sums`, tested against it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -48,6 +53,38 @@ def kl_divergence(
     return total / mask.sum().clamp_min(1)
 
 
+def logit_sums(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL, student CE, top-1 agreements, teacher CE), each summed over masked positions, in float32.
+
+    The teacher metrics of training (held-out evaluation) and of `rad eval` both come from here. The CE
+    sums are zero without `labels` (-100 marks a position that does not count).
+    """
+    s_logits, t_logits = student_logits.float(), teacher_logits.float()
+    kl = kl_sum(s_logits, t_logits, mask, temperature)
+    agree = ((s_logits.argmax(-1) == t_logits.argmax(-1)) & mask.bool()).sum().float()
+    if labels is None:
+        return kl, s_logits.new_zeros(()), agree, s_logits.new_zeros(())
+    ce = F.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    teacher_ce = F.cross_entropy(t_logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return kl, ce, agree, teacher_ce
+
+
+def mean_metrics(kl: float, ce: float, teacher_ce: float, agree: float, tokens: float) -> dict[str, float]:
+    """Per-token KL(teacher || student), student and teacher perplexity, top-1 agreement, from their sums.
+
+    Perplexities are capped at e^50: an untrained student's are meaningless beyond that, and exp overflows.
+    """
+    tokens = max(tokens, 1.0)
+    return {"kl": kl / tokens, "perplexity": math.exp(min(ce / tokens, 50.0)),
+            "teacher_perplexity": math.exp(min(teacher_ce / tokens, 50.0)), "top1_agreement": agree / tokens}
+
+
 def _chunk_terms(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -58,17 +95,11 @@ def _chunk_terms(
     temperature: float,
     with_ce: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    s_logits = student_head(student_hidden).float()
+    """`logit_sums` of one chunk, from hidden states (its logits live only inside this call)."""
+    s_logits = student_head(student_hidden)
     with torch.no_grad():
-        t_logits = teacher_head(teacher_hidden).float()
-    kl = kl_sum(s_logits, t_logits, mask, temperature)
-    ce = s_logits.new_zeros(())
-    if with_ce:
-        ce = F.cross_entropy(s_logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    m = mask.bool()
-    agree = ((s_logits.argmax(-1) == t_logits.argmax(-1)) & m).sum().float()
-    return kl, ce, agree, (F.cross_entropy(t_logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                           reduction="sum") if with_ce else s_logits.new_zeros(()))
+        t_logits = teacher_head(teacher_hidden)
+    return logit_sums(s_logits, t_logits, mask, labels if with_ce else None, temperature)
 
 
 def chunked_distill_terms(

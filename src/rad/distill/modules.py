@@ -3,7 +3,8 @@
 In RAD self-distillation the teacher is the source Transformer, and the student is that same network
 with a few attention layers replaced. Every other weight is identical and frozen, so the teacher can
 point at the student's tensors instead of holding a second copy: only the replaced attention layers
-(and whatever trains) keep teacher-owned tensors.
+(and whatever trains) keep teacher-owned tensors. Twins are found by `rad.models.naming.bamba_name`, the
+map the conversion itself copies by.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from rad.errors import RadError
 from rad.models.layers import decoder_layers, mamba_layer_indices
+from rad.models.naming import bamba_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +53,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def student_name(teacher_name: str) -> str:
-    """The Bamba name of a Llama-family parameter (inverse of the conversion's renaming)."""
-    return (
-        teacher_name.replace(".post_attention_layernorm.", ".pre_ff_layernorm.")
-        .replace(".mlp.", ".feed_forward.")
-        .replace("model.norm.", "model.final_layernorm.")
-    )
-
-
 @dataclass
 class SharingReport:
     shared_tensors: int
@@ -78,7 +71,7 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module) -> SharingRepor
     shared = shared_bytes = own = 0
     owned_ids: set[int] = set()
     for name, param in list(teacher.named_parameters(remove_duplicate=False)):
-        twin = student_params.get(student_name(name))
+        twin = student_params.get(bamba_name(name))
         module_name, _, leaf = name.rpartition(".")
         module = teacher.get_submodule(module_name)
         if (
@@ -124,6 +117,7 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_vocab: i
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant), trading compute for memory."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False

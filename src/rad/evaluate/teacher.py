@@ -2,18 +2,18 @@
 
 The default text is the last `n` GSM8K *train* solutions ("Question: ...\nAnswer: ..." with calculator
 annotations removed): in-domain for the paper's math claim, and never GSM8K test. Both models must share
-a tokenizer, as a RAD hybrid and its source do.
+a tokenizer, as a RAD hybrid and its source do. The sums behind the metrics are `rad.distill.loss`'s, so
+`rad eval` and the held-out evaluation during `rad distill` measure the same thing the same way.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rad.distill.loss import logit_sums, mean_metrics
 from rad.errors import RadError
 from rad.evaluate.data import load_rows
 from rad.evaluate.tasks import _clean_rationale
@@ -48,29 +48,28 @@ def teacher_metrics(student, teacher, texts: list[str], config: TeacherConfig | 
     tok = student.tokenizer
     s_dev = next(student.model.parameters()).device
     t_dev = next(teacher.model.parameters()).device
-    kl_sum = s_nll = t_nll = agree = tokens = 0.0
+    sums = torch.zeros(4, dtype=torch.float64)  # KL, student NLL, teacher NLL, top-1 agreements
+    tokens = 0
     for text in tqdm(texts, desc="teacher metrics", leave=False):
         ids = tok(text, return_tensors="pt", truncation=True, max_length=config.max_length).input_ids
         if ids.shape[1] < 2:
             continue
-        s_logits = student.model(ids.to(s_dev)).logits[0, :-1].float().cpu()
-        t_logits = teacher.model(ids.to(t_dev)).logits[0, :-1].float().cpu()
+        s_logits = student.model(ids.to(s_dev)).logits[:, :-1].float().cpu()
+        t_logits = teacher.model(ids.to(t_dev)).logits[:, :-1].float().cpu()
         vocab = min(s_logits.shape[-1], t_logits.shape[-1])  # checkpoints may pad the vocabulary differently
-        s_logp = F.log_softmax(s_logits[:, :vocab], -1)
-        t_logp = F.log_softmax(t_logits[:, :vocab], -1)
-        target = ids[0, 1:]
-        kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum())
-        s_nll -= float(s_logp.gather(1, target[:, None]).sum())
-        t_nll -= float(t_logp.gather(1, target[:, None]).sum())
-        agree += float((s_logp.argmax(-1) == t_logp.argmax(-1)).sum())
+        target = ids[:, 1:]
+        kl, s_nll, agree, t_nll = logit_sums(s_logits[..., :vocab], t_logits[..., :vocab],
+                                             torch.ones(target.shape), labels=target)
+        sums += torch.stack([kl, s_nll, t_nll, agree]).double()
         tokens += target.numel()
     if not tokens:
         raise RadError("The held-out texts are too short to score (fewer than 2 tokens each).")
+    m = mean_metrics(*sums.tolist(), tokens=float(tokens))
     return {
-        "kl_teacher_student": kl_sum / tokens,
-        "perplexity": math.exp(s_nll / tokens),
-        "teacher_perplexity": math.exp(t_nll / tokens),
-        "top1_agreement": agree / tokens,
-        "tokens": int(tokens),
+        "kl_teacher_student": m["kl"],
+        "perplexity": m["perplexity"],
+        "teacher_perplexity": m["teacher_perplexity"],
+        "top1_agreement": m["top1_agreement"],
+        "tokens": tokens,
         "texts": len(texts),
     }

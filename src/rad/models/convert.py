@@ -19,6 +19,7 @@ from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 from rad.errors import RadError
 from rad.models.layers import decoder_layers, validate_layers
 from rad.models.mamba_init import INITS, mil_init, rad_init, random_init
+from rad.models.naming import bamba_name
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size
 
@@ -158,16 +159,9 @@ def _check_supported(model: PreTrainedModel) -> None:
         )
 
 
-def _rename(key: str) -> str:
-    return (
-        key.replace(".post_attention_layernorm.", ".pre_ff_layernorm.")
-        .replace(".mlp.", ".feed_forward.")
-        .replace("model.norm.", "model.final_layernorm.")
-    )
-
-
 @torch.no_grad()
 def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, converted: set[int]) -> None:
+    """Copy every source weight to its `bamba_name` twin; fail if any hybrid weight but a mixer is left unset."""
     source = model.state_dict()
     target = hybrid.state_dict()
     copied: set[str] = set()
@@ -175,7 +169,7 @@ def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, conve
         parts = key.split(".")
         if key.startswith("model.layers.") and parts[3] == "self_attn" and int(parts[2]) in converted:
             continue  # read by the mixer init instead
-        new_key = _rename(key)
+        new_key = bamba_name(key)
         if new_key not in target:
             raise RadError(f"Conversion bug: source weight {key} has no place ({new_key}) in the hybrid.")
         target[new_key].copy_(value)

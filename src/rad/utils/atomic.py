@@ -1,8 +1,13 @@
-"""Write folders so that a reader sees either nothing or the complete result, never half of it."""
+"""Write folders and files so that a reader sees either nothing (or the old version) or the complete result.
+
+The one place rad writes atomically: caches, checkpoints, reports and results all go through here, so a
+killed or racing writer never leaves half a folder or a torn file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -42,15 +47,25 @@ def atomic_directory(dest: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write a file through a temporary sibling and one `os.replace`: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write_bytes` for text, encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, default=None) -> Path:
+    """`data` as JSON (`indent`, `default` as in `json.dumps`) with a final newline, written atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, default=default) + "\n")
