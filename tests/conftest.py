@@ -1,9 +1,25 @@
-"""Shared fixtures: tiny random models of each supported family, and the real default model."""
+"""Shared fixtures: tiny random models of each supported family, and the real default model.
+
+Test tiers (markers registered in pyproject.toml; `make test` runs them all, `make test-fast` neither):
+
+- `slow`: needs the real default model, or takes long anyway. Set automatically on every test whose
+  fixtures reach `default_model` (directly or through another fixture, e.g. for its tokenizer), and on
+  the tiny-model tests named in LONG_TESTS (measured over ~15 s each under `--durations`); mark a new
+  long test with `@pytest.mark.slow` by hand.
+- `subprocess`: spawns processes (the CLI, search/distill workers, lm_eval, writers). Set automatically
+  on every test that uses the `subprocess` or `multiprocessing` module in its body, in a helper function
+  of its own module, or in one of its fixtures; add it by hand otherwise. (The evaluation sandbox in
+  src/ spawns a short-lived interpreter too; its unit tests stay in the fast tier.)
+"""
 
 from __future__ import annotations
 
+import inspect
+import multiprocessing
 import os
 import shutil
+import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -111,3 +127,70 @@ def prompt_ids(default_model):
         add_generation_prompt=True,
     )
     return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+# ---------------------------------------------------------------- tiers
+
+REAL_MODEL_FIXTURES = {"default_model", "prompt_ids"}
+# Tiny-model tests too long for the edit loop (seconds on one busy core of two, one torch thread); their
+# files' owners may move these to `@pytest.mark.slow` decorators, and then drop them here.
+LONG_TESTS = {
+    "tests/test_speculative.py::test_speculative_sampling_matches_the_verifier_distribution",  # 26 s
+    "tests/test_search.py::test_gp_finds_the_exhaustive_optimum_of_acceptance_with_40_percent_of_the_masks",  # 24
+    "tests/test_search.py::test_planted_lossless_layers_are_found_exactly",  # 15
+}
+_SPAWNING_MODULES = (subprocess, multiprocessing)
+
+
+def _spawns(func, module, seen: set) -> bool:
+    """Whether `func`, or a function of `module` it names (followed transitively), refers to subprocess or
+    multiprocessing by name (`subprocess.run`, `Popen` imported from it, ...)."""
+    func = inspect.unwrap(func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    codes, names = [code], set()
+    while codes:
+        c = codes.pop()
+        names.update(c.co_names)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    namespace = vars(module) if module is not None else {}
+    for name in names:
+        obj = namespace.get(name)
+        if obj is None:
+            continue
+        if obj in _SPAWNING_MODULES or getattr(obj, "__module__", None) in ("subprocess", "multiprocessing"):
+            return True
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__ and _spawns(obj, module, seen):
+            return True
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_on_tiny_models(request):
+    """Tiny models gain nothing from a second intra-op thread, and on a shared 2-core machine two spinning
+    OpenMP threads against another busy process run ~10x slower (measured: 151 s instead of 14 s for
+    test_speculative + test_evaluate). Tests on the real model keep the session's two threads."""
+    if REAL_MODEL_FIXTURES & set(request.fixturenames):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid in LONG_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("subprocess") or not isinstance(item, pytest.Function):
+            continue
+        funcs = [(item.function, item.module)]
+        for name in item.fixturenames:
+            for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+                funcs.append((fixturedef.func, inspect.getmodule(fixturedef.func)))
+        seen: set = set()
+        if any(_spawns(func, module, seen) for func, module in funcs):
+            item.add_marker(pytest.mark.subprocess)
