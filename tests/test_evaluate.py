@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rad.cli import main
+from rad.data import load_rows
 from rad.errors import RadError
 from rad.evaluate import (
     EvalConfig,
@@ -29,7 +30,6 @@ from rad.evaluate import (
     teacher_metrics,
     wilson_interval,
 )
-from rad.evaluate.data import load_rows
 from rad.evaluate.generation import GenerationConfig, Generator
 from rad.evaluate.tasks import CRUXEvalO, TaskOptions
 from rad.models.convert import ConversionConfig, convert_to_hybrid

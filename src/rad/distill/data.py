@@ -1,20 +1,20 @@
 """Distillation data: load records, render them with the chat template, pack, split off a held-out set.
 
-The default is GSM8K *train* (the evaluation uses GSM8K test and CRUXEval, so there is no overlap): the
-copy in `../shared/data/gsm8k_train.jsonl` next to the repository when present (works offline right
-after `make setup`), else `openai/gsm8k` (config `main`, split `train`) from the hub, else (offline, no
-shared data) the English text of Python's own reference documentation (`pydoc_data.topics`, part of
-every CPython install): generic text, so self-distillation still runs anywhere, with a warning.
+The default is GSM8K *train* (the evaluation uses GSM8K test and CRUXEval, so there is no overlap), found
+where `rad.data` finds every dataset (data folder, cache, hub when reachable); with none of them, the
+English text of Python's own reference documentation (`pydoc_data.topics`, part of every CPython
+install): generic text, so self-distillation still runs anywhere, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rad.data import PYTHON_DOCS, SOURCES, find_rows, python_docs_records
 from rad.errors import RadError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class DataConfig:
     eval_examples: int | None = None  # overrides eval_fraction
     max_examples: int | None = None
     seed: int = 0
-    search_roots: list[str] = field(default_factory=list)  # extra places to look for shared/data
+    # Where the default data may come from (rad.data's sources); `rad run` drops the hub once it is found offline.
+    sources: tuple[str, ...] = SOURCES
 
 
 @dataclass
@@ -58,50 +59,33 @@ class Sequences:
         return Sequences(self.input_ids[index], self.attention_mask[index], self.loss_mask[index])
 
 
-def default_data_path(extra_roots: list[str] | None = None) -> Path | None:
-    import rad
-
-    repo = Path(rad.__file__).resolve().parents[2]
-    roots = [Path(r) for r in (extra_roots or [])] + [repo.parent, Path.cwd().parent]
-    for root in roots:
-        candidate = root / "shared" / "data" / "gsm8k_train.jsonl"
-        if candidate.is_file():
-            return candidate
-    return None
+OFFLINE_SOURCE = PYTHON_DOCS
 
 
-OFFLINE_SOURCE = "python-docs:pydoc_data.topics"
-
-
-def python_docs_records() -> list[dict]:
-    """One text record per topic of the interpreter's reference documentation (~465 KB of English)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions strip it
-        return []
-    return [{"text": topics[name].strip()} for name in sorted(topics) if topics[name].strip()]
+def default_records(sources: tuple[str, ...] = SOURCES) -> tuple[list[dict] | None, str]:
+    """GSM8K train from the first source that has it, else Python's reference documentation (None if stripped)."""
+    rows, located = find_rows("gsm8k_train", sources=sources)
+    if rows is not None:
+        return rows, located.where
+    records = python_docs_records()
+    if not records:
+        return None, "; ".join(located.tried)
+    logger.warning("No GSM8K train data (%s); distilling on Python's reference documentation (pydoc_data) "
+                   "instead. Pass --data for real training data.", "; ".join(located.tried)[:200])
+    return records, OFFLINE_SOURCE
 
 
 def load_records(config: DataConfig) -> tuple[list[dict], str]:
     """The raw records and a description of where they came from."""
     spec = config.spec
     if spec is None:
-        path = default_data_path(config.search_roots)
-        if path is not None:
-            return _load_local(path, config.split), str(path)
-        try:
-            return _load_hub(*DEFAULT_HUB), f"hub:{DEFAULT_HUB[0]}"
-        except RadError as err:
-            records = python_docs_records()
-            if not records:
-                raise RadError(
-                    f"No default distillation data: ../shared/data/gsm8k_train.jsonl is absent and the hub failed "
-                    f"({err}); pass --data FILE_OR_HUB_ID."
-                ) from None
-            logger.warning("No GSM8K train data (../shared/data is absent and the hub failed: %s); distilling "
-                           "on Python's reference documentation (pydoc_data) instead. Pass --data for real "
-                           "training data.", str(err)[:120])
-            return records, OFFLINE_SOURCE
+        records, source = default_records(tuple(config.sources))
+        if records is None:
+            raise RadError(f"No default distillation data ({source}) and no pydoc_data in this Python; "
+                           "pass --data FILE_OR_HUB_ID.")
+        return records, source
+    if spec == OFFLINE_SOURCE:
+        return python_docs_records(), OFFLINE_SOURCE
     if any(bad in spec for bad in FORBIDDEN):
         raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
     path = Path(spec).expanduser()
@@ -167,11 +151,13 @@ def _pick_fields(record: dict, config: DataConfig) -> tuple[str, str | None, str
 
 
 def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[list[int], list[int]]]:
-    """Token ids and a loss mask per record, rendered with the tokenizer's chat template where it has one."""
+    """Token ids and a loss mask per record; chats and pairs by `encode_chat` (the chat template, or its
+    plain-text fallback), so the prompt's ids are a prefix of the record's and `mask_prompt` can drop them."""
+    from rad.models.tokens import encode_chat
+
     if not records:
         raise RadError("The distillation dataset is empty; pass --data with some records.")
     kind, pf, rf = _pick_fields(records[0], config)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
     out = []
     for rec in records:
         if kind == "text":
@@ -182,23 +168,11 @@ def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[lis
             messages = rec[pf]
         else:
             messages = [{"role": "user", "content": str(rec[pf])}, {"role": "assistant", "content": str(rec[rf])}]
-        if has_template:
-            ids = _template_ids(tokenizer, messages, add_generation_prompt=False)
-            prompt_ids = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        else:
-            prompt_text = "\n".join(str(m["content"]) for m in messages[:-1]) + "\n"
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=True).input_ids
-            ids = prompt_ids + tokenizer(str(messages[-1]["content"]), add_special_tokens=False).input_ids
-            if tokenizer.eos_token_id is not None:
-                ids.append(tokenizer.eos_token_id)
+        ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
+        prompt_ids = encode_chat(tokenizer, messages[:-1], add_generation_prompt=True)
         n_prompt = len(prompt_ids) if config.mask_prompt and ids[: len(prompt_ids)] == prompt_ids else 0
         out.append((ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)))
     return out
-
-
-def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def to_sequences(examples: list[tuple[list[int], list[int]]], seq_len: int, pack: bool, pad_id: int) -> Sequences:

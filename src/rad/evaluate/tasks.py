@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from rad.data import SOURCES, load_rows
 from rad.errors import RadError
-from rad.evaluate.data import load_rows
 from rad.evaluate.extract import (
     extract_cruxeval_prediction,
     extract_final_number,
@@ -40,7 +40,7 @@ class TaskOptions:
 
     n_shot: int = 0
     data_dir: str | None = None
-    sources: tuple[str, ...] = ("file", "hub", "package")
+    sources: tuple[str, ...] = SOURCES
     sandbox: SandboxLimits = SandboxLimits()
 
 

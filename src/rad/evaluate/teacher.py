@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rad.data import load_rows
 from rad.distill.loss import logit_sums, mean_metrics
 from rad.errors import RadError
-from rad.evaluate.data import load_rows
 from rad.evaluate.tasks import _clean_rationale
 
 

@@ -1,6 +1,6 @@
 """RAD step 1: find the attention layers whose skip the model minds least (Bayesian optimisation, top-k)."""
 
-from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchSpace, resolve_space
+from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig, SearchSettings, SearchSpace, resolve_space
 from rad.search.objectives import Evaluation, make_objective
 from rad.search.prompts import DEFAULT_PROMPTS, read_prompt_file
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, read_chosen_layers
@@ -15,6 +15,7 @@ __all__ = [
     "ObjectiveComparison",
     "SearchConfig",
     "SearchResult",
+    "SearchSettings",
     "SearchSpace",
     "TrialRecord",
     "compare_objectives",

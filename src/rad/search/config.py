@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rad.config import settings
 from rad.errors import RadError
 
 OBJECTIVES = ("throughput", "acceptance", "agreement")
@@ -69,6 +70,36 @@ class SearchConfig:
                 raise RadError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.agreement_batch < 1:
             raise RadError(f"agreement_batch must be at least 1, got {self.agreement_batch}.")
+
+
+@settings
+class SearchSettings:
+    """The search settings an orchestrator (`rad run`, `rad ablate`) exposes in its YAML; every default is
+    `SearchConfig`'s (and so `rad search`'s), except that a size is always given (half the layers)."""
+
+    k: int | None = None
+    ratio: float | None = 0.5  # used when k is None
+    objective: str = SearchConfig.objective
+    trials: int = SearchConfig.trials
+    sampler: str = SearchConfig.sampler
+    max_new_tokens: int = SearchConfig.max_new_tokens
+    prompts: int | None = None  # the first N built-in search prompts (None: all)
+    baselines: bool = SearchConfig.baselines
+
+    def __post_init__(self):
+        if self.prompts is not None and self.prompts < 1:
+            raise RadError(f"search.prompts must be at least 1 (or null for all), got {self.prompts}.")
+        self.stage_config(seed=0, out=None).validate()  # the search's own checks, before any work
+
+    def stage_config(self, *, seed: int, out: str | Path | None) -> SearchConfig:
+        """The `SearchConfig` of this search; resumes the study when `out` already exists."""
+        from rad.search.prompts import DEFAULT_PROMPTS
+
+        prompts = list(DEFAULT_PROMPTS[: self.prompts]) if self.prompts else None
+        return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,
+                            trials=self.trials, sampler=self.sampler, seed=seed, prompts=prompts,
+                            max_new_tokens=self.max_new_tokens, baselines=self.baselines, out=out,
+                            resume=out is not None and Path(out).exists())
 
 
 @dataclass(frozen=True)

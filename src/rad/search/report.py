@@ -7,13 +7,13 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import optuna
 
 from rad.errors import RadError
+from rad.utils.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,29 @@ class SearchResult:
         data["top_frequency"] = {str(k): v for k, v in self.top_frequency.items()}
         return data
 
+    @classmethod
+    def from_json(cls, data: dict, out: Path | None = None) -> SearchResult:
+        data = dict(data)
+        data["layers"] = [int(i) for i in data.pop("chosen_layers")]
+        data["trials"] = [TrialRecord(**t) for t in data.get("trials", [])]
+        data["baselines"] = [BaselineRecord(**b) for b in data.get("baselines", [])]
+        if data.get("single_layer_profile") is not None:
+            data["single_layer_profile"] = {int(k): v for k, v in data["single_layer_profile"].items()}
+        data["top_frequency"] = {int(k): v for k, v in data.get("top_frequency", {}).items()}
+        return cls(**data, out=out)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> SearchResult:
+        """The finished search in `folder` (its search.json); a clear RadError when there is none."""
+        path = Path(folder) / RESULT_FILE
+        if not path.is_file():
+            raise RadError(f"{folder} has no {RESULT_FILE}; run `rad search ... --out {folder}` to completion first.")
+        try:
+            return cls.from_json(json.loads(path.read_text()), out=Path(folder))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise RadError(f"{path} is not a search result (unreadable or fields missing); re-run the search.") \
+                from None
+
     def best_so_far(self) -> list[float]:
         curve, best = [], -math.inf
         for t in self.trials:
@@ -117,9 +140,8 @@ def top_frequency(trials: list[TrialRecord], num_layers: int, fraction: float = 
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Readers of the search folder see the old file or the new one, never half of it."""
+    atomic_write_bytes(path, data)
 
 
 def write_outputs(result: SearchResult, folder: Path, plots: bool = True) -> None:
@@ -204,12 +226,12 @@ def _redundancy_png(result: SearchResult) -> bytes:
 
 
 def read_chosen_layers(folder: str | Path) -> list[int]:
-    """The layers a finished search chose (`search.json` in `folder`), for `rad convert --layers-from`."""
+    """The layers a finished search chose (`search.json` in `folder`), for `rad convert --layers-from`; only
+    `chosen_layers` is read, so a hand-written `{"chosen_layers": [...]}` works too."""
     path = Path(folder) / RESULT_FILE
     if not path.is_file():
         raise RadError(f"{folder} has no {RESULT_FILE}; run `rad search ... --out {folder}` to completion first.")
     try:
-        layers = json.loads(path.read_text())["chosen_layers"]
-        return [int(i) for i in layers]
+        return [int(i) for i in json.loads(path.read_text())["chosen_layers"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise RadError(f"{path} is not a search result (no list of chosen_layers); re-run the search.") from None
