@@ -38,7 +38,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     record = result.record
     print(f"Converted {len(record.converted_layers)} of {record.num_layers} layers of {record.source_model} "
           f"to Mamba2 ({record.init} init): {','.join(map(str, record.converted_layers)) or 'none'}")
-    print(format_info(model_info(result.hybrid), json.loads(record.to_json())))
+    print(format_info(model_info(result.hybrid), record))
     print(f"Saved to {result.out}")
 
 

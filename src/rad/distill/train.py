@@ -12,6 +12,7 @@ batch optimise the same objective, and a resumed run needs only its step number 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from rad.distill.modules import (
 )
 from rad.distill.objective import DistillObjective, LossWeights
 from rad.errors import RadError
+from rad.models.convert import ConversionRecord
 from rad.utils.atomic import atomic_directory, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -214,7 +216,7 @@ class Models:
     student: torch.nn.Module
     teacher: torch.nn.Module
     tokenizer: object
-    record: dict | None
+    record: ConversionRecord | None
     self_distill: bool
     shared_bytes: int
     trainable: list[str]
@@ -230,7 +232,7 @@ def load_models(config: DistillConfig, device: torch.device) -> Models:
     if getattr(student.config, "model_type", None) != "bamba":
         raise RadError(f"{config.hybrid} is not a rad hybrid (Bamba) checkpoint; make one with `rad convert`.")
     record = read_conversion_record(student_loaded.path) if student_loaded.path else None
-    source = record.get("source_model") if record else None
+    source = record.source_model if record else None
     teacher_spec = config.teacher or source
     if teacher_spec is None:
         raise RadError(f"{config.hybrid} has no rad_conversion.json naming its source; pass --teacher MODEL.")
@@ -605,7 +607,7 @@ def _save(run: _Run) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_student(student, tokenizer, dest: Path, record: dict | None, config: DistillConfig) -> Path:
+def save_student(student, tokenizer, dest: Path, record: ConversionRecord | None, config: DistillConfig) -> Path:
     """A stock transformers checkpoint (loads with AutoModelForCausalLM, no rad), written atomically."""
     from rad.models.convert import CONVERSION_FILE
 
@@ -613,10 +615,9 @@ def save_student(student, tokenizer, dest: Path, record: dict | None, config: Di
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if record is not None:
-            rec = dict(record)
-            rec["distillation"] = {"teacher": config.teacher or record.get("source_model"), "train": config.train,
-                                   "steps": config.steps, "data": config.data.spec or "default"}
-            (tmp / CONVERSION_FILE).write_text(json.dumps(rec, indent=2))
+            distillation = {"teacher": config.teacher or record.source_model, "train": config.train,
+                            "steps": config.steps, "data": config.data.spec or "default"}
+            (tmp / CONVERSION_FILE).write_text(dataclasses.replace(record, distillation=distillation).to_json())
     return dest
 
 
@@ -624,7 +625,7 @@ def _summary(config, models: Models, data: DistillData, history, evals, student_
     """What summary.json holds: the run's settings, sizes and first and last losses and evaluations."""
     n_train, n_total = count_parameters(models.student)
     return {
-        "hybrid": config.hybrid, "teacher": config.teacher or (models.record or {}).get("source_model"),
+        "hybrid": config.hybrid, "teacher": config.teacher or (models.record.source_model if models.record else None),
         "self_distillation": models.self_distill, "shared_teacher_bytes": models.shared_bytes,
         "train": config.train, "trainable_parameters": n_train, "total_parameters": n_total,
         "steps": config.steps, "data": data.source, "train_sequences": len(data.train),

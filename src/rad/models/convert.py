@@ -200,9 +200,24 @@ class ConversionRecord:
     init: str
     config: dict
     versions: dict
+    distillation: dict | None = None  # set on a distilled student: teacher, trainable set, steps, data
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        data = asdict(self)
+        if self.distillation is None:
+            data.pop("distillation")
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ConversionRecord | None:
+        """The record in `folder` (None when the folder is no rad hybrid); a clear RadError when unreadable."""
+        path = Path(folder) / CONVERSION_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise RadError(f"{path} is not a rad conversion record ({err}); re-create the hybrid.") from None
 
 
 def package_versions() -> dict:
@@ -247,11 +262,8 @@ def save_hybrid(
     return out
 
 
-def read_conversion_record(folder: str | Path) -> dict | None:
-    path = Path(folder) / CONVERSION_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+def read_conversion_record(folder: str | Path) -> ConversionRecord | None:
+    return ConversionRecord.load(folder)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def model_info(model: nn.Module) -> ModelInfo:
     )
 
 
-def format_info(info: ModelInfo, conversion: dict | None = None) -> str:
+def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a ConversionRecord
     marks = "".join("A" if kind == "attention" else "M" for kind in info.layer_map)
     lines = [
         f"family       {info.family}  ({info.num_layers} layers, {info.dtype})",
@@ -85,7 +85,7 @@ def format_info(info: ModelInfo, conversion: dict | None = None) -> str:
     if mamba:
         lines.append(f"mamba2       layers {','.join(map(str, mamba))}")
     if conversion:
-        lines.append(f"converted    from {conversion['source_model']} with init '{conversion['init']}'")
+        lines.append(f"converted    from {conversion.source_model} with init '{conversion.init}'")
     p = info.parameters
     lines.append(
         "parameters   "
