@@ -51,6 +51,11 @@ class AblateDistill(DistillSettings):
     tensorboard: bool = False
     keep_checkpoints: bool = False  # delete an arm's checkpoints once its student is saved (they are GBs)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_every < 1:
+            raise RadError("distill.eval_every must be at least 1: the ablation compares held-out KL curves.")
+
 
 @settings
 class AblateEval(EvalSettings):

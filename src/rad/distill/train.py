@@ -88,7 +88,7 @@ class DistillConfig:
     warmup_ratio: float = DEFAULT_WARMUP_RATIO
     max_grad_norm: float = 1.0
     loss: LossWeights | None = None  # None: default_loss(self-distillation or not)
-    eval_every: int = 100
+    eval_every: int = 100  # 0: no held-out evaluation
     eval_sequences: int = 64
     save_every: int = 100  # 0: no checkpoints (no resume), only the final student
     keep_checkpoints: int = 2
@@ -116,7 +116,7 @@ class DistillConfig:
                     "eval_every": self.eval_every, "eval_sequences": self.eval_sequences,
                     "save_every": self.save_every}
         for name, value in positive.items():
-            lowest = 0 if name == "save_every" else 1  # save_every 0: no checkpoints
+            lowest = 0 if name in ("save_every", "eval_every") else 1  # 0: no checkpoints / no held-out evaluation
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise RadError(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
         if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
