@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 
 from rad.distill.train import DistillSettings
+from rad.models.convert import CONVERSION_FILE
 from rad.search.config import SearchSettings
 from rad.search.report import RESULT_FILE as SEARCH_FILE
 from rad.search.report import SearchResult
 
 logger = logging.getLogger(__name__)
-
-CONVERSION_FILE = "rad_conversion.json"
 
 
 def search_stage(teacher, settings: SearchSettings, out: Path, *, seed: int) -> SearchResult:

@@ -27,6 +27,7 @@ import yaml
 from rad.ablate.config import AblateConfig, Arm
 from rad.ablate.metrics import convergence, read_curve
 from rad.errors import RadError
+from rad.models.convert import CONVERSION_FILE
 from rad.preflight import check_inputs
 from rad.utils.atomic import atomic_write_text
 
@@ -128,7 +129,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
             done[plan.arm.name] = record
             logger.info("arm %s: done, skipped", plan.arm.name)
             continue
-        if (plan.hybrid / "rad_conversion.json").is_file():
+        if (plan.hybrid / CONVERSION_FILE).is_file():
             logger.info("arm %s: hybrid %s exists, skipped", plan.arm.name, plan.hybrid)
             continue
         t0 = time.perf_counter()
