@@ -3,9 +3,8 @@
 Test tiers (markers registered in pyproject.toml; `make test` runs them all, `make test-fast` neither):
 
 - `slow`: needs the real default model, or takes long anyway. Set automatically on every test whose
-  fixtures reach `default_model` (directly or through another fixture, e.g. for its tokenizer), and on
-  the tiny-model tests named in LONG_TESTS (measured over ~15 s each under `--durations`); mark a new
-  long test with `@pytest.mark.slow` by hand.
+  fixtures reach `default_model` (directly or through another fixture, e.g. for its tokenizer), and set
+  by hand with `@pytest.mark.slow` on tiny-model tests that take over ~15 s (under `--durations`).
 - `subprocess`: spawns processes (the CLI, search/distill workers, lm_eval, writers). Set automatically
   on every test that uses the `subprocess` or `multiprocessing` module in its body, in a helper function
   of its own module, or in one of its fixtures; add it by hand otherwise. (The evaluation sandbox in
@@ -132,13 +131,6 @@ def prompt_ids(default_model):
 # ---------------------------------------------------------------- tiers
 
 REAL_MODEL_FIXTURES = {"default_model", "prompt_ids"}
-# Tiny-model tests too long for the edit loop (seconds on one busy core of two, one torch thread); their
-# files' owners may move these to `@pytest.mark.slow` decorators, and then drop them here.
-LONG_TESTS = {
-    "tests/test_speculative.py::test_speculative_sampling_matches_the_verifier_distribution",  # 26 s
-    "tests/test_search.py::test_gp_finds_the_exhaustive_optimum_of_acceptance_with_40_percent_of_the_masks",  # 24
-    "tests/test_search.py::test_planted_lossless_layers_are_found_exactly",  # 15
-}
 _SPAWNING_MODULES = (subprocess, multiprocessing)
 
 
@@ -183,7 +175,7 @@ def _one_torch_thread_on_tiny_models(request):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid in LONG_TESTS:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("subprocess") or not isinstance(item, pytest.Function):
             continue

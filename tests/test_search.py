@@ -121,6 +121,7 @@ def _evaluations_to_reach(folder: Path, space: SearchSpace, evaluate, *, seed: i
 SEEDS = (0, 1, 2)
 
 
+@pytest.mark.slow  # ~24 s
 def test_gp_finds_the_exhaustive_optimum_of_acceptance_with_40_percent_of_the_masks(tmp_path):
     """8 layers, k = 3: 56 masks. Three layers have small o_proj (0.05, 0.1, 0.15), the rest 0.5 or 1.
 
@@ -141,6 +142,7 @@ def test_gp_finds_the_exhaustive_optimum_of_acceptance_with_40_percent_of_the_ma
     assert sum(reached) / len(reached) <= 16, reached
 
 
+@pytest.mark.slow  # ~15 s
 def test_planted_lossless_layers_are_found_exactly(tmp_path):
     """Zero o_proj: those layers' attention adds nothing, so skipping exactly them loses nothing.
 

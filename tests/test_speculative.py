@@ -174,6 +174,7 @@ def _second_token_marginal(model, ids, temperature, second_skip=()):
     return p1 @ p2
 
 
+@pytest.mark.slow  # ~26 s on one busy core
 def test_speculative_sampling_matches_the_verifier_distribution():
     model = make_tiny("llama", vocab_size=12, seed=3)
     with torch.no_grad():  # make the draft (layers 0-2 skipped) clearly different from the verifier
