@@ -143,3 +143,19 @@ def test_data_command_reports_missing_data_offline(nothing_beside, capsys):
     assert "offline" in printed and "CRUXEval" in printed and "missing" in printed
     _, cache = nothing_beside
     assert not (cache / "cruxeval.jsonl").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing/train.jsonl", "does not exist"),
+    ("reasoning-gym/gsm_symbolic", "GSM8K test"),
+    ("someone/some-dataset", "hub is offline"),
+])
+def test_preflight_and_the_loader_refuse_the_same_data_specs(spec, message):
+    from rad.distill.data import DataConfig, load_records
+    from rad.preflight import check_distill_data
+
+    offline = ("file", "cache", "package")
+    with pytest.raises(RadError, match=message):
+        check_distill_data(spec, offline)
+    with pytest.raises(RadError, match=message):
+        load_records(DataConfig(spec=spec, sources=offline))

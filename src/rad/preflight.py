@@ -26,6 +26,7 @@ from rad.data import (
     python_docs_records,
     usable_sources,
 )
+from rad.distill.data import locate_data
 from rad.errors import RadError
 from rad.utils.atomic import atomic_write_text
 
@@ -150,14 +151,9 @@ def check_distill_data(spec: str | None, sources: tuple[str, ...]) -> InputStatu
                                "fallback: no GSM8K train (" + "; ".join(located.tried) + ")")
         raise RadError("No distillation data: GSM8K train is nowhere (" + "; ".join(located.tried) + ") and this "
                        "Python has no pydoc_data; set distill.data to a file or hub id.")
-    path = Path(spec).expanduser()
-    if path.exists() or spec == PYTHON_DOCS:
-        return InputStatus("distillation data", True, str(path) if path.exists() else spec)
-    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
-        raise RadError(f"The distillation data file {spec} does not exist; check the path.")
-    if "hub" not in sources:
-        raise RadError(f"The distillation data {spec!r} is a hub id, but the hub is offline; give a local file.")
-    return InputStatus("distillation data", True, f"hub:{spec}")
+    location = locate_data(spec, sources)
+    where = f"hub:{location.where}" if location.kind == "hub" else location.where
+    return InputStatus("distillation data", True, where)
 
 
 def check_heldout_texts(sources: tuple[str, ...], data_dir: str | None) -> InputStatus:

@@ -75,26 +75,47 @@ def default_records(sources: tuple[str, ...] = SOURCES) -> tuple[list[dict] | No
     return records, OFFLINE_SOURCE
 
 
+@dataclass(frozen=True)
+class DataLocation:
+    """What a `--data` spec names, decided without loading it (preflight and the loader share this rule)."""
+
+    kind: str  # "default" (GSM8K train, else Python's docs) | "python-docs" | "file" | "hub"
+    where: str  # the path or hub id[:config]; "" for the default
+
+
+def locate_data(spec: str | None, sources: tuple[str, ...] = SOURCES) -> DataLocation:
+    """Classify a data spec; refuse a missing file, GSM8K-test-derived data and a hub id while offline."""
+    if spec is None:
+        return DataLocation("default", "")
+    if spec == OFFLINE_SOURCE:
+        return DataLocation("python-docs", spec)
+    if any(bad in spec for bad in FORBIDDEN):
+        raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
+    path = Path(spec).expanduser()
+    if path.exists():
+        return DataLocation("file", str(path))
+    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
+        raise RadError(f"The distillation data file {spec} does not exist; check the path.")
+    if "hub" not in sources:
+        raise RadError(f"The distillation data {spec!r} is a hub id, but the hub is offline; give a local file.")
+    return DataLocation("hub", spec)
+
+
 def load_records(config: DataConfig) -> tuple[list[dict], str]:
     """The raw records and a description of where they came from."""
-    spec = config.spec
-    if spec is None:
+    location = locate_data(config.spec, tuple(config.sources))
+    if location.kind == "default":
         records, source = default_records(tuple(config.sources))
         if records is None:
             raise RadError(f"No default distillation data ({source}) and no pydoc_data in this Python; "
                            "pass --data FILE_OR_HUB_ID.")
         return records, source
-    if spec == OFFLINE_SOURCE:
+    if location.kind == "python-docs":
         return python_docs_records(), OFFLINE_SOURCE
-    if any(bad in spec for bad in FORBIDDEN):
-        raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path, config.split), str(path)
-    if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
-        raise RadError(f"Data file {spec} does not exist; check the path.")
-    name, _, subset = spec.partition(":")
-    return _load_hub(name, subset or None, config.split), f"hub:{spec}"
+    if location.kind == "file":
+        return _load_local(Path(location.where), config.split), location.where
+    name, _, subset = location.where.partition(":")
+    return _load_hub(name, subset or None, config.split), f"hub:{location.where}"
 
 
 def _load_local(path: Path, split: str) -> list[dict]:
