@@ -59,11 +59,18 @@ def test_name_map_covers_every_parameter_of_a_hybrid(family):
             assert param.data_ptr() == target[bamba_name(name)].data_ptr(), name
 
 
+GEOMETRIES = [("heads", None), ("kv", None), ("kv", 4), (3, 5)]  # tiny models: 6 heads, 2 KV heads, head_dim 8
+
+
+@pytest.mark.parametrize("n_groups, d_state", GEOMETRIES)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_rad_init_equals_skipping_those_layers(family):
+def test_rad_init_equals_skipping_those_layers(family, n_groups, d_state):
     model = make_tiny(family)
     layers = [0, 2]
-    hybrid = convert_to_hybrid(model, ConversionConfig(layers=layers, init="rad"))
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=layers, init="rad", n_groups=n_groups, d_state=d_state))
+    groups = {"heads": 6, "kv": 2}.get(n_groups, n_groups)
+    mixer = hybrid.model.layers[0].mamba
+    assert (mixer.n_groups, mixer.ssm_state_size) == (groups, d_state or 8)
     with torch.no_grad(), skip_attention(model, layers):
         draft = model(IDS).logits
     with torch.no_grad():
@@ -189,3 +196,44 @@ def _assert_stepwise_equals_full(hybrid, ids, atol):
             steps.append(out.logits)
         stepwise = torch.cat(steps, dim=1)
     torch.testing.assert_close(stepwise, full, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("n_groups, d_state", [("kv", None), ("heads", 4), (3, None)])
+def test_mil_refuses_a_lean_geometry(n_groups, d_state):
+    with pytest.raises(RadError, match="needs n_groups = heads"):
+        convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=[1], init="mil", n_groups=n_groups,
+                                                               d_state=d_state))
+
+
+@pytest.mark.parametrize("n_groups, d_state", [(4, None), (0, None), ("two", None), ("kv", 0), (2.5, None)])
+def test_a_geometry_that_does_not_fit_is_a_clear_error(n_groups, d_state):
+    with pytest.raises(RadError, match="SSM groups|d_state"):
+        convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=[1], n_groups=n_groups, d_state=d_state))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("n_groups, d_state", GEOMETRIES)
+def test_info_counts_mixer_and_attention_parameters_by_hand(family, n_groups, d_state):
+    """6 heads of 8, 2 KV heads, hidden 48, conv 4: in_proj, conv (+bias), dt/A/D, gated norm, out_proj."""
+    from rad.models.convert import conversion_record
+    from rad.models.info import format_info, model_info
+
+    model = make_tiny(family)
+    config = ConversionConfig(layers=[1, 2], n_groups=n_groups, d_state=d_state)
+    hybrid = convert_to_hybrid(model, config)
+    g = {"heads": 6, "kv": 2}.get(n_groups, n_groups)
+    n = d_state or 8
+    d_inner, hidden, heads = 48, 48, 6
+    conv_dim = d_inner + 2 * g * n
+    mixer = hidden * (2 * d_inner + 2 * g * n + heads) + conv_dim * 4 + conv_dim + 3 * heads + d_inner + d_inner * hidden
+    attention = 48 * 48 + 2 * 48 * 16 + 48 * 48 + ((48 + 2 * 16) if family == "qwen2" else 0)
+    info = model_info(hybrid)
+    assert info.mixer == {"n_groups": g, "d_state": n, "parameters": mixer, "attention_parameters": attention}
+    # the measured attention of a kept layer has the same size (Bamba adds a zero o_proj bias for Qwen2)
+    kept = sum(p.numel() for name, p in hybrid.model.layers[0].self_attn.named_parameters() if name != "o_proj.bias")
+    assert kept == attention
+    assert info.parameters["mamba2"] == 2 * mixer
+    record = conversion_record("tiny", model, config)
+    assert record.geometry == {"n_groups": g, "d_state": n, "d_conv": 4, "mixer_parameters": mixer,
+                               "attention_parameters": attention}
+    assert f"{mixer / 1e6:.3f}M parameters each vs {attention / 1e6:.3f}M" in format_info(info, record)

@@ -34,7 +34,10 @@ def test_ssd_scan_matches_float64_recurrence(t):
 def _models(family):
     model = make_tiny(family)
     hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1, 2], init="mil", chunk_size=8))
-    return {"source": model, "hybrid": hybrid}
+    # a lean geometry: B and C shared by 3 heads each, a smaller state (random init: every tensor non-zero)
+    lean = convert_to_hybrid(model, ConversionConfig(layers=[0, 3], init="random", chunk_size=8, n_groups="kv",
+                                                     d_state=4))
+    return {"source": model, "hybrid": hybrid, "hybrid-kv-groups": lean}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

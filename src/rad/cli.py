@@ -29,6 +29,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         layers,
         args.out,
         init=args.init,
+        n_groups=args.n_groups,
+        d_state=args.d_state,
         chunk_size=args.chunk_size,
         seed=args.seed,
         device=args.device,
@@ -296,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the layers a `rad search` chose (DIR/search.json) instead of --layers")
     p.add_argument("--init", default="rad", choices=INITS)
     p.add_argument("--out", required=True, help="output folder for the hybrid checkpoint")
+    p.add_argument("--n-groups", default="heads", metavar="{heads,kv,N}",
+                   help="SSM groups per mixer: one per attention head (default, what --init mil needs), one per "
+                        "key/value head, or a number dividing the heads")
+    p.add_argument("--d-state", type=int, default=None, help="SSM state size per group (default: the head size)")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -17,6 +17,7 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 from rad.errors import RadError
+from rad.models.geometry import attention_parameters, parse_groups, resolve_geometry
 from rad.models.layers import decoder_layers, validate_layers
 from rad.models.mamba_init import INITS, mil_init, rad_init, random_init
 from rad.models.naming import bamba_name
@@ -34,14 +35,15 @@ class ConversionConfig:
     """Which layers to convert and how to initialise their Mamba2 mixers.
 
     The mixer dimensions default to those MambaInLlama's init needs (one SSM group per head,
-    d_state = head_dim) for every init, so ablations across inits compare like with like.
+    d_state = head_dim) for every init, so ablations across inits compare like with like; `n_groups`
+    ("heads", "kv" or a number) and `d_state` choose a leaner mixer (see models/geometry.py).
     """
 
     layers: list[int] = field(default_factory=list)
     init: str = "rad"
     chunk_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
     d_state: int | None = None  # None: the attention head_dim
-    n_groups: int | None = None  # None: the number of attention heads
+    n_groups: int | str = "heads"  # "heads", "kv" (one group per key/value head) or a number dividing the heads
     d_conv: int = 4
     seed: int = 0
 
@@ -56,11 +58,12 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
     layers = validate_layers(list(config.layers), num_layers)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    geometry = resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
+    if config.init == "mil" and (geometry.n_groups != geometry.heads or geometry.d_state != geometry.head_dim):
+        raise RadError(f"The 'mil' init copies k and q into B and C, so it needs n_groups = heads ({geometry.heads}) "
+                       f"and d_state = head_dim ({geometry.head_dim}); got {geometry.n_groups} and "
+                       f"{geometry.d_state}. Use --n-groups heads without --d-state, or another init.")
     hybrid_config = hybrid_config_from(src, layers, config, device)
-    if config.init == "mil" and (
-        hybrid_config.mamba_n_groups != src.num_attention_heads or hybrid_config.mamba_d_state != _head_dim(src)
-    ):
-        raise RadError("The 'mil' init needs the default mixer dimensions (n_groups = heads, d_state = head_dim).")
 
     with torch.device(device):
         hybrid = BambaForCausalLM._from_config(
@@ -84,6 +87,7 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
 
 def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device: torch.device) -> BambaConfig:
     heads, head_dim, hidden = src.num_attention_heads, _head_dim(src), src.hidden_size
+    geometry = resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
     d_inner = heads * head_dim
     if d_inner % hidden != 0:
         raise RadError(
@@ -116,8 +120,8 @@ def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device:
         attn_layer_indices=kept,
         mamba_n_heads=heads,
         mamba_d_head=head_dim,
-        mamba_n_groups=config.n_groups or heads,
-        mamba_d_state=config.d_state or head_dim,
+        mamba_n_groups=geometry.n_groups,
+        mamba_d_state=geometry.d_state,
         mamba_d_conv=config.d_conv,
         mamba_expand=d_inner // hidden,
         mamba_chunk_size=config.chunk_size or default_chunk_size(device),
@@ -201,11 +205,14 @@ class ConversionRecord:
     config: dict
     versions: dict
     distillation: dict | None = None  # set on a distilled student: teacher, trainable set, steps, data
+    # n_groups, d_state, d_conv as resolved, and the parameters of one mixer and of the attention it replaces
+    geometry: dict | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
-        if self.distillation is None:
-            data.pop("distillation")
+        for optional in ("distillation", "geometry"):
+            if data[optional] is None:
+                data.pop(optional)
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -236,6 +243,7 @@ def package_versions() -> dict:
 def conversion_record(source_model: str, model: PreTrainedModel, config: ConversionConfig) -> ConversionRecord:
     layers = sorted(config.layers)
     n = model.config.num_hidden_layers
+    geometry = resolve_geometry(model.config, config.n_groups, config.d_state, config.d_conv)
     return ConversionRecord(
         source_model=source_model,
         source_family=model.config.model_type,
@@ -245,6 +253,9 @@ def conversion_record(source_model: str, model: PreTrainedModel, config: Convers
         init=config.init,
         config=asdict(config),
         versions=package_versions(),
+        geometry={"n_groups": geometry.n_groups, "d_state": geometry.d_state, "d_conv": geometry.d_conv,
+                  "mixer_parameters": geometry.parameters(),
+                  "attention_parameters": attention_parameters(model.config, _has_qkv_bias(model.config))},
     )
 
 
@@ -279,6 +290,8 @@ def convert_model(
     out: str | Path,
     *,
     init: str = "rad",
+    n_groups: int | str = "heads",
+    d_state: int | None = None,
     chunk_size: int | None = None,
     seed: int = 0,
     device: str | None = None,
@@ -292,9 +305,13 @@ def convert_model(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
+    parse_groups(n_groups)  # the divisibility check needs the model's config, these two do not
+    if d_state is not None and (isinstance(d_state, bool) or not isinstance(d_state, int) or d_state < 1):
+        raise RadError(f"d_state must be a positive whole number, got {d_state!r}.")
     loaded = load_model(model, device=device, dtype=dtype)
     indices = parse_layers(layers, loaded.model.config.num_hidden_layers)
-    config = ConversionConfig(layers=indices, init=init, chunk_size=chunk_size, seed=seed)
+    config = ConversionConfig(layers=indices, init=init, chunk_size=chunk_size, seed=seed, n_groups=n_groups,
+                              d_state=d_state)
     hybrid = convert_to_hybrid(loaded.model, config)
     record = conversion_record(model, loaded.model, config)
     save_hybrid(hybrid, loaded.tokenizer, out, record, overwrite=overwrite)

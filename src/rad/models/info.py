@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rad.models.geometry import attention_parameters
 from rad.models.layers import decoder_layers
 
 
@@ -20,6 +21,8 @@ class ModelInfo:
     kv_bytes_per_token: int  # grows with context
     ssm_state_bytes: int  # per sequence, constant in context length
     all_attention_kv_bytes_per_token: int  # the same model with every layer attention (the source)
+    # One Mamba2 mixer's geometry and parameters next to one attention layer's (None on a plain Transformer)
+    mixer: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +67,7 @@ def model_info(model: nn.Module) -> ModelInfo:
             ssm_bytes += mixer.num_heads * mixer.head_dim * mixer.ssm_state_size * 4
             ssm_bytes += mixer.conv_dim * mixer.conv_kernel_size * elem
     return ModelInfo(
+        mixer=_mixer_summary(model),
         family=config.model_type,
         num_layers=len(blocks),
         layer_map=layer_map,
@@ -73,6 +77,20 @@ def model_info(model: nn.Module) -> ModelInfo:
         ssm_state_bytes=ssm_bytes,
         all_attention_kv_bytes_per_token=len(blocks) * kv_per_layer,
     )
+
+
+def _mixer_summary(model: nn.Module) -> dict | None:
+    """Measured on the first mixer (all mixers of a hybrid share one geometry), against the formula's attention."""
+    mixers = [b.mamba for b in decoder_layers(model) if hasattr(b, "mamba")]
+    if not mixers:
+        return None
+    mixer, config = mixers[0], model.config
+    return {
+        "n_groups": mixer.n_groups,
+        "d_state": mixer.ssm_state_size,
+        "parameters": sum(p.numel() for p in mixer.parameters()),
+        "attention_parameters": attention_parameters(config, bias=bool(getattr(config, "attention_bias", False))),
+    }
 
 
 def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a ConversionRecord
@@ -86,6 +104,13 @@ def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a Conve
         lines.append(f"mamba2       layers {','.join(map(str, mamba))}")
     if conversion:
         lines.append(f"converted    from {conversion.source_model} with init '{conversion.init}'")
+    if info.mixer:
+        m = info.mixer
+        lines.append(
+            f"mixer        {m['n_groups']} SSM groups, d_state {m['d_state']}: {m['parameters'] / 1e6:.3f}M parameters "
+            f"each vs {m['attention_parameters'] / 1e6:.3f}M in the attention it replaces "
+            f"({m['parameters'] / m['attention_parameters']:.2f}x)"
+        )
     p = info.parameters
     lines.append(
         "parameters   "
