@@ -23,9 +23,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         from rad.outputs import check_apart
         from rad.search import read_chosen_layers
 
+        layers = read_chosen_layers(args.layers_from)  # a bad search folder is named first
         check_apart(Path(args.out), [("search folder", args.layers_from)])
-
-        layers = read_chosen_layers(args.layers_from)
     else:
         layers = args.layers
     result = convert_model(

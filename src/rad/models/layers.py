@@ -76,7 +76,7 @@ def _parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> l
 def validate_layers(layers: list[int], num_layers: int) -> list[int]:
     negative = [i for i in layers if i < 0]
     if negative:
-        raise RadError(f"Layer index {negative[0]} is negative; layers are counted from 0.")
+        raise RadError(f"Layer index {negative[0]} is out of range: layers are counted from 0.")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise RadError(f"Layer index {bad[0]} is out of range: the model has layers 0..{num_layers - 1}.")
