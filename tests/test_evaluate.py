@@ -305,8 +305,10 @@ def test_gsm8k_from_the_pypi_package_matches_the_file():
 
 
 def test_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, caplog):
-    (tmp_path / "notes.txt").write_text("not a model")
-    assert main(["eval", str(tmp_path), "--tasks", "gsm8k", "--limit", "1", "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("not a model")
+    assert main(["eval", str(tmp_path / "folder"), "--tasks", "gsm8k", "--limit", "1", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "not a model checkpoint" in caplog.text
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from rad.errors import RadError
 
@@ -19,9 +20,11 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     if (args.layers is None) == (args.layers_from is None):
         raise RadError("Give the layers to convert with either --layers or --layers-from DIR (one of them).")
     if args.layers_from is not None:
+        from rad.outputs import check_apart
         from rad.search import read_chosen_layers
 
-        layers = read_chosen_layers(args.layers_from)
+        layers = read_chosen_layers(args.layers_from)  # a bad search folder is named first
+        check_apart(Path(args.out), [("search folder", args.layers_from)])
     else:
         layers = args.layers
     result = convert_model(
@@ -64,20 +67,24 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from rad.models.layers import parse_layers
     from rad.models.loading import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    skip = None
+    draft = DraftConfig(max_draft=args.max_draft, adaptive=not args.fixed_draft)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.speculative:
         if args.skip is None:
             raise RadError("--speculative needs --skip LAYERS (the attention layers the draft skips).")
-        skip = parse_layers(args.skip, loaded.model.config.num_hidden_layers)
+        parse_layers(args.skip, 1 << 30, allow_empty=False)  # syntax before loading; the range after
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    skip = None
+    if args.speculative:
+        skip = parse_layers(args.skip, loaded.model.config.num_hidden_layers, allow_empty=False)
     result = generate_text(
         loaded,
         args.prompt,
         chat=args.chat,
         max_new_tokens=args.max_new_tokens,
         skip_layers=skip,
-        draft=DraftConfig(max_draft=args.max_draft, adaptive=not args.fixed_draft),
-        sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+        draft=draft,
+        sampling=sampling,
         compare=args.speculative,
     )
     print(result.text)
@@ -100,11 +107,14 @@ def _parse_keep(text: str) -> list[int]:
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from rad.outputs import SEARCH, check_output
     from rad.search import SearchConfig, compare_objectives, read_prompt_file, run_search
+    from rad.utils.atomic import atomic_write_json
 
     _quiet_optuna(args)
+    check_output(args.out, SEARCH, inputs=[("model", args.model), ("prompt file", args.prompts)])
+    if args.compare_objectives < 0:
+        raise RadError(f"--compare-objectives must be a number of masks (at least 1), got {args.compare_objectives}.")
     config = SearchConfig(
         k=args.k,
         ratio=args.ratio,
@@ -127,12 +137,12 @@ def _cmd_search(args: argparse.Namespace) -> None:
         comparison = compare_objectives(args.model, config, masks=args.compare_objectives, device=args.device,
                                         dtype=args.dtype)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "objective_comparison.json").write_text(json.dumps(comparison.__dict__, indent=2) + "\n")
+        atomic_write_json(out / "objective_comparison.json", comparison.__dict__)
         for pair, rho in comparison.spearman.items():
             print(f"Spearman {pair}: {rho:.3f} over {len(comparison.masks)} masks")
         print(f"Saved to {out / 'objective_comparison.json'}")
         return
+    config.validate()
     result = run_search(args.model, config, device=args.device, dtype=args.dtype)
     print(f"Chosen layers ({result.k} of {result.num_layers}, {result.objective} = {result.value:.4g}, "
           f"{result.chosen_from}): {','.join(map(str, result.layers))}")
@@ -188,6 +198,16 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig, evaluate_models
+    from rad.outputs import EVAL, check_output
+
+    for flag, value in (("--exec-timeout", args.exec_timeout), ("--teacher-texts", args.teacher_texts),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and not value > 0:
+            raise RadError(f"{flag} must be positive, got {value}.")
+    if args.n_shot < 0:
+        raise RadError(f"--n-shot must be 0 or more, got {args.n_shot}.")
+    check_output(args.out, EVAL, inputs=[*(("model", m) for m in args.models), ("teacher", args.teacher),
+                                         ("data folder", args.data_dir)])
 
     config = EvalConfig(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -453,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     try:
+        if hasattr(args, "device"):  # every model command: a bad device or dtype stops before any work
+            from rad.utils.devices import resolve_device, resolve_dtype
+
+            resolve_dtype(args.dtype, resolve_device(args.device))
         args.func(args)
     except RadError as err:
         logger.error("error: %s", err)

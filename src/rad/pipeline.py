@@ -20,6 +20,7 @@ from pathlib import Path
 from rad.config import load_settings, preset_file, settings, to_yaml
 from rad.distill.train import DistillSettings
 from rad.evaluate.runner import EvalSettings
+from rad.outputs import RUN, check_output
 from rad.preflight import TASK_TITLES, InputReport
 from rad.search.config import SearchSettings
 from rad.search.report import SearchResult
@@ -43,6 +44,26 @@ class RunConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     speed_contexts: list[int] = field(default_factory=lambda: [256, 1024])
+
+    def __post_init__(self):
+        check_run_settings(self)
+
+
+def check_run_settings(config) -> None:
+    """What `rad run` and `rad ablate` share beyond each stage's own checks: the model, out, device, seed."""
+    from rad.errors import RadError
+    from rad.utils.devices import resolve_device
+
+    if not str(config.model).strip():
+        raise RadError("The model setting is empty; give an alias (smollm2-135m), a folder or a hub id.")
+    if not str(config.out).strip():
+        raise RadError("The out setting is empty; give the folder the run writes to.")
+    if config.seed < 0:
+        raise RadError(f"seed must be 0 or more, got {config.seed}.")
+    resolve_device(config.device)
+    for context in getattr(config, "speed_contexts", []):
+        if context < 1:
+            raise RadError(f"speed_contexts must be positive token counts, got {context}.")
 
 
 def load_run_config(preset: str | None = None, config_path: str | None = None, overrides=()) -> RunConfig:
@@ -87,15 +108,18 @@ def run_pipeline(config: RunConfig) -> Path:
     from rad.stages import convert_stage, distill_stage, search_stage
 
     paths = RunPaths(Path(config.out))
-    # Every input is resolved before anything is written: a missing one costs seconds, not a half-hour run.
+    # Every input and setting is checked before anything is written: a mistake costs seconds, not a
+    # half-hour run (nor a folder half full of files).
+    check_output(paths.root, RUN, inputs=[("model", config.model), ("distillation data", config.distill.data)])
     inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
                           distill_data=config.distill.data)
+    teacher = load_model(config.model, device=config.device)
+    num_layers = teacher.model.config.num_hidden_layers
+    check_search_fits(config.search, teacher.model, config.seed)
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.root / "config.yaml", to_yaml(config))
     inputs.save(paths.root)
     timings: dict[str, float] = {}
-    teacher = load_model(config.model, device=config.device)
-    num_layers = teacher.model.config.num_hidden_layers
 
     t0 = time.perf_counter()
     search = search_stage(teacher, config.search, paths.search, seed=config.seed)
@@ -126,6 +150,15 @@ def run_pipeline(config: RunConfig) -> Path:
     report = write_report(config, paths, search, uniform, models, table, speed, timings, inputs)
     logger.info("Report: %s", report)
     return report
+
+
+def check_search_fits(settings: SearchSettings, model, seed: int) -> None:
+    """The search's model-dependent checks (k against the layers) before anything is written."""
+    from rad.models.layers import attention_layer_indices
+    from rad.search.config import resolve_space
+
+    resolve_space(settings.stage_config(seed=seed, out=None), model.config.num_hidden_layers,
+                  attention_layer_indices(model))
 
 
 def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher, models: dict[str, str]) -> str:

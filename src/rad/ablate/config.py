@@ -87,6 +87,9 @@ class AblateConfig:
     progress: bool = True
 
     def __post_init__(self):
+        from rad.pipeline import check_run_settings
+
+        check_run_settings(self)
         self.layers = _choices(self.layers, LAYER_SETS, "layers", "layer set")
         self.inits = _choices(self.inits, INIT_CHOICES, "inits", "init")
         self.train = _choices(self.train, TRAIN_SETS, "train", "trainable set")

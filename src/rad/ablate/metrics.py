@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rad.utils.jsonl import read_log
 
 CURVE_KEYS = ("eval_kl", "eval_ppl", "teacher_ppl", "eval_top1_agreement", "eval_tokens")
 
@@ -14,14 +15,8 @@ def read_curve(log_path: str | Path) -> list[dict]:
     One point per step (a step logged twice, as after a restart before the first checkpoint, keeps its
     last value), in step order; step 0 is the model before any training.
     """
-    path = Path(log_path)
-    if not path.is_file():
-        return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_log(log_path):
         if record.get("kind") == "eval":
             by_step[int(record["step"])] = {"step": int(record["step"]),
                                             **{k: record[k] for k in CURVE_KEYS if k in record}}

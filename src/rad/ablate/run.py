@@ -28,6 +28,7 @@ from rad.ablate.config import AblateConfig, Arm
 from rad.ablate.metrics import convergence, read_curve
 from rad.errors import RadError
 from rad.models.convert import CONVERSION_FILE
+from rad.outputs import ABLATE, check_output
 from rad.preflight import check_inputs
 from rad.utils.atomic import atomic_write_text
 
@@ -78,6 +79,9 @@ def run_ablation(config: AblateConfig) -> AblateResult:
 
     t_start = time.perf_counter()
     root = Path(config.out)
+    check_output(root, ABLATE, inputs=[("model", config.model), ("distillation data", config.distill.data),
+                                       ("searched_from folder", config.searched_from)],
+                 allowed=[root / "search"])  # reading the search this ablation ran itself is its resume
     searched_file = _check_searched_from(config)
     # Model, data and each task's data are resolved now (the hub probed once), not after hours of training.
     inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
@@ -88,6 +92,12 @@ def run_ablation(config: AblateConfig) -> AblateResult:
     num_layers = teacher.model.config.num_hidden_layers
     if config.k is not None and not 1 <= config.k <= num_layers:
         raise RadError(f"k = {config.k} is out of range: {config.model} has {num_layers} layers (1..{num_layers}).")
+    if config.searched_layers is not None:
+        validate_layers(list(config.searched_layers), num_layers)
+    elif searched_file is None and not (root / "search" / "search.json").is_file():
+        from rad.pipeline import check_search_fits
+
+        check_search_fits(_search_settings(config), teacher.model, config.seed)
     t0 = time.perf_counter()
     searched, source = _searched_layers(config, root, teacher, searched_file)
     search_s = time.perf_counter() - t0
@@ -210,11 +220,16 @@ def _searched_layers(config: AblateConfig, root: Path, teacher, searched_file: P
         return read_chosen_layers(searched_file.parent), f"chosen by the search in {searched_file.parent}"
     from rad.stages import search_stage
 
-    search = dataclasses.replace(config.search, k=config.k if config.k is not None else config.search.k)
+    search = _search_settings(config)
     logger.info("No searched layers given: searching (%s objective, %d trials) into %s", search.objective,
                 search.trials, root / "search")
     result = search_stage(teacher, search, root / "search", seed=config.seed)
     return result.layers, f"chosen by the search in {root / 'search'}"
+
+
+def _search_settings(config: AblateConfig):
+    """The search an ablation runs itself: `config.search` converting k layers when k is given."""
+    return dataclasses.replace(config.search, k=config.k if config.k is not None else config.search.k)
 
 
 def _eval_config(config: AblateConfig, root: Path, inputs):

@@ -10,6 +10,7 @@ token so the accepted prefix's state is exact.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise RadError(f"temperature must be 0 (greedy) or a positive number, got {self.temperature!r}.")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise RadError(f"top_p must be in (0, 1], got {self.top_p!r}.")
 
 
 @dataclass

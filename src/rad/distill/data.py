@@ -43,6 +43,18 @@ class DataConfig:
     # Where the default data may come from (rad.data's sources); `rad run` drops the hub once it is found offline.
     sources: tuple[str, ...] = SOURCES
 
+    def __post_init__(self):
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise RadError(f"seq_len must be a whole number of at least 2 tokens, got {self.seq_len!r}.")
+        if not 0 < self.eval_fraction < 1:
+            raise RadError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}.")
+        for name in ("eval_examples", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RadError(f"{name} must be a whole number of at least 1 (or left out), got {value!r}.")
+        if self.spec is not None and not str(self.spec).strip():
+            raise RadError("The data spec is empty; give a file, a folder or a hub id (or leave it out).")
+
 
 @dataclass
 class Sequences:

@@ -7,6 +7,7 @@ registered children: accelerate must not wrap, shard or broadcast it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rad.distill.loss import chunked_distill_terms, fused_distill_terms
+from rad.errors import RadError
 from rad.models.layers import decoder_layers
 
 
@@ -24,6 +26,19 @@ class LossWeights:
     align: float = 0.0
     temperature: float = 1.0
     chunk: int = 128
+
+    def __post_init__(self):
+        for name in ("kl", "ce", "align"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise RadError(f"The {name} loss weight must be a number of at least 0, got {value!r}.")
+        if self.kl == 0 and self.ce == 0 and self.align == 0:
+            raise RadError("Every loss weight is 0, so nothing would be learnt; give kl, ce or align a weight above 0.")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise RadError(f"The distillation temperature must be a positive number, got {self.temperature!r}.")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise RadError(f"The loss chunk must be a whole number of at least 1 position, got {self.chunk!r}.")
 
 
 def _plain_linear(head: nn.Module) -> bool:

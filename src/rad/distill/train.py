@@ -47,7 +47,8 @@ from rad.distill.modules import (
 from rad.distill.objective import DistillObjective, LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
-from rad.utils.atomic import atomic_directory, atomic_write_json
+from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from rad.utils.jsonl import read_log
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,33 @@ class DistillConfig:
             raise RadError(f"The learning rate must be a positive number, got {self.lr!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise RadError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        _check_optimiser_settings(self)
+
+
+def _check_optimiser_settings(config: DistillConfig) -> None:
+    """The rest of DistillConfig's numbers and names, so a bad one stops before any model loads."""
+    from rad.utils.devices import resolve_device, resolve_dtype
+
+    checks = {
+        "weight_decay": (config.weight_decay, lambda v: v >= 0, "a number of at least 0"),
+        "max_grad_norm": (config.max_grad_norm, lambda v: v > 0, "a positive number"),
+        "min_lr_ratio": (config.min_lr_ratio, lambda v: 0 <= v <= 1, "between 0 and 1"),
+    }
+    for name, (value, ok, what) in checks.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise RadError(f"{name} must be {what}, got {value!r}.")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        raise RadError(f"betas must be two numbers in [0, 1), got {config.betas!r}.")
+    for name in ("keep_checkpoints", "log_every"):
+        value = getattr(config, name)
+        lowest = 1 if name == "log_every" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise RadError(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
+    if config.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise RadError(f"Unknown mixed precision {config.mixed_precision!r}; use auto, no, bf16 or fp16.")
+    device = resolve_device(config.device)
+    for dtype in (config.dtype, config.teacher_dtype):
+        resolve_dtype(dtype, device)
 
 
 @settings
@@ -289,9 +317,9 @@ class _Logs:
         if not enabled:
             return
         if self.path.exists():  # a resumed run keeps what it logged up to its checkpoint; a fresh one nothing
-            lines = self.path.read_text().splitlines() if start_step else []
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            records = read_log(self.path) if start_step else []  # a torn last line (killed mid-write) is dropped
+            kept = [r for r in records if r.get("step", 0) <= start_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -318,9 +346,7 @@ class _Logs:
 
     def read(self) -> list[dict]:
         """Every record in log.jsonl (the main process's, read from any rank)."""
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_log(self.path)
 
 
 @torch.no_grad()
@@ -394,6 +420,7 @@ def run_distill(config: DistillConfig, on_step: Callable[[int], None] | None = N
     """
     if config.steps < 1:
         raise RadError("--steps must be at least 1.")
+    check_distill_out(config)
     accelerator = _accelerator(config)
     with _main_process_logs(accelerator.is_main_process):
         run = _setup(config, accelerator)
@@ -401,6 +428,24 @@ def run_distill(config: DistillConfig, on_step: Callable[[int], None] | None = N
         _open_logs(run)
         _train(run, on_step)
         return _finish(run)
+
+
+def check_distill_out(config: DistillConfig) -> Path:
+    """`config.out` is writable, apart from every input (the hybrid, its teacher, the data) and empty or an
+    earlier `rad distill` output; leftovers of a killed checkpoint write there are removed."""
+    from rad.outputs import DISTILL, check_output, input_location
+    from rad.utils.atomic import remove_stale_temps
+
+    inputs = [("hybrid", config.hybrid), ("teacher", config.teacher), ("data", config.data.spec)]
+    hybrid = input_location(config.hybrid)
+    if hybrid is not None and hybrid.is_dir():
+        record = ConversionRecord.load(hybrid)
+        if record is not None and config.teacher is None:
+            inputs.append(("teacher (the hybrid's source)", record.source_model))
+    out = check_output(config.out, DISTILL, inputs=inputs)
+    for folder in (out, out / "checkpoints"):
+        remove_stale_temps(folder)
+    return out
 
 
 @contextlib.contextmanager

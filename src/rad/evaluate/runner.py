@@ -170,6 +170,9 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
     max_new = config.max_new_tokens or task.default_max_new_tokens
     meta = _task_meta(task, config, loaded, max_new)
     items_path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}.meta.json"
+    if items_path.is_file() and not meta_path.is_file():  # not rad's: never read, repaired or deleted
+        raise RadError(f"{items_path} was not written by rad eval (no {meta_path.name} beside it); move it away "
+                       "or choose another --out.")
     if config.overwrite:
         items_path.unlink(missing_ok=True)
     if meta_path.is_file() and items_path.is_file():

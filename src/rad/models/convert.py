@@ -47,6 +47,15 @@ class ConversionConfig:
     d_conv: int = 4
     seed: int = 0
 
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
+        self.n_groups = parse_groups(self.n_groups)
+        for name in ("chunk_size", "d_state", "d_conv"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RadError(f"{name} must be a whole number of at least 1, got {value!r}.")
+
 
 def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> BambaForCausalLM:
     """A new Bamba hybrid computing what `model` computes, with `config.layers` turned into Mamba2 mixers."""
@@ -263,13 +272,30 @@ def save_hybrid(
     hybrid: BambaForCausalLM, tokenizer, out: str | Path, record: ConversionRecord, overwrite: bool = False
 ) -> Path:
     """Write checkpoint (safetensors), tokenizer and rad_conversion.json to `out`, atomically."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
+    out = check_hybrid_out(out, overwrite)
     with atomic_directory(out, overwrite=True) as tmp:
         hybrid.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CONVERSION_FILE).write_text(record.to_json())
+    return out
+
+
+def check_hybrid_out(out: str | Path, overwrite: bool, inputs=()) -> Path:
+    """`out` may receive a hybrid: new, empty, or (with `overwrite`) a hybrid `rad convert` wrote before.
+
+    Anything else is refused, also with `overwrite`: a folder without rad_conversion.json holds someone
+    else's files, and a distilled student is `rad distill`'s output, not a conversion to redo.
+    """
+    from rad.outputs import CONVERT, check_output
+
+    out = check_output(out, CONVERT, inputs=inputs)
+    if out.is_dir() and any(out.iterdir()):
+        record = ConversionRecord.load(out)
+        if record is not None and record.distillation is not None:
+            raise RadError(f"Output folder {out} holds a distilled student, which rad convert does not replace; "
+                           "pick another folder.")
+        if not overwrite:
+            raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
     return out
 
 
@@ -301,15 +327,21 @@ def convert_model(
     """Load `model`, convert `layers` ('3,7,11', 'uniform:15', or a list) with `init`, save to `out`."""
     from rad.models.layers import parse_layers
     from rad.models.loading import load_model
+    from rad.utils.devices import resolve_device, resolve_dtype
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
+    # Everything a user gave is checked before the model loads and before anything is written.
+    if init not in INITS:
+        raise RadError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise RadError(f"--chunk-size must be at least 1, got {chunk_size}.")
     parse_groups(n_groups)  # the divisibility check needs the model's config, these two do not
     if d_state is not None and (isinstance(d_state, bool) or not isinstance(d_state, int) or d_state < 1):
         raise RadError(f"d_state must be a positive whole number, got {d_state!r}.")
+    resolve_dtype(dtype, resolve_device(device))
+    parse_layers(layers, 1 << 30, allow_empty=False)  # syntax, duplicates, negatives; the range once loaded
+    out = check_hybrid_out(out, overwrite, inputs=[("model", model)])
     loaded = load_model(model, device=device, dtype=dtype)
-    indices = parse_layers(layers, loaded.model.config.num_hidden_layers)
+    indices = parse_layers(layers, loaded.model.config.num_hidden_layers, allow_empty=False)
     config = ConversionConfig(layers=indices, init=init, chunk_size=chunk_size, seed=seed, n_groups=n_groups,
                               d_state=d_state)
     hybrid = convert_to_hybrid(loaded.model, config)

@@ -27,11 +27,19 @@ def mamba_layer_indices(model: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "mamba")]
 
 
-def parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
+def parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, *, allow_empty: bool = True) -> list[int]:
     """Layer indices from '3,7,11', 'uniform:K', 'first:K', 'last:K', or a list; validated and sorted.
 
-    `uniform:K` spaces K layers evenly, as MambaInLlama does (every other layer for K = L/2).
+    `uniform:K` spaces K layers evenly, as MambaInLlama does (every other layer for K = L/2). A command
+    that must act on some layer passes `allow_empty=False`: ' , ,' or 'uniform:0' is then an error.
     """
+    indices = _parse_layers(spec, num_layers)
+    if not indices and not allow_empty:
+        raise RadError(f"The layer list {spec!r} names no layer; give at least one, e.g. 3,7,11 or uniform:8.")
+    return indices
+
+
+def _parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
     if isinstance(spec, str):
         spec = spec.strip()
         if ":" in spec:
@@ -58,11 +66,17 @@ def parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> li
         except ValueError:
             raise RadError(f"Bad layer list {spec!r}: expected comma-separated integers like 3,7,11.") from None
     else:
-        values = [int(v) for v in spec]
+        try:
+            values = [int(v) for v in spec]
+        except (TypeError, ValueError):
+            raise RadError(f"Bad layer list {spec!r}: expected layer indices like [3, 7, 11].") from None
     return validate_layers(values, num_layers)
 
 
 def validate_layers(layers: list[int], num_layers: int) -> list[int]:
+    negative = [i for i in layers if i < 0]
+    if negative:
+        raise RadError(f"Layer index {negative[0]} is out of range: layers are counted from 0.")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise RadError(f"Layer index {bad[0]} is out of range: the model has layers 0..{num_layers - 1}.")

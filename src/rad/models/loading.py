@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from rad.errors import RadError
 from rad.utils.atomic import atomic_directory
-from rad.utils.devices import default_chunk_size, default_device, resolve_dtype
+from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def load_model(
     `dtype` defaults to bf16 on CUDA and float32 elsewhere. For Bamba hybrids, `chunk_size` sets the
     Mamba2 scan chunk (default: 256 on CUDA, 64 on CPU, where the torch scan is faster with short chunks).
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     folder = resolve_to_folder(spec)
     if folder is None:  # a hub id

@@ -22,6 +22,34 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` checked against this machine (None: `default_device()`); a bad or absent one is a RadError."""
+    from rad.errors import RadError
+
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RadError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or mps (or leave it out).") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RadError(f"Device {device!r} asks for CUDA, but this machine has no usable CUDA GPU; "
+                           "use cpu or leave the device out.")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise RadError(f"Device {device!r} does not exist: this machine has {count} CUDA GPU(s), cuda:0.."
+                           f"cuda:{count - 1}.")
+    elif resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise RadError(f"Device {device!r} asks for Apple's MPS, which this machine lacks; use cpu or leave "
+                           "the device out.")
+    elif resolved.type != "cpu":
+        raise RadError(f"Device type {resolved.type!r} is not supported; use cpu, cuda, cuda:N or mps.")
+    return resolved
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 where it is fast (CUDA), float32 elsewhere (CPU matmuls in bf16 are slow and inexact)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

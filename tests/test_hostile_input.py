@@ -1,0 +1,432 @@
+"""Hostile input: nothing a user types loses data or prints a traceback, and every setting is checked first.
+
+Each class of docs/reliability.md has several cases; every case checks effects: exit code 2, exactly one
+error sentence, no traceback, the protected files byte-identical afterwards, no output folder created and
+no `.tmp-*` left behind. Models are tiny folders (a word-level tokenizer, no real model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rad.cli import main
+from rad.errors import RadError
+from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+
+from .conftest import make_tiny
+
+GSM_ROW = {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny Llama source, its rad hybrid, and a distilled-student look-alike (record with distillation)."""
+    root = tmp_path_factory.mktemp("hostile")
+    tokenizer, source = _tiny_tokenizer(), make_tiny("llama")
+    source.save_pretrained(root / "src")
+    tokenizer.save_pretrained(root / "src")
+    config = ConversionConfig(layers=[1, 3])
+    hybrid = convert_to_hybrid(source, config)
+    record = conversion_record(str(root / "src"), source, config)
+    save_hybrid(hybrid, tokenizer, root / "hybrid", record)
+    student = root / "student"
+    save_hybrid(hybrid, tokenizer, student, record)
+    data = json.loads((student / "rad_conversion.json").read_text())
+    data["distillation"] = {"teacher": "src", "train": "mixers", "steps": 1, "data": "default"}
+    (student / "rad_conversion.json").write_text(json.dumps(data))
+    return {"root": root, "src": root / "src", "hybrid": root / "hybrid", "student": student}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No hub; the data folder holds a tiny GSM8K test and train so `rad eval` and `rad run` find data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("gsm8k_test.jsonl", "gsm8k_train.jsonl"):
+        (data / name).write_text("".join(json.dumps(GSM_ROW) + "\n" for _ in range(4)))
+    monkeypatch.setenv("RAD_DATA_DIR", str(data))
+    monkeypatch.setenv("RAD_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return data
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file (and folder) under `roots`: path -> SHA-256 (folders: 'dir')."""
+    state = {}
+    for root in roots:
+        if not root.exists():
+            continue
+        for path in [root, *sorted(root.rglob("*"))]:
+            state[str(path)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def run_cli(args: list[str], caplog, capsys) -> tuple[int, list[str], str]:
+    """`rad ARGS` in process: (exit code, error sentences logged, stderr)."""
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="rad"):
+        code = main([str(a) for a in args])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return code, errors, capsys.readouterr().err
+
+
+def assert_refused(args, caplog, capsys, *, words: str = "", protect: tuple[Path, ...] = (),
+                   absent: tuple[Path, ...] = (), tmp_root: Path | None = None) -> str:
+    """Exit 2, one error sentence (with `words`), no traceback, `protect` byte-identical, `absent` absent."""
+    before = snapshot(*protect)
+    code, errors, stderr = run_cli(args, caplog, capsys)
+    assert code == 2, (args, errors)
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert words.lower() in errors[0].lower(), (words, errors[0])
+    assert "Traceback" not in stderr
+    assert snapshot(*protect) == before, "a protected file or folder changed"
+    for path in absent:
+        assert not path.exists(), f"{path} was created"
+    if tmp_root is not None:
+        assert not list(tmp_root.rglob(".tmp-*")), "a temporary folder was left behind"
+    return errors[0]
+
+
+# ---------------------------------------------------------------- 1. data loss: --out overlapping an input
+
+
+OVERLAP_CASES = {
+    "distill into the hybrid": (["distill", "{hybrid}", "--out", "{hybrid}", "--steps", "1"], "hybrid", "itself"),
+    "distill inside the hybrid": (["distill", "{hybrid}", "--out", "{hybrid}/d", "--steps", "1"], "hybrid",
+                                  "inside"),
+    "distill into its teacher": (["distill", "{hybrid}", "--out", "{src}", "--steps", "1"], "src", "teacher"),
+    "distill into a folder holding the hybrid": (["distill", "{hybrid}", "--out", "{root}", "--steps", "1"],
+                                                 "hybrid", "contains"),
+    "convert inside the model": (["convert", "{src}", "--layers", "1", "--out", "{src}/h"], "src", "inside"),
+    "convert over the model": (["convert", "{src}", "--layers", "1", "--out", "{src}", "--overwrite"], "src",
+                               "itself"),
+    "search into the model": (["search", "{src}", "--k", "1", "--out", "{src}"], "src", "itself"),
+    "search inside the model": (["search", "{src}", "--k", "1", "--out", "{src}/s"], "src", "inside"),
+    "eval into the model": (["eval", "{src}", "--tasks", "gsm8k", "--out", "{src}"], "src", "itself"),
+    "eval inside the teacher": (["eval", "{hybrid}", "--teacher", "{src}", "--tasks", "gsm8k", "--out", "{src}/e"],
+                                "src", "inside"),
+    "run into the model": (["run", "--preset", "smoke", "--set", "model={src}", "--out", "{src}"], "src", "itself"),
+    "ablate inside the model": (["ablate", "--preset", "smoke", "--set", "model={src}", "--out", "{src}/a"], "src",
+                                "inside"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERLAP_CASES))
+def test_out_overlapping_an_input_is_refused_and_nothing_changes(case, folders, caplog, capsys):
+    args, protected, words = OVERLAP_CASES[case]
+    args = [a.format(**{k: str(v) for k, v in folders.items()}) for a in args]
+    assert_refused(args, caplog, capsys, words=words, protect=(folders[protected],),
+                   tmp_root=folders["root"])
+
+
+# ---------------------------------------------------------------- 1b. --overwrite and foreign folders
+
+
+def _foreign(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("three years of notes")
+    (folder / "config.json").write_text('{"not": "a rad file"}')
+    return folder
+
+
+FOREIGN_CASES = {
+    "convert --overwrite": ["convert", "{src}", "--layers", "1", "--out", "{out}", "--overwrite"],
+    "convert": ["convert", "{src}", "--layers", "1", "--out", "{out}"],
+    "distill": ["distill", "{hybrid}", "--out", "{out}", "--steps", "1"],
+    "search": ["search", "{src}", "--k", "1", "--out", "{out}"],
+    "eval": ["eval", "{src}", "--tasks", "gsm8k", "--out", "{out}"],
+    "run": ["run", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
+    "ablate": ["ablate", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(FOREIGN_CASES))
+def test_a_folder_rad_did_not_write_is_never_written_into_or_replaced(command, folders, tmp_path, caplog, capsys):
+    out = _foreign(tmp_path)
+    args = [a.format(out=out, src=folders["src"], hybrid=folders["hybrid"]) for a in FOREIGN_CASES[command]]
+    assert_refused(args, caplog, capsys, words="did not write", protect=(out,), tmp_root=tmp_path)
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(folders, tmp_path, caplog, capsys):
+    out = tmp_path / "converted" / "hyb"
+    assert run_cli(["convert", folders["src"], "--layers", "1", "--out", out], caplog, capsys)[0] == 0
+    # A distilled student is not `rad convert`'s to replace, even with --overwrite.
+    assert_refused(["convert", folders["src"], "--layers", "2", "--out", folders["student"], "--overwrite"],
+                   caplog, capsys, words="distilled student", protect=(folders["student"],))
+    assert_refused(["convert", folders["src"], "--layers", "2", "--out", out], caplog, capsys,
+                   words="--overwrite", protect=(out,))
+    assert run_cli(["convert", folders["src"], "--layers", "2", "--out", out, "--overwrite"], caplog, capsys)[0] == 0
+    assert json.loads((out / "rad_conversion.json").read_text())["converted_layers"] == [2]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hyb"]  # no .tmp-* or .old-* left
+
+
+def test_eval_never_reads_or_deletes_an_items_file_it_did_not_write(folders, tmp_path, caplog, capsys):
+    out = tmp_path / "eval"
+    model_dir = out / "src"
+    model_dir.mkdir(parents=True)
+    (out / "comparison.md").write_text("| earlier |\n")  # an eval folder, but this file is not rad's
+    (model_dir / "gsm8k.jsonl").write_text("my own lines, not items\n{\"id\": 1}\n")
+    for extra in ([], ["--overwrite"]):
+        assert_refused(["eval", folders["src"], "--tasks", "gsm8k", "--limit", "1", "--out", out, *extra],
+                       caplog, capsys, words="not written by rad eval", protect=(model_dir / "gsm8k.jsonl",))
+
+
+# ---------------------------------------------------------------- 2. values that parse to nothing or are out of range
+
+
+BAD_VALUES = {
+    "empty layer list": (["convert", "{src}", "--layers", " , ,", "--out", "{out}"], "names no layer"),
+    "uniform:0": (["convert", "{src}", "--layers", "uniform:0", "--out", "{out}"], "names no layer"),
+    "duplicate layer": (["convert", "{src}", "--layers", "1,1", "--out", "{out}"], "twice"),
+    "negative layer": (["convert", "{src}", "--layers", "-1", "--out", "{out}"], "counted from 0"),
+    "layer past the end": (["convert", "{src}", "--layers", "0,4", "--out", "{out}"], "out of range"),
+    "chunk size 0": (["convert", "{src}", "--layers", "1", "--chunk-size", "0", "--out", "{out}"], "chunk-size"),
+    "unknown dtype": (["convert", "{src}", "--layers", "1", "--dtype", "int3", "--out", "{out}"], "dtype"),
+    "negative temperature (generate)": (["generate", "{src}", "--prompt", "w3", "--temperature", "-1"],
+                                        "temperature"),
+    "top-p 0": (["generate", "{src}", "--prompt", "w3", "--top-p", "0"], "top_p"),
+    "empty skip list": (["generate", "{src}", "--prompt", "w3", "--speculative", "--skip", " , "], "names no layer"),
+    "negative temperature (distill)": (["distill", "{hybrid}", "--out", "{out}", "--temperature", "-1"],
+                                       "temperature"),
+    "zero lr": (["distill", "{hybrid}", "--out", "{out}", "--lr", "0"], "learning rate"),
+    "negative lr": (["distill", "{hybrid}", "--out", "{out}", "--lr=-1e-4"], "learning rate"),
+    "zero micro-batch": (["distill", "{hybrid}", "--out", "{out}", "--micro-batch", "0"], "micro_batch"),
+    "zero steps": (["distill", "{hybrid}", "--out", "{out}", "--steps", "0"], "steps"),
+    "negative steps": (["distill", "{hybrid}", "--out", "{out}", "--steps", "-5"], "steps"),
+    "seq-len 1": (["distill", "{hybrid}", "--out", "{out}", "--seq-len", "1"], "seq_len"),
+    "negative weight decay": (["distill", "{hybrid}", "--out", "{out}", "--weight-decay", "-1"], "weight_decay"),
+    "zero grad norm": (["distill", "{hybrid}", "--out", "{out}", "--max-grad-norm", "0"], "max_grad_norm"),
+    "negative kl weight": (["distill", "{hybrid}", "--out", "{out}", "--kl-weight", "-1"], "kl loss weight"),
+    "all loss weights 0": (["distill", "{hybrid}", "--out", "{out}", "--kl-weight", "0", "--align-weight", "0"],
+                           "nothing would be learnt"),
+    "zero loss chunk": (["distill", "{hybrid}", "--out", "{out}", "--loss-chunk", "0"], "loss chunk"),
+    "warm-up ratio 1": (["distill", "{hybrid}", "--out", "{out}", "--warmup-ratio", "1"], "warmup_ratio"),
+    "zero trials": (["search", "{src}", "--k", "1", "--trials", "0", "--out", "{out}"], "trials"),
+    "k of every layer": (["search", "{src}", "--k", "4", "--out", "{out}"], "choose k below"),
+    "bad keep list": (["search", "{src}", "--k", "1", "--keep", "1,x", "--out", "{out}"], "--keep"),
+    "zero limit": (["eval", "{src}", "--tasks", "gsm8k", "--limit", "0", "--out", "{out}"], "--limit"),
+    "empty task list": (["eval", "{src}", "--tasks", " , ", "--out", "{out}"], "task"),
+    "negative exec timeout": (["eval", "{src}", "--tasks", "gsm8k", "--exec-timeout", "-1", "--out", "{out}"],
+                              "--exec-timeout"),
+    "negative n-shot": (["eval", "{src}", "--tasks", "gsm8k", "--n-shot", "-2", "--out", "{out}"], "--n-shot"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_values_that_parse_to_nothing_or_out_of_range_are_refused_before_any_write(case, folders, tmp_path, caplog,
+                                                                                   capsys):
+    args, words = BAD_VALUES[case]
+    out = tmp_path / "out"
+    args = [a.format(out=out, src=folders["src"], hybrid=folders["hybrid"]) for a in args]
+    assert_refused(args, caplog, capsys, words=words, absent=(out,), protect=(folders["src"], folders["hybrid"]),
+                   tmp_root=tmp_path)
+
+
+def test_the_same_checks_hold_for_the_python_api_and_yaml():
+    from rad.decoding.speculative import SamplingConfig
+    from rad.distill import DataConfig, DistillConfig, LossWeights
+    from rad.pipeline import load_run_config
+
+    for make in (lambda: LossWeights(temperature=-1), lambda: DataConfig(seq_len=0),
+                 lambda: DistillConfig(hybrid="h", out="o", micro_batch=0), lambda: SamplingConfig(top_p=1.5),
+                 lambda: ConversionConfig(layers=[1], chunk_size=0), lambda: DistillConfig(hybrid="h", out="o",
+                                                                                             device="banana")):
+        with pytest.raises(RadError):
+            make()
+    for override in ("distill.seq_len=1", "distill.kl_weight=-1", "search.trials=0", "device=banana", "seed=-1"):
+        with pytest.raises(RadError):
+            load_run_config("smoke", None, [override])
+
+
+# ---------------------------------------------------------------- 3. late checks: bad --out, devices, --set
+
+
+def _absent_device() -> str:
+    return f"cuda:{torch.cuda.device_count() + 7}" if torch.cuda.is_available() else "cuda"
+
+
+OUT_COMMANDS = {
+    "convert": ["convert", "{src}", "--layers", "1", "--out", "{out}"],
+    "distill": ["distill", "{hybrid}", "--out", "{out}", "--steps", "1"],
+    "search": ["search", "{src}", "--k", "1", "--out", "{out}"],
+    "eval": ["eval", "{src}", "--tasks", "gsm8k", "--out", "{out}"],
+    "run": ["run", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
+    "ablate": ["ablate", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(OUT_COMMANDS))
+@pytest.mark.parametrize("kind", ["a file", "inside a file", "unwritable"])
+def test_an_out_that_cannot_be_a_folder_is_one_sentence(command, kind, folders, tmp_path, caplog, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    out = {"a file": afile, "inside a file": afile / "sub", "unwritable": Path("/proc/rad-cannot-write/out")}[kind]
+    args = [a.format(out=out, src=folders["src"], hybrid=folders["hybrid"]) for a in OUT_COMMANDS[command]]
+    words = {"a file": "is a file", "inside a file": "which is a file", "unwritable": "cannot be written"}[kind]
+    assert_refused(args, caplog, capsys, words=words, protect=(afile,), tmp_root=tmp_path)
+
+
+DEVICE_COMMANDS = {
+    "info": ["info", "{src}"],
+    "generate": ["generate", "{src}", "--prompt", "w3"],
+    "convert": ["convert", "{src}", "--layers", "1", "--out", "{out}"],
+    "distill": ["distill", "{hybrid}", "--out", "{out}", "--steps", "1"],
+    "search": ["search", "{src}", "--k", "1", "--out", "{out}"],
+    "eval": ["eval", "{src}", "--tasks", "gsm8k", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+@pytest.mark.parametrize("device", ["absent-cuda", "mps", "banana", "cuda:-1"])
+def test_a_device_this_machine_lacks_is_one_sentence(command, device, folders, tmp_path, caplog, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        device = "mps:9"  # present on this machine: an index it lacks instead
+    device = _absent_device() if device == "absent-cuda" else device
+    out = tmp_path / "out"
+    args = [a.format(out=out, src=folders["src"], hybrid=folders["hybrid"]) for a in DEVICE_COMMANDS[command]]
+    assert_refused([*args, "--device", device], caplog, capsys, words="device", absent=(out,), tmp_root=tmp_path)
+
+
+@pytest.mark.parametrize("override", ["search.trials=abc", "search=5", "distill.lr=-1", "distill.steps=0",
+                                      "eval.tasks=[nope]", "device=banana", f"device={_absent_device()}",
+                                      "distill.micro_batch=0", "search.k=99", "search.k=0", "nonsense.key=1"])
+@pytest.mark.parametrize("command", ["run", "ablate"])
+def test_orchestrator_settings_are_checked_before_anything_is_written(command, override, folders, tmp_path, caplog,
+                                                                      capsys):
+    out = tmp_path / "run"
+    assert_refused([command, "--preset", "smoke", "--set", f"model={folders['src']}", "--set", override,
+                    "--out", out], caplog, capsys, absent=(out,), protect=(folders["src"],), tmp_root=tmp_path)
+
+
+def test_eval_names_the_right_line_of_a_bad_data_file(folders, offline, tmp_path, caplog, capsys):
+    good = json.dumps(GSM_ROW)
+    (offline / "gsm8k_test.jsonl").write_text(f"{good}\n\n{good}\n{{\"question\": \n{good}\n")
+    out = tmp_path / "eval"
+    assert_refused(["eval", folders["src"], "--tasks", "gsm8k", "--data-dir", offline, "--out", out], caplog,
+                   capsys, words="line 4", absent=(out,))
+
+
+# ---------------------------------------------------------------- 4. a killed writer's leftovers
+
+
+HANG_IN_ATOMIC_DIRECTORY = textwrap.dedent(
+    """
+    import sys, time
+    from rad.utils.atomic import atomic_directory
+    with atomic_directory(sys.argv[1]) as tmp:
+        (tmp / "weights.bin").write_bytes(b"x" * 4096)
+        print("ready", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def _kill_mid_write(dest: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_ATOMIC_DIRECTORY, str(dest)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+
+
+def test_the_next_write_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    from rad.utils.atomic import atomic_directory, temp_name
+
+    _kill_mid_write(tmp_path / "hybrid")
+    leftovers = list(tmp_path.glob(".tmp-hybrid.rad-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "weights.bin").is_file()
+    # Not rad's to remove: a user's own .tmp- folder, an old-format name, and a live writer's temp (ours).
+    strangers = [tmp_path / ".tmp-user-stuff", tmp_path / ".tmp-hybrid-123-abcdef12", tmp_path / temp_name("live")]
+    for folder in strangers:
+        folder.mkdir()
+        (folder / "f").write_text("mine")
+    with atomic_directory(tmp_path / "other") as tmp:
+        (tmp / "a").write_text("ok")
+    assert not leftovers[0].exists()
+    assert all((folder / "f").read_text() == "mine" for folder in strangers)
+
+
+def test_a_killed_checkpoint_write_is_removed_by_the_next_checkpoint(tmp_path):
+    from rad.distill.checkpoint import list_checkpoints, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    _kill_mid_write(root / "step-0000005")
+    assert list(root.glob(".tmp-*"))
+    save_checkpoint(root, 6, {"w": torch.zeros(2)}, {}, {}, [{}], {})
+    assert [p.name for p in list_checkpoints(root)] == ["step-0000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000006"]
+
+
+def test_a_replacement_killed_between_its_two_renames_restores_the_old_folder(tmp_path):
+    from rad.utils.atomic import atomic_write_text, temp_name
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(proc.stdout)
+    old = tmp_path / temp_name("hybrid", "old").replace(f"-{__import__('os').getpid()}-", f"-{dead_pid}-")
+    old.mkdir()
+    (old / "model.safetensors").write_text("the only complete copy")
+    atomic_write_text(tmp_path / "note.txt", "next write")
+    assert (tmp_path / "hybrid" / "model.safetensors").read_text() == "the only complete copy"
+    assert not old.exists()
+
+
+# ---------------------------------------------------------------- 5. a torn log.jsonl
+
+
+def test_a_torn_last_log_line_is_dropped_and_real_corruption_named(tmp_path):
+    from rad.ablate.metrics import read_curve
+    from rad.distill.train import _Logs
+    from rad.utils.jsonl import read_log
+
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"kind": "eval", "step": s, "eval_kl": 1.0 / (s + 1)}) for s in range(4)]
+    log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
+    assert [r["step"] for r in read_log(log)] == [0, 1, 2, 3]
+    assert [p["step"] for p in read_curve(log)] == [0, 1, 2, 3]
+    _Logs(tmp_path, enabled=True, tensorboard=False, start_step=2)  # a resume from the step-2 checkpoint
+    assert log.read_text().splitlines() == lines[:3]  # cut back to step 2, the torn line gone
+    log.write_text(lines[0] + "\n{garbage\n" + lines[1] + "\n")
+    for read in (read_log, read_curve, lambda p: _Logs(tmp_path, enabled=True, tensorboard=False, start_step=1)):
+        with pytest.raises(RadError, match="line 2 is corrupt"):
+            read(log)
+    log.write_text(lines[0] + "\n{garbage\n")  # a bad last line that did end with its newline: not a torn write
+    with pytest.raises(RadError, match="line 2"):
+        read_log(log)
+
+
+# ---------------------------------------------------------------- the real process
+
+
+@pytest.mark.slow  # the interpreter's torch import alone takes ~30 s on the shared 2-core machine
+def test_a_real_process_prints_one_line_and_exits_2(folders, tmp_path):
+    snapshot_before = snapshot(folders["hybrid"])
+    proc = subprocess.run([sys.executable, "-m", "rad.cli", "distill", str(folders["hybrid"]), "--out",
+                           str(folders["hybrid"])], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "itself" in lines[0] and "Traceback" not in proc.stderr
+    assert snapshot(folders["hybrid"]) == snapshot_before
