@@ -5,9 +5,12 @@ missing. Each sandboxed run takes ~0.2 s."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import socket
 import time
 from pathlib import Path
@@ -55,11 +58,14 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
-def wait_until_gone(marker: str, within_s: float = 10.0) -> list[int]:
-    """Poll until no process carries `marker` (or the bound passes); returns the survivors."""
+def survivors(marker: str, within_s: float = 10.0) -> list[int]:
+    """Poll until no process carries `marker` (or the bound passes); kill and return any that survived."""
     deadline = time.monotonic() + within_s
     while (alive := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    for pid in alive:  # a broken sandbox must not leave the test's own processes running
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     return alive
 
 
@@ -85,27 +91,35 @@ def test_code_and_predictions_cannot_run_commands_or_write_host_files(tmp_path, 
 
 @needs_bwrap
 def test_host_files_cannot_be_deleted(tmp_path):
+    # Every target is the test's own: if the sandbox ever breaks, this test fails without damaging the host.
     keep = tmp_path / "keep.txt"
     keep.write_text("precious")
     for attack in (f"__import__('posix').unlink('{keep}')", f"__import__('os').remove('{keep}')",
-                   f"__import__('shutil').rmtree('{tmp_path}')", "__import__('os').system('rm -rf /usr/bin/env')"):
+                   f"__import__('shutil').rmtree('{tmp_path}')", f"__import__('os').system('rm -rf {tmp_path}')"):
         run(body(f"try:\n        {attack}\n    except BaseException:\n        pass", "return 1"))
         run(body("return 1"), prediction=attack)
     assert keep.read_text() == "precious"
-    assert Path("/usr/bin/env").exists()
 
 
 @needs_bwrap
-def test_the_only_writable_place_is_the_private_scratch(tmp_path):
+def test_the_only_writable_place_is_the_private_scratch():
+    name = f"rad-sandbox-probe-{secrets.token_hex(6)}"
+    folders = ("/tmp", "/usr", "/", "/dev", "/root", "/usr/lib")
     probe = body("import os",
                  "ok = []",
-                 "for d in ('/tmp', '/usr', '/', '/dev', '/root', '/usr/lib'):",
+                 f"for d in {folders!r}:",
                  "    try:",
-                 "        open(os.path.join(d, 'w'), 'w').close(); ok.append(d)",
+                 f"        open(os.path.join(d, {name!r}), 'x').close(); ok.append(d)",
                  "    except OSError:",
                  "        pass",
                  "return ok")
-    assert run(probe, prediction="['/tmp']").passed
+    try:
+        assert run(probe, prediction="['/tmp']").passed
+    finally:  # only what this test wrote, should the sandbox ever leak
+        leaked = [Path(d, name) for d in folders if Path(d, name).exists()]
+        for path in leaked:
+            path.unlink()
+    assert leaked == []
 
 
 @needs_bwrap
@@ -182,10 +196,10 @@ def test_a_detached_grandchild_dies_with_the_sandbox(tmp_path):
                 "    os._exit(0)",
                 "return 1")
     assert run(code).passed  # f itself returned 1; its detached grandchild must not survive the run
-    assert wait_until_gone(marker) == []
+    assert survivors(marker) == []
     looping = code.replace("return 1", "while True:\n        pass")  # and when the run is killed at the limit
     assert run(looping, limits=SandboxLimits(timeout_s=1.5)).status == "timeout"
-    assert wait_until_gone(marker) == []
+    assert survivors(marker) == []
     assert not mark.exists()
 
 
@@ -196,7 +210,7 @@ def test_a_fork_bomb_is_contained_and_killed_in_time():
     start = time.monotonic()
     result = run(code, limits=SandboxLimits(timeout_s=2.0))
     assert not result.passed and time.monotonic() - start < 4.0
-    assert wait_until_gone(marker) == []
+    assert survivors(marker) == []
 
 
 @needs_bwrap
