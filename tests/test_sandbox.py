@@ -25,6 +25,7 @@ from rad.evaluate.sandbox import (
     check_output_prediction,
     require_sandbox,
     sandbox_problem,
+    seccomp_program,
 )
 from rad.preflight import check_task_data
 from tests.conftest import SHARED_DATA
@@ -178,6 +179,15 @@ def test_no_network_not_even_loopback():
             udp.recv(64)
     finally:
         server.close(), udp.close(), abstract.close()
+
+
+@needs_bwrap
+@pytest.mark.skipif(seccomp_program() is None, reason="libseccomp is not installed")
+def test_kernel_interfaces_outside_the_need_are_refused():
+    # PTRACE_TRACEME succeeds in any plain process; the seccomp filter answers EPERM (errno 1)
+    probe = body("import ctypes", "libc = ctypes.CDLL(None, use_errno=True)",
+                 "return libc.ptrace(0, 0, 0, 0), ctypes.get_errno()")
+    assert run(probe, prediction="(-1, 1)").passed
 
 
 # --- processes: nothing outlives the run, fork bombs stay contained ---------------------------------------------

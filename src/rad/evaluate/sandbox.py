@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
+import errno
 import functools
 import json
 import logging
@@ -315,6 +317,51 @@ def _interpreter() -> tuple[str, list[str], list[str]]:
     return executable, roots, hidden
 
 
+# Kernel interfaces that CRUXEval code never needs and that are the usual way from a namespace sandbox into the
+# kernel (or another process): refused with EPERM by a seccomp filter that libseccomp compiles (other ABIs than
+# the native one are killed by libseccomp's default). Defence in depth on top of the namespaces.
+SECCOMP_DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "keyctl", "add_key", "request_key", "bpf",
+    "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register", "mount", "umount2",
+    "move_mount", "open_tree", "fsopen", "fsmount", "fspick", "mount_setattr", "pivot_root", "chroot", "unshare",
+    "setns", "open_by_handle_at", "name_to_handle_at", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl", "lookup_dcookie",
+    "fanotify_init",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def seccomp_program() -> bytes | None:
+    """The compiled BPF filter for bwrap --seccomp, from libseccomp (None, logged, when it is not installed)."""
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        logger.info("libseccomp is not installed: the CRUXEval sandbox runs without its seccomp filter")
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
+    context = lib.seccomp_init(allow)
+    if not context:
+        return None
+    try:
+        for name in SECCOMP_DENIED:
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number >= 0 and lib.seccomp_rule_add(context, deny, number, 0) < 0:
+                return None
+        with tempfile.TemporaryFile() as out:
+            if lib.seccomp_export_bpf(context, out.fileno()) < 0:
+                return None
+            out.seek(0)
+            return out.read()
+    finally:
+        lib.seccomp_release(context)
+
+
 def _system_dirs() -> list[str]:
     """/usr read-only, and /bin, /lib* as the host has them (merged-/usr symlinks or real folders)."""
     args = ["--ro-bind", "/usr", "/usr"]
@@ -326,7 +373,7 @@ def _system_dirs() -> list[str]:
     return args
 
 
-def _bwrap_command(limits: SandboxLimits) -> list[str]:
+def _bwrap_command(limits: SandboxLimits, seccomp_fd: int | None) -> list[str]:
     executable, roots, hidden = _interpreter()
     bwrap = _bwrap()
     inner = [
@@ -342,6 +389,7 @@ def _bwrap_command(limits: SandboxLimits) -> list[str]:
     inner += [
         "--dev", "/dev", "--size", str(limits.scratch_bytes), "--tmpfs", "/tmp",
         "--remount-ro", "/dev", "--remount-ro", "/",  # bwrap's own tmpfs: nothing but /tmp is writable
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--clearenv", "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin", "--chdir", "/tmp",
         "--", executable, "-I", "-S", "-c", _HARNESS,
     ]
@@ -377,24 +425,29 @@ class _Reply:
 def _run_child(request: dict, limits: SandboxLimits) -> _Reply:
     """Run the harness on one request in a fresh child; the child's reply is data (a repr or an error)."""
     payload = json.dumps({**request, "limits": _rlimits(limits)}).encode()
-    if limits.isolation == "bwrap":
-        if _bwrap() is None:
-            raise RadError(_probe_bwrap(None))
-        command, cwd, env = _bwrap_command(limits), "/", {}
-    else:
-        _warn_no_isolation()
-        command, env = _plain_command(), None
     with contextlib.ExitStack() as stack:
         request_file = stack.enter_context(tempfile.TemporaryFile())  # a file, not a pipe: no write deadlock
         request_file.write(payload)
         request_file.seek(0)
         errors = stack.enter_context(tempfile.TemporaryFile())
-        if limits.isolation == "none":
+        pass_fds = ()
+        if limits.isolation == "bwrap":
+            if _bwrap() is None:
+                raise RadError(_probe_bwrap(None))
+            program = seccomp_program()
+            if program is not None:
+                seccomp_file = stack.enter_context(tempfile.TemporaryFile())
+                seccomp_file.write(program)
+                seccomp_file.seek(0)
+                pass_fds = (seccomp_file.fileno(),)
+            command, cwd, env = _bwrap_command(limits, pass_fds[0] if pass_fds else None), "/", {}
+        else:
+            _warn_no_isolation()
             cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="rad-sandbox-"))
-            env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd}
+            command, env = _plain_command(), {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd}
         deadline = time.monotonic() + limits.timeout_s
         proc = subprocess.Popen(command, stdin=request_file, stdout=subprocess.PIPE, stderr=errors, cwd=cwd,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, pass_fds=pass_fds)
         try:
             reply, why = _read_reply(proc, deadline, limits.max_reply_bytes)
         finally:
