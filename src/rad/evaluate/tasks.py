@@ -153,7 +153,8 @@ class CRUXEvalO:
     def score(self, item: Item, completion: str) -> dict:
         prediction = extract_cruxeval_prediction(completion, item.reference["input"])
         if not prediction:
-            return {"prediction": "", "target": item.reference["target"], "correct": False, "status": "empty"}
+            return {"prediction": "", "target": item.reference["target"], "correct": False, "status": "empty",
+                    "isolation": self.options.sandbox.isolation}
         verdict = check_output_prediction(
             item.reference["code"], item.reference["input"], prediction, self.options.sandbox
         )
