@@ -124,10 +124,12 @@ def test_the_only_writable_place_is_the_private_scratch():
 
 
 @needs_bwrap
-def test_host_secrets_cannot_be_read(tmp_path):
+def test_host_secrets_cannot_be_read(tmp_path, monkeypatch):
     token = secrets.token_hex(16)
     secret = tmp_path / "secret.txt"
     secret.write_text(token)
+    monkeypatch.setenv("RAD_TEST_SECRET", token)  # the environment (API tokens) is not passed either
+    assert not run(body("import os", "return os.environ.get('RAD_TEST_SECRET')"), prediction=repr(token)).passed
     # the code reading it: a prediction of the secret only passes if the code saw it
     assert not run(body(f"return open('{secret}').read()"), prediction=repr(token)).passed
     assert not run(body(f"return open('/proc/1/root{secret}').read()"), prediction=repr(token)).passed
