@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +122,19 @@ def test_the_only_writable_place_is_the_private_scratch():
         for path in leaked:
             path.unlink()
     assert leaked == []
+
+
+@needs_bwrap
+def test_the_view_holds_only_what_the_interpreter_needs():
+    import sysconfig
+
+    site = sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    probe = body("import os",
+                 "seen = [p for p in ('/work', '/home', '/proc/self', '/sys/kernel', '/etc/passwd', "
+                 f"{str(Path.cwd())!r}, {str(Path(__file__).resolve())!r}) if os.path.exists(p)]",
+                 f"return seen, os.listdir({os.path.realpath(site)!r}) if os.path.isdir({os.path.realpath(site)!r}) "
+                 "else [], os.getuid(), os.getgroups()")
+    assert run(probe, prediction="([], [], 65534, [])").passed
 
 
 @needs_bwrap

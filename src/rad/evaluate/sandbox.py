@@ -18,7 +18,8 @@ Isolation (`isolation="bwrap"`, the default) is bubblewrap: every namespace unsh
 cgroup; no nested user namespaces), all capabilities dropped, uid 65534 inside and a non-root uid outside (so
 RLIMIT_NPROC applies: the kernel exempts real root), a new session, a read-only view of only /usr, the /lib
 links and the interpreter's prefix (its site-packages hidden), a small private tmpfs as the only writable place,
-no /proc, an empty environment, rlimits on memory, CPU, file size, core dumps and processes, and the whole
+no /proc, an empty environment, a seccomp filter (libseccomp) refusing ptrace, keyctl, bpf, io_uring, mount
+and friends, rlimits on memory, CPU, file size, core dumps and processes, and the whole
 process tree SIGKILLed (pid-namespace teardown) on timeout. When the caller is root, a first, mount-only
 bubblewrap makes the interpreter (which may live under a private /root) reachable, then `setpriv` drops to uid
 65534 before the real sandbox starts. `isolation="none"` (opt-in, via `RAD_SANDBOX_ISOLATION=none`) keeps the
