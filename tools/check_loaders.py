@@ -92,6 +92,8 @@ def real_cases() -> list[Case]:
     layers = [2, 9, 17, 25]
     return [
         Case("SmolLM2-135M, rad init", "smollm2-135m", layers, "rad", EXACT, real=True),
+        Case("SmolLM2-135M, rad init, no top-level keys", "smollm2-135m", layers, "rad", DIFFERS, real=True,
+             drop_loader_keys=True),
         Case("SmolLM2-135M, mil init", "smollm2-135m", layers, "mil", DIFFERS, real=True),
     ]
 
@@ -151,7 +153,13 @@ def _tiny_tokenizer():
 
 def save_case(case: Case, root: Path, name: str, real_model=None) -> Path:
     """Convert, save with `save_hybrid` (what `rad convert` writes) and store reference logits next to it."""
-    from rad.models.convert import LOADER_KEYS, ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+    from rad.models.convert import (
+        LOADER_KEYS,
+        ConversionConfig,
+        conversion_record,
+        convert_to_hybrid,
+        save_hybrid,
+    )
 
     if case.real:
         source, tokenizer = real_model.model, real_model.tokenizer
