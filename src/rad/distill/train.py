@@ -654,10 +654,11 @@ def _save(run: _Run) -> None:
 
 def save_student(student, tokenizer, dest: Path, record: ConversionRecord | None, config: DistillConfig) -> Path:
     """A stock transformers checkpoint (loads with AutoModelForCausalLM, no rad), written atomically."""
-    from rad.models.convert import CONVERSION_FILE
+    from rad.models.convert import CONVERSION_FILE, write_loader_keys
 
     with atomic_directory(dest, overwrite=True) as tmp:
         student.save_pretrained(tmp)
+        write_loader_keys(tmp, student.config)  # else transformers 4.x and vLLM read rope_theta 10000
         tokenizer.save_pretrained(tmp)
         if record is not None:
             distillation = {"teacher": config.teacher or record.source_model, "train": config.train,

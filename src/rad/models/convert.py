@@ -139,6 +139,50 @@ def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device:
     )
 
 
+# transformers 4.x's BambaConfig hard-codes rope_theta = 10000, rope_scaling = None and partial_rotary_factor = 0.5,
+# then sets every config.json key its __init__ does not name as an attribute, so these top-level keys override
+# the hard-coded values; vLLM's Bamba reads the same three names from the top level (10000 when absent).
+# transformers 5 nests them in `rope_parameters` and, on load, consumes the top-level copies without change
+# (`rope_scaling` replaces `rope_parameters`, hence the full dict). docs/loaders.md has the source lines.
+LOADER_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling")
+LOADERS_DOC = "docs/loaders.md"
+
+
+def loader_keys(config: BambaConfig) -> dict:
+    """The top-level config.json keys older loaders read instead of `rope_parameters`, with the hybrid's values."""
+    rope = dict(config.rope_parameters)
+    keys = {"rope_theta": rope["rope_theta"], "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0)}
+    # Plain RoPE stays without rope_scaling: 4.x and vLLM then take their unscaled path.
+    keys["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    return keys
+
+
+def write_loader_keys(folder: str | Path, config: BambaConfig) -> None:
+    """Add `loader_keys` to the config.json that `save_pretrained` wrote in `folder` (a folder being written)."""
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    data.update({k: v for k, v in loader_keys(config).items() if v is not None})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def loader_warnings(config: BambaConfig) -> list[str]:
+    """What a loader other than transformers >= 5 computes differently for this hybrid (docs/loaders.md)."""
+    notes = []
+    mixers = config.num_hidden_layers - len(config.attn_layer_indices or [])
+    if mixers and config.mamba_n_groups > 1:
+        notes.append(
+            f"transformers < 5 normalises the Mamba2 output over all {config.mamba_n_groups} groups at once "
+            "(5.x: per group), so it computes other logits once a mixer's in_proj is non-zero"
+        )
+    if config.attention_bias:
+        notes.append("vLLM's Bamba has no attention biases and skips the q/k/v biases without an error")
+    if config.tie_word_embeddings:
+        notes.append("vLLM's Bamba does not tie lm_head to the embeddings, and the checkpoint stores no lm_head")
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        notes.append("vLLM's Bamba takes head_dim = hidden_size / heads, which this model's attention does not fit")
+    return notes
+
+
 def _has_qkv_bias(src) -> bool:
     """Qwen2 has q/k/v biases (and none on o_proj); Llama and Mistral say so in `attention_bias`."""
     return src.model_type == "qwen2" or bool(getattr(src, "attention_bias", False))
@@ -275,6 +319,7 @@ def save_hybrid(
     out = check_hybrid_out(out, overwrite)
     with atomic_directory(out, overwrite=True) as tmp:
         hybrid.save_pretrained(tmp)
+        write_loader_keys(tmp, hybrid.config)
         tokenizer.save_pretrained(tmp)
         (tmp / CONVERSION_FILE).write_text(record.to_json())
     return out
@@ -297,6 +342,13 @@ def check_hybrid_out(out: str | Path, overwrite: bool, inputs=()) -> Path:
         if not overwrite:
             raise RadError(f"Output folder {out} already exists and is not empty; pass --overwrite or pick another.")
     return out
+
+
+def log_loader_warnings(config: BambaConfig) -> None:
+    """One warning naming what other loaders get wrong, where `rad convert` / `rad run` users read their log."""
+    notes = loader_warnings(config)
+    if notes:
+        logger.warning("Exact with transformers >= 5; elsewhere: %s (see %s).", "; ".join(notes), LOADERS_DOC)
 
 
 def read_conversion_record(folder: str | Path) -> ConversionRecord | None:
@@ -348,4 +400,5 @@ def convert_model(
     record = conversion_record(model, loaded.model, config)
     save_hybrid(hybrid, loaded.tokenizer, out, record, overwrite=overwrite)
     logger.info("Converted %d of %d layers (%s init) -> %s", len(indices), record.num_layers, init, out)
+    log_loader_warnings(hybrid.config)
     return ConversionResult(out=out, record=record, hybrid=hybrid)

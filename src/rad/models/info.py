@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ class ModelInfo:
     all_attention_kv_bytes_per_token: int  # the same model with every layer attention (the source)
     # One Mamba2 mixer's geometry and parameters next to one attention layer's (None on a plain Transformer)
     mixer: dict | None = None
+    loader_notes: list[str] = field(default_factory=list)  # what loaders other than transformers >= 5 get wrong
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +79,7 @@ def model_info(model: nn.Module) -> ModelInfo:
         kv_bytes_per_token=n_attn * kv_per_layer,
         ssm_state_bytes=ssm_bytes,
         all_attention_kv_bytes_per_token=len(blocks) * kv_per_layer,
+        loader_notes=_loader_notes(config),
     )
 
 
@@ -91,6 +95,27 @@ def _mixer_summary(model: nn.Module) -> dict | None:
         "parameters": sum(p.numel() for p in mixer.parameters()),
         "attention_parameters": attention_parameters(config, bias=bool(getattr(config, "attention_bias", False))),
     }
+
+
+def _loader_notes(config) -> list[str]:
+    """For a Bamba hybrid: `convert.loader_warnings`, plus whether the folder it was loaded from lacks the
+    top-level RoPE keys older loaders read (a folder re-saved by plain transformers 5 drops them)."""
+    if config.model_type != "bamba":
+        return []
+    from rad.models.convert import LOADER_KEYS, loader_keys, loader_warnings
+
+    notes = loader_warnings(config)
+    path = Path(str(getattr(config, "_name_or_path", "") or "")) / "config.json"
+    if path.is_file():
+        written = json.loads(path.read_text())
+        wanted = {k: v for k, v in loader_keys(config).items() if v is not None}
+        wrong = [k for k in LOADER_KEYS if k in wanted and written.get(k) != wanted[k]]
+        if wrong:
+            notes.append(
+                f"{path} lacks the top-level {', '.join(wrong)} that transformers < 5 and vLLM read (they assume "
+                "rope_theta 10000 and half-rotary heads); re-save it with rad (rad.models.convert.write_loader_keys)"
+            )
+    return notes
 
 
 def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a ConversionRecord
@@ -126,4 +151,9 @@ def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a Conve
         hybrid = info.kv_bytes_per_token * ctx + info.ssm_state_bytes
         source = info.all_attention_kv_bytes_per_token * ctx
         lines.append(f"  cache at {ctx:>5} tokens: {hybrid / 2**20:8.1f} MiB vs source {source / 2**20:8.1f} MiB")
+    if info.loader_notes:
+        from rad.models.convert import LOADERS_DOC
+
+        lines.append(f"loaders      exact with transformers >= 5; see {LOADERS_DOC} for the others:")
+        lines.extend(f"  - {note}" for note in info.loader_notes)
     return "\n".join(lines)
