@@ -88,7 +88,8 @@ def run_candidate(name: str, args, loaded, layers: list[int], work: Path) -> dic
     config = DistillConfig(
         hybrid=str(folder), out=str(out), train="mixers", steps=args.steps,
         data=DataConfig(seq_len=args.seq_len, eval_examples=args.eval_sequences, seed=args.seed),
-        micro_batch=args.micro_batch, loss=LossWeights(kl=1.0), eval_every=1, eval_sequences=args.eval_sequences,
+        micro_batch=args.micro_batch, loss=LossWeights(kl=1.0), eval_every=args.steps,
+        eval_at=tuple(s for s in REPORT_STEPS if s <= args.steps), eval_sequences=args.eval_sequences,
         save_every=0, seed=args.seed, progress=False, tensorboard=False, plots=False, device="cpu",
         lr=args.lr,
     )

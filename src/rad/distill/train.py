@@ -90,6 +90,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     loss: LossWeights | None = None  # None: default_loss(self-distillation or not)
     eval_every: int = 100  # 0: no held-out evaluation
+    eval_at: tuple[int, ...] = ()  # more steps to evaluate at (e.g. 1, 2, 4, 8: the start of a run on a log scale)
     eval_sequences: int = 64
     save_every: int = 100  # 0: no checkpoints (no resume), only the final student
     keep_checkpoints: int = 2
@@ -521,7 +522,7 @@ def _train(run: _Run, on_step: Callable[[int], None] | None) -> None:
     show = run.accelerator.is_main_process and cfg.progress
     with tqdm(total=cfg.steps, initial=run.step, disable=not show, desc="distill", dynamic_ncols=True) as bar:
         run.started = time.perf_counter()
-        if run.step == 0 and cfg.eval_every:
+        if run.step == 0 and (cfg.eval_every or 0 in cfg.eval_at):
             _evaluate(run)
         while run.step < cfg.steps:
             record = _train_step(run)
@@ -530,7 +531,7 @@ def _train(run: _Run, on_step: Callable[[int], None] | None) -> None:
                 run.logs.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            if (cfg.eval_every and (step % cfg.eval_every == 0 or last)) or step in cfg.eval_at:
                 _evaluate(run)
             if cfg.save_every and (step % cfg.save_every == 0 or last):
                 _save(run)
