@@ -177,10 +177,11 @@ def _cmd_distill(args: argparse.Namespace) -> None:
                  eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every),
     )
     result = run_distill(config)
-    if result.summary:
-        final = result.summary.get("final_eval") or {}
-        print(f"Distilled {result.steps} steps ({config.train}); held-out KL {final.get('eval_kl', float('nan')):.4f}, "
-              f"top-1 agreement {final.get('eval_top1_agreement', float('nan')):.3f}")
+    if result.summary is not None:
+        final = result.summary.final_eval
+        kl, agreement = (final.eval_kl, final.eval_top1_agreement) if final else (float("nan"), float("nan"))
+        print(f"Distilled {result.steps} steps ({config.train}); held-out KL {kl:.4f}, top-1 agreement "
+              f"{agreement:.3f}")
         print(f"Student saved to {result.student_dir}; logs and curves in {result.out}")
 
 

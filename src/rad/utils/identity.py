@@ -41,12 +41,13 @@ MODEL_FILE_PATTERNS = (
 _FILE_DIGESTS: dict[tuple, str] = {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (memoised per process while its size, mtime and inode stay the same)."""
+def file_sha256(path: str | os.PathLike, memo: bool = True) -> str:
+    """SHA-256 of a file's bytes; with `memo`, remembered per process while its size, mtime and inode stay the
+    same (checksum verification passes memo=False: it must read the bytes)."""
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _FILE_DIGESTS:
+    if not memo or key not in _FILE_DIGESTS:
         h = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
