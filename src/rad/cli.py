@@ -264,14 +264,14 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         config.out = args.out
     result = run_ablation(config)
     s = result.summary
-    print(f"Baseline {s['baseline']}: final held-out KL {s['baseline_final_kl']:.4g} "
-          f"(first reached at step {s['baseline_steps']})")
-    for name in s["order"]:
-        a = s["arms"][name]
-        steps = "never" if a["steps_to_baseline_kl"] is None else f"step {a['steps_to_baseline_kl']}"
-        speed = f", {a['speedup']:.2f}x" if a["speedup"] is not None else ""
-        same = f" (same as {a['same_as']})" if a["same_as"] else ""
-        print(f"  {name:<22} final KL {a['final_kl']:.4g}, baseline KL reached: {steps}{speed}{same}")
+    print(f"Baseline {s.baseline}: final held-out KL {s.baseline_final_kl:.4g} "
+          f"(first reached at step {s.baseline_steps})")
+    for name in s.order:
+        a = s.arms[name]
+        steps = "never" if a.steps_to_baseline_kl is None else f"step {a.steps_to_baseline_kl}"
+        speed = f", {a.speedup:.2f}x" if a.speedup is not None else ""
+        same = f" (same as {a.same_as})" if a.same_as else ""
+        print(f"  {name:<22} final KL {a.final_kl:.4g}, baseline KL reached: {steps}{speed}{same}")
     print(f"Report: {result.report}")
 
 
