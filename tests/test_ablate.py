@@ -27,6 +27,7 @@ from rad.cli import main
 from rad.distill import DataConfig, build_data, kl_divergence
 from rad.errors import RadError
 from rad.evaluate.runner import EvalResults
+from rad.models.convert import ConversionRecord
 from rad.models.loading import load_model
 from rad.models.skip import skip_attention
 from rad.pipeline import RunConfig
@@ -138,8 +139,8 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
         arm, folder = s.arms[name], out / "arms" / name
         lay, init, train = name.split("-")
         layers = [0, 2] if lay == "searched" else [1, 3]
-        record = json.loads((folder / "hybrid" / "rad_conversion.json").read_text())
-        assert (record["converted_layers"], record["init"]) == (layers, init), name
+        record = ConversionRecord.load(folder / "hybrid")
+        assert (record.converted_layers, record.init) == (layers, init), name
         assert json.loads((folder / "distill" / "config.json").read_text())["train"] == train
         assert arm.lr == RunConfig().distill.lr[train]  # rad run's learning rate for that trainable set
         # The same held-out curve points for every arm: step 0 (before training) to the last step.
@@ -260,8 +261,8 @@ def test_without_searched_layers_the_search_runs_into_out(tiny_src, tmp_path):
     assert s.layer_sets["searched"] == sorted(chosen) and len(chosen) == 2
     assert s.searched_source == f"chosen by the search in {out / 'search'}"
     assert s.order == ["searched-rad-mixers", "uniform-mil-all"]
-    record = json.loads((out / "arms" / "searched-rad-mixers" / "hybrid" / "rad_conversion.json").read_text())
-    assert record["converted_layers"] == sorted(chosen)
+    record = ConversionRecord.load(out / "arms" / "searched-rad-mixers" / "hybrid")
+    assert record.converted_layers == sorted(chosen)
 
 
 # ---------------------------------------------------------------- bad input
