@@ -22,12 +22,16 @@ from rad.ablate import (
     run_ablation,
     steps_to_reach,
 )
+from rad.ablate.run import AblateSummary, ArmResult
 from rad.cli import main
 from rad.distill import DataConfig, build_data, kl_divergence
 from rad.errors import RadError
+from rad.evaluate.runner import EvalResults
+from rad.models.convert import ConversionRecord
 from rad.models.loading import load_model
 from rad.models.skip import skip_attention
 from rad.pipeline import RunConfig
+from rad.search.report import SearchResult
 from tests.conftest import make_tiny
 
 
@@ -119,30 +123,30 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
     s = result.summary
     names = [f"{lay}-{init}-{train}" for lay in ("searched", "uniform") for init in ("rad", "mil")
              for train in ("mixers", "all")]
-    assert s["order"] == names and set(result.statuses.values()) == {"ran"}
-    assert s["layer_sets"] == {"searched": [0, 2], "uniform": [1, 3]} and not s["layer_sets_coincide"]
-    assert s["baseline"] == "uniform-mil-all"
+    assert s.order == names and set(result.statuses.values()) == {"ran"}
+    assert s.layer_sets == {"searched": [0, 2], "uniform": [1, 3]} and not s.layer_sets_coincide
+    assert s.baseline == "uniform-mil-all"
     for name in ("ablate.json", "config.yaml", "report.md"):
         assert (out / name).is_file(), name
     assert (out / "kl_curves.png").stat().st_size > 5000
-    assert json.loads((out / "ablate.json").read_text())["arms"].keys() == set(names)
+    assert AblateSummary.load(out) == s and s.arms.keys() == set(names)
     assert yaml.safe_load((out / "config.yaml").read_text())["searched_layers"] == [0, 2]
 
     src = load_file(str(tiny_src / "src" / "model.safetensors"))
     eval_rows = build_data(DataConfig(spec=str(tiny_src / "data.jsonl"), seq_len=32, eval_examples=6),
                            load_model(str(tiny_src / "src")).tokenizer).eval
     for name in names:
-        arm, folder = s["arms"][name], out / "arms" / name
+        arm, folder = s.arms[name], out / "arms" / name
         lay, init, train = name.split("-")
         layers = [0, 2] if lay == "searched" else [1, 3]
-        record = json.loads((folder / "hybrid" / "rad_conversion.json").read_text())
-        assert (record["converted_layers"], record["init"]) == (layers, init), name
+        record = ConversionRecord.load(folder / "hybrid")
+        assert (record.converted_layers, record.init) == (layers, init), name
         assert json.loads((folder / "distill" / "config.json").read_text())["train"] == train
-        assert arm["lr"] == RunConfig().distill.lr[train]  # rad run's learning rate for that trainable set
+        assert arm.lr == RunConfig().distill.lr[train]  # rad run's learning rate for that trainable set
         # The same held-out curve points for every arm: step 0 (before training) to the last step.
-        assert [p["step"] for p in arm["curve"]] == [0, 1, 2, 3]
-        assert arm["final_kl"] == arm["curve"][-1]["eval_kl"] and arm["kl_at_init"] == arm["curve"][0]["eval_kl"]
-        assert {p["eval_tokens"] for p in arm["curve"]} == {s["arms"][names[0]]["curve"][0]["eval_tokens"]}
+        assert [p.step for p in arm.curve] == [0, 1, 2, 3]
+        assert arm.final_kl == arm.curve[-1].eval_kl and arm.kl_at_init == arm.curve[0].eval_kl
+        assert {p.eval_tokens for p in arm.curve} == {s.arms[names[0]].curve[0].eval_tokens}
         assert not (folder / "distill" / "checkpoints").exists()  # removed once the student is saved
         hybrid = load_file(str(folder / "hybrid" / "model.safetensors"))
         in_proj = [hybrid[f"model.layers.{i}.mamba.in_proj.weight"] for i in layers]
@@ -159,8 +163,8 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
     # Step 0 is the init: the same for both trainable sets; for `rad` it is the draft model's KL.
     for lay in ("searched", "uniform"):
         for init in ("rad", "mil"):
-            a, b = s["arms"][f"{lay}-{init}-mixers"], s["arms"][f"{lay}-{init}-all"]
-            assert a["curve"][0] == b["curve"][0]
+            a, b = s.arms[f"{lay}-{init}-mixers"], s.arms[f"{lay}-{init}-all"]
+            assert a.curve[0] == b.curve[0]
     teacher = load_model(str(tiny_src / "src"), device="cpu", dtype="float32").model
     rows = eval_rows.rows(list(range(min(4, len(eval_rows)))))
     with torch.no_grad():
@@ -168,28 +172,28 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
         with skip_attention(teacher, [0, 2]):
             d_logits = teacher(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
     draft_kl = kl_divergence(d_logits[:, :-1], t_logits[:, :-1], rows.loss_mask[:, 1:].float()).item()
-    assert s["arms"]["searched-rad-mixers"]["kl_at_init"] == pytest.approx(draft_kl, rel=1e-4)
-    assert s["arms"]["searched-mil-mixers"]["kl_at_init"] != pytest.approx(draft_kl, rel=1e-2)
+    assert s.arms["searched-rad-mixers"].kl_at_init == pytest.approx(draft_kl, rel=1e-4)
+    assert s.arms["searched-mil-mixers"].kl_at_init != pytest.approx(draft_kl, rel=1e-2)
     # Steps to the baseline's final KL, checked against the rule's definition on the recorded curves (the
     # rule itself is checked on hand-made curves above): the first evaluated step at or below the target.
-    target = s["arms"]["uniform-mil-all"]["final_kl"]
-    assert s["baseline_final_kl"] == target
-    assert s["baseline_steps"] == s["arms"]["uniform-mil-all"]["steps_to_baseline_kl"] is not None
+    target = s.arms["uniform-mil-all"].final_kl
+    assert s.baseline_final_kl == target
+    assert s.baseline_steps == s.arms["uniform-mil-all"].steps_to_baseline_kl is not None
     for name in names:
-        arm = s["arms"][name]
-        steps, kls = [p["step"] for p in arm["curve"]], [p["eval_kl"] for p in arm["curve"]]
-        reached = arm["steps_to_baseline_kl"]
+        arm = s.arms[name]
+        steps, kls = [p.step for p in arm.curve], [p.eval_kl for p in arm.curve]
+        reached = arm.steps_to_baseline_kl
         if reached is None:
             assert min(kls) > target, name
-            assert arm["speedup"] is None
+            assert arm.speedup is None
             continue
         at = steps.index(reached)
         assert kls[at] <= target and all(kl > target for kl in kls[:at]), (name, kls, target)
-        assert arm["reached_at_init"] == (reached == 0)
-        if reached and s["baseline_steps"]:
-            assert arm["speedup"] == pytest.approx(s["baseline_steps"] / reached)
+        assert arm.reached_at_init == (reached == 0)
+        if reached and s.baseline_steps:
+            assert arm.speedup == pytest.approx(s.baseline_steps / reached)
         else:
-            assert arm["speedup"] is None
+            assert arm.speedup is None
     report = (out / "report.md").read_text()
     for needle in ("| arm |", "uniform-mil-all** (baseline)", "kl_curves.png", f"rad ablate --config {out}",
                    "searched layers: **0, 2**", "steps to baseline KL"):
@@ -205,14 +209,14 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
     assert skipped == set(names)
     assert stamps == {n: (out / "arms" / n / "distill" / "student" / "model.safetensors").stat().st_mtime_ns
                       for n in names}
-    assert again.summary["arms"]["searched-rad-all"]["curve"] == s["arms"]["searched-rad-all"]["curve"]
+    assert again.summary.arms["searched-rad-all"].curve == s.arms["searched-rad-all"].curve
     # An arm cut short (no student, no result yet) is redone in its folder; the others stay skipped.
     shutil.rmtree(out / "arms" / "searched-rad-all" / "distill" / "student")
     (out / "arms" / "searched-rad-all" / "result.json").unlink()
     third = run_ablation(config)
     assert third.statuses["searched-rad-all"] == "resumed"
     assert {v for k, v in third.statuses.items() if k != "searched-rad-all"} == {"skipped"}
-    assert third.summary["arms"]["searched-rad-all"]["curve"] == s["arms"]["searched-rad-all"]["curve"]
+    assert third.summary.arms["searched-rad-all"].curve == s.arms["searched-rad-all"].curve
     # The same folder with other training settings is refused, not silently mixed.
     with pytest.raises(RadError, match="other settings"):
         run_ablation(_tiny_config(tiny_src, out, distill=AblateDistill(steps=4, seq_len=32, eval_every=1,
@@ -229,19 +233,19 @@ def test_searched_equal_to_uniform_runs_each_pair_once(tiny_src, tmp_path, caplo
                                        inits=["mil"], train=["all"],
                                        eval=AblateEval(tasks=["gsm8k"], limit=2, max_new_tokens=4)))
     s = result.summary
-    assert s["layer_sets"]["searched"] == [1, 3] and s["layer_sets_coincide"]
+    assert s.layer_sets["searched"] == [1, 3] and s.layer_sets_coincide
     assert result.statuses == {"uniform-mil-all": "ran", "searched-mil-all": "same as uniform-mil-all"}
     assert not (out / "arms" / "searched-mil-all").exists()
-    assert s["arms"]["searched-mil-all"]["curve"] == s["arms"]["uniform-mil-all"]["curve"]
+    assert s.arms["searched-mil-all"].curve == s.arms["uniform-mil-all"].curve
     assert any("coincides" in r.getMessage() for r in caplog.records)
     assert "The searched layers are the uniform layers" in (out / "report.md").read_text()
-    assert "chosen by the search in" in s["searched_source"]
+    assert "chosen by the search in" in s.searched_source
     # Task scores of the arm's student and of the teacher, with their counts, through the evaluate runner.
-    for scores in (s["arms"]["uniform-mil-all"]["scores"], s["teacher_scores"]):
-        assert scores["gsm8k"]["total"] == 2 and 0 <= scores["gsm8k"]["correct"] <= 2
+    for scores in (s.arms["uniform-mil-all"].scores, s.teacher_scores):
+        assert scores["gsm8k"].total == 2 and 0 <= scores["gsm8k"].correct <= 2
     items = (out / "eval" / "uniform-mil-all" / "gsm8k.jsonl").read_text().splitlines()
     assert len(items) == 2
-    assert (out / "eval" / "teacher" / "results.json").is_file()
+    assert EvalResults.load(out / "eval" / "teacher").tasks["gsm8k"] == s.teacher_scores["gsm8k"]
     assert "| gsm8k |" in (out / "report.md").read_text()
 
 
@@ -253,12 +257,12 @@ def test_without_searched_layers_the_search_runs_into_out(tiny_src, tmp_path):
                           search=SearchSettings(objective="agreement", trials=3, max_new_tokens=4, prompts=1,
                                                 baselines=False))
     s = run_ablation(config).summary
-    chosen = json.loads((out / "search" / "search.json").read_text())["chosen_layers"]
-    assert s["layer_sets"]["searched"] == sorted(chosen) and len(chosen) == 2
-    assert s["searched_source"] == f"chosen by the search in {out / 'search'}"
-    assert s["order"] == ["searched-rad-mixers", "uniform-mil-all"]
-    record = json.loads((out / "arms" / "searched-rad-mixers" / "hybrid" / "rad_conversion.json").read_text())
-    assert record["converted_layers"] == sorted(chosen)
+    chosen = SearchResult.load(out / "search").layers
+    assert s.layer_sets["searched"] == sorted(chosen) and len(chosen) == 2
+    assert s.searched_source == f"chosen by the search in {out / 'search'}"
+    assert s.order == ["searched-rad-mixers", "uniform-mil-all"]
+    record = ConversionRecord.load(out / "arms" / "searched-rad-mixers" / "hybrid")
+    assert record.converted_layers == sorted(chosen)
 
 
 # ---------------------------------------------------------------- bad input
@@ -313,13 +317,57 @@ def test_two_arms_on_the_default_model_through_the_cli(default_model, tmp_path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "searched-rad-mixers" in printed and f"Report: {out / 'report.md'}" in printed
-    s = json.loads((out / "ablate.json").read_text())
-    assert s["order"] == ["searched-rad-mixers", "uniform-mil-all"]  # the baseline is added to the grid
-    assert s["layer_sets"] == {"searched": [8, 14, 20, 26], "uniform": [6, 14, 21, 29]}
-    rad, base = s["arms"]["searched-rad-mixers"], s["arms"]["uniform-mil-all"]
-    assert [p["step"] for p in rad["curve"]] == [0, 1, 2] == [p["step"] for p in base["curve"]]
-    assert rad["trainable_parameters"] < 0.2 * rad["total_parameters"]
-    assert base["trainable_parameters"] == base["total_parameters"]
-    assert s["config"]["distill"]["align_weight"] == 1.0 and s["versions"]["rad"]
+    s = AblateSummary.load(out)
+    assert s.order == ["searched-rad-mixers", "uniform-mil-all"]  # the baseline is added to the grid
+    assert s.layer_sets == {"searched": [8, 14, 20, 26], "uniform": [6, 14, 21, 29]}
+    rad, base = s.arms["searched-rad-mixers"], s.arms["uniform-mil-all"]
+    assert [p.step for p in rad.curve] == [0, 1, 2] == [p.step for p in base.curve]
+    assert rad.trainable_parameters < 0.2 * rad.total_parameters
+    assert base.trainable_parameters == base.total_parameters
+    assert s.config["distill"]["align_weight"] == 1.0 and s.versions["rad"]
     assert (out / "kl_curves.png").stat().st_size > 5000
     assert "| searched-rad-mixers |" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- typed artefacts and resume identity
+
+
+def test_ablate_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path):
+    from rad.ablate.run import ArmSummary
+    from rad.distill.train import EvalPoint
+    from rad.evaluate.runner import TaskScore
+
+    curve = [EvalPoint(0, 0.5, 9.0, 8.0, 0.7, 100), EvalPoint(2, 0.3, 8.5, 8.0, 0.8, 100)]
+    arm = ArmResult("uniform-mil-all", "uniform", [1, 3], "mil", "all", 2e-4, 10, 20, "data.jsonl", curve, 0.5, 0.3,
+                    2, {"gsm8k": TaskScore(0.5, 1, 2, (0.1, 0.9), limit=2)}, {"distill_s": 1.0}, str(tmp_path),
+                    {"layers": [1, 3]}, {"tasks": ["gsm8k"]})
+    arm.save(tmp_path)
+    raw = json.loads((tmp_path / "result.json").read_text())
+    assert raw["curve"][1] == {"step": 2, "eval_kl": 0.3, "eval_ppl": 8.5, "teacher_ppl": 8.0,
+                               "eval_top1_agreement": 0.8, "eval_tokens": 100}  # the layout of before
+    assert ArmResult.load(tmp_path) == arm
+    summary = AblateSummary("m", 4, 2, {"searched": [1, 3], "uniform": [1, 3]}, "given", True, arm.name, 0.3, 2,
+                            [arm.name], {arm.name: ArmSummary(**vars(arm), steps_to_baseline_kl=2, speedup=1.0)},
+                            {}, {arm.name: "ran"}, {}, {"total_s": 1.0}, "rad ablate", {"seed": 0}, {"rad": "0"})
+    summary.save(tmp_path)
+    assert AblateSummary.load(tmp_path) == summary
+    (tmp_path / "result.json").write_text('{"name": "x"}')
+    with pytest.raises(RadError, match="is not a rad ablation arm result .*delete it"):
+        ArmResult.load(tmp_path)
+    (tmp_path / "ablate.json").write_text("[1, 2]")
+    with pytest.raises(RadError, match="is not a rad ablation summary .*re-run `rad ablate"):
+        AblateSummary.load(tmp_path)
+
+
+def test_an_arm_refuses_a_teacher_remade_at_the_same_path(tiny_src, tmp_path):
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_src / "src", model)
+    out = tmp_path / "abl"
+    config = _tiny_config(tiny_src, out, model=str(model), layers=["uniform"], inits=["mil"], train=["all"],
+                          distill=AblateDistill(steps=1, seq_len=32, micro_batch=2, eval_every=1, eval_sequences=2,
+                                                save_every=1, data=str(tiny_src / "data.jsonl"), eval_examples=6))
+    first = run_ablation(config)
+    assert first.statuses == {"uniform-mil-all": "ran"}
+    make_tiny("llama", seed=7, vocab_size=49152).save_pretrained(model)  # other weights, same path and shape
+    with pytest.raises(RadError, match=r"was made with other settings \(model_fingerprint "):
+        run_ablation(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,7 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rad.distill import DataConfig, DistillConfig, LossWeights, build_data, kl_divergence, run_distill
+from rad.distill import (
+    DataConfig,
+    DistillConfig,
+    DistillSummary,
+    LossWeights,
+    build_data,
+    kl_divergence,
+    run_distill,
+)
 from rad.distill.checkpoint import list_checkpoints, verify_checkpoint
 from rad.distill.loss import chunked_distill_terms
 from rad.distill.modules import check_same_vocabulary, select_trainable, share_frozen_weights
@@ -252,7 +261,7 @@ def test_nan_loss_stops_with_last_good_checkpoint_intact(tiny_dirs, tmp_path, mo
     with pytest.raises(RadError, match=r"loss became nan at step 3.*step-0000002"):
         run_distill(_config(tiny_dirs, out, eval_every=0))
     (ckpt,) = list_checkpoints(out / "checkpoints")
-    assert verify_checkpoint(ckpt)["step"] == 2
+    assert verify_checkpoint(ckpt).step == 2
 
 
 _SCRIPT = """
@@ -402,8 +411,8 @@ def test_self_distillation_on_the_default_model_lowers_held_out_kl(default_model
         result = _short_self_distillation(tmp_path, spec)
     finally:
         torch.set_num_threads(threads)
-    s = result.summary
-    assert s["self_distillation"] and s["shared_teacher_bytes"] > 400e6  # one copy of ~513 MB of weights
+    s = DistillSummary.load(tmp_path / "out")
+    assert s == result.summary and s.self_distillation and s.shared_teacher_bytes > 400e6  # one copy of ~513 MB of weights
     first, last = result.evals[0], result.evals[-1]
     assert first["step"] == 0 and last["step"] == 10
     assert last["eval_kl"] < 0.9 * first["eval_kl"], (first, last)
@@ -438,3 +447,205 @@ def test_fused_head_loss_matches_autograd_reference():
         assert fused[k].item() == pytest.approx(ref[k].item(), rel=1e-5), k
     for a, b in zip(g_fused, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- resume identity (tiny word tokenizer: fast tier)
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _word_data(path, n=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (20,),
+                                                                                           generator=gen))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def _save_hybrid_of(src, folder, tokenizer, init="rad", seed=0):
+    cfg = ConversionConfig(layers=[1, 3], init=init, seed=seed)
+    save_hybrid(convert_to_hybrid(src, cfg), tokenizer, folder, conversion_record(str(folder.parent / "src"), src, cfg),
+                overwrite=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def word_dirs(tmp_path_factory):
+    """A tiny Llama with a 96-word tokenizer, its rad hybrid and some data, and a run stopped after step 2 of 4
+    with a checkpoint there: what every resume below starts from."""
+    root = tmp_path_factory.mktemp("resume_identity")
+    tok = _word_tokenizer()
+    src = make_tiny("llama")
+    src.save_pretrained(root / "src")
+    tok.save_pretrained(root / "src")
+    _save_hybrid_of(src, root / "hybrid", tok)
+    _word_data(root / "data.jsonl")
+    _word_data(root / "other.jsonl", seed=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_distill(_word_config(root, root / "stopped"), on_step=stop)
+    assert [p.name for p in list_checkpoints(root / "stopped" / "checkpoints")] == ["step-0000002"]
+    return root
+
+
+def _word_config(root, out, **kw):
+    data = dict(spec=str(root / "data.jsonl"), seq_len=16, eval_examples=4)
+    data.update(kw.pop("data", {}))
+    base = dict(hybrid=str(root / "hybrid"), out=str(out), steps=4, micro_batch=2, grad_accum=1, lr=1e-3,
+                data=DataConfig(**data), eval_every=2, eval_sequences=2, save_every=2, device="cpu",
+                progress=False, tensorboard=False, plots=False)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _stopped_copy(word_dirs, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(word_dirs / "stopped", out)
+    return out
+
+
+# (change on --resume, the setting the refusal must name)
+RESULT_CHANGING = {
+    "lr": (dict(lr=5e-4), "optimizer.lr"),
+    "warmup_ratio": (dict(warmup_ratio=0.5), "optimizer.warmup_ratio"),
+    "min_lr_ratio": (dict(min_lr_ratio=0.1), "optimizer.min_lr_ratio"),
+    "weight_decay": (dict(weight_decay=0.1), "optimizer.weight_decay"),
+    "betas": (dict(betas=(0.9, 0.95)), "optimizer.betas"),
+    "max_grad_norm": (dict(max_grad_norm=0.5), "optimizer.max_grad_norm"),
+    "steps": (dict(steps=6), "steps"),
+    "other data": (dict(data=dict(spec="OTHER")), "data.content"),
+    "seq_len": (dict(data=dict(seq_len=12)), "data.seq_len"),
+    "max_examples": (dict(data=dict(max_examples=30)), "data.content"),
+    "held-out split": (dict(data=dict(eval_examples=6)), "data.content"),
+    "seed": (dict(seed=1, data=dict(seed=1)), "seed"),
+    "global batch": (dict(micro_batch=4), "global_batch"),
+    "train set": (dict(train="all"), "train"),
+    "loss weights": (dict(loss=LossWeights(align=0.5)), "loss.align"),
+    "temperature": (dict(loss=LossWeights(align=1.0, temperature=2.0)), "loss.temperature"),
+    "eval_sequences": (dict(eval_sequences=3), "eval_sequences"),
+    "student dtype": (dict(dtype="bfloat16"), "precision.student"),
+    "teacher": (dict(teacher="OTHER_TEACHER"), "teacher"),
+    "init student": (dict(hybrid="REMADE"), "student"),
+}
+
+
+@pytest.mark.parametrize("name", list(RESULT_CHANGING))
+def test_resume_refuses_every_result_changing_setting(word_dirs, tmp_path, name):
+    change, setting = RESULT_CHANGING[name]
+    change = dict(change)
+    if change.get("data", {}).get("spec") == "OTHER":
+        change["data"] = {"spec": str(word_dirs / "other.jsonl")}
+    if change.get("teacher") == "OTHER_TEACHER":  # same vocabulary, other weights
+        make_tiny("llama", seed=5).save_pretrained(tmp_path / "teacher")
+        _word_tokenizer().save_pretrained(tmp_path / "teacher")
+        change["teacher"] = str(tmp_path / "teacher")
+    if change.get("hybrid") == "REMADE":  # the hybrid's folder re-made at the same place with another init
+        import shutil
+
+        shutil.copytree(word_dirs / "src", tmp_path / "src")
+        hybrid = _save_hybrid_of(make_tiny("llama"), tmp_path / "hybrid", _word_tokenizer(), init="mil")
+        change["hybrid"] = str(hybrid)
+    out = _stopped_copy(word_dirs, tmp_path)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(RadError, match=rf"was made with other settings \(.*{setting} .* -> "):
+        run_distill(_word_config(word_dirs, out, resume=True, **change))
+    assert sorted(p.name for p in out.rglob("*")) == before  # refused before any step, nothing written
+
+
+def test_resume_with_allowed_changes_uses_and_records_them(word_dirs, tmp_path, caplog):
+    import shutil
+
+    # The same models by content at other paths, another micro-batch split of the same global batch, another
+    # evaluation and checkpoint cadence: accepted, used from step 2 on, recorded in config.json.
+    shutil.copytree(word_dirs / "hybrid", tmp_path / "moved-hybrid")
+    shutil.copytree(word_dirs / "src", tmp_path / "teacher-copy")
+    out = _stopped_copy(word_dirs, tmp_path)
+    result = run_distill(_word_config(word_dirs, out, resume=True, hybrid=str(tmp_path / "moved-hybrid"),
+                                      teacher=str(tmp_path / "teacher-copy"), micro_batch=1, grad_accum=2,
+                                      loss=LossWeights(align=1.0),  # a given --teacher defaults to align 0
+                                      eval_every=1, save_every=1))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["micro_batch"], config["grad_accum"], config["eval_every"]) == (1, 2, 1)
+    assert [e["step"] for e in result.evals] == [0, 2, 3, 4]  # before: every 2 steps; after: every step
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003", "step-0000004"]
+    summary = DistillSummary.load(out)
+    assert summary.steps == 4 and summary.final_eval.step == 4 and summary.settings["global_batch"] == 2
+    # Through the CLI, a changed learning rate is exit 2 with one sentence, not a traceback.
+    from rad.cli import main
+
+    caplog.clear()
+    code = main(["distill", str(word_dirs / "hybrid"), "--data", str(word_dirs / "data.jsonl"), "--seq-len", "16",
+                 "--eval-examples", "4", "--steps", "4", "--micro-batch", "2", "--lr", "0.002", "--eval-every", "2",
+                 "--eval-sequences", "2", "--save-every", "2", "--out", str(out), "--resume", "--device", "cpu",
+                 "--no-progress"])
+    assert code == 2 and "optimizer.lr 0.001 -> 0.002" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_distill_artefacts_round_trip_and_malformed_files_are_clear_errors(word_dirs, tmp_path):
+    from rad.distill.checkpoint import CheckpointState
+
+    summary = DistillSummary.load(_finished_copy(word_dirs, tmp_path))
+    assert summary.first_eval.step == 0 and summary.final_eval.step == 4 and summary.settings["data"]["content"]
+    summary.save(tmp_path / "again")
+    assert DistillSummary.load(tmp_path / "again") == summary
+    (tmp_path / "again" / "summary.json").write_text('{"hybrid": "x"}')
+    with pytest.raises(RadError, match="is not a rad distillation summary .*re-run `rad distill"):
+        DistillSummary.load(tmp_path / "again")
+    with pytest.raises(RadError, match="has no summary.json"):
+        DistillSummary.load(tmp_path / "nowhere")
+    # state.json as an older rad wrote it: its flat train/steps/global_batch/seed become the checked settings.
+    legacy = CheckpointState.from_json({"step": 2, "files": {}, "train": "mixers", "global_batch": 2, "steps": 4,
+                                        "seed": 0, "data_position": 4, "train_sequences": 20})
+    assert legacy.settings == {"train": "mixers", "global_batch": 2, "steps": 4, "data": {"seed": 0}}
+    (ckpt,) = list_checkpoints(word_dirs / "stopped" / "checkpoints")
+    state = verify_checkpoint(ckpt)
+    assert CheckpointState.from_json(state.to_json()) == state and state.step == 2 and state.settings["steps"] == 4
+
+
+def test_resume_of_an_older_checkpoint_checks_what_it_recorded(word_dirs, tmp_path, caplog):
+    out = _stopped_copy(word_dirs, tmp_path)
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    state = json.loads((ckpt / "state.json").read_text())
+    old = {"step": state["step"], "files": state["files"], "train": "mixers", "global_batch": 2, "steps": 4,
+           "seed": 0, "data_position": 4, "train_sequences": state["train_sequences"]}
+    (ckpt / "state.json").write_text(json.dumps(old))
+    with pytest.raises(RadError, match="steps 4 -> 5"):
+        run_distill(_word_config(word_dirs, out, resume=True, steps=5))
+    caplog.set_level(logging.WARNING, logger="rad")
+    run_distill(_word_config(word_dirs, out, resume=True))
+    assert "does not record" in caplog.text and "optimizer.lr" in caplog.text
+
+
+def _finished_copy(word_dirs, tmp_path):
+    out = _stopped_copy(word_dirs, tmp_path)
+    run_distill(_word_config(word_dirs, out, resume=True))
+    return out
+
+
+def test_every_distill_setting_is_either_checked_or_allowed_on_resume():
+    """A new DistillConfig field must be classified: checked on resume, or explicitly allowed to change."""
+    from dataclasses import fields
+
+    from rad.distill.train import ALLOWED_ON_RESUME
+
+    checked = {"train", "steps", "data", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_ratio",
+               "max_grad_norm", "loss", "eval_sequences", "mixed_precision", "dtype", "teacher_dtype", "seed"}
+    names = {f.name for f in fields(DistillConfig)}
+    assert names == checked | set(ALLOWED_ON_RESUME), names ^ (checked | set(ALLOWED_ON_RESUME))

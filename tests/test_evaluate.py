@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -30,6 +31,7 @@ from rad.evaluate import (
     wilson_interval,
 )
 from rad.evaluate.generation import GenerationConfig, Generator
+from rad.evaluate.runner import EvalResults
 from rad.evaluate.sandbox import sandbox_available
 from rad.evaluate.tasks import CRUXEvalO, TaskOptions
 from rad.models.convert import ConversionConfig, convert_to_hybrid
@@ -193,8 +195,8 @@ def test_interrupted_eval_resumes_where_it_stopped(tiny_hybrid, tiny_tokenizer, 
     assert second.tasks["gsm8k"].generated == 2 and second.tasks["gsm8k"].total == 5
     after = [json.loads(line) for line in items.read_text().splitlines()]
     assert after[:3] == before and [r["id"] for r in after] == [f"gsm8k-test-{i}" for i in range(5)]
-    results = json.loads((tmp_path / "tiny-hybrid" / "results.json").read_text())
-    assert results["tasks"]["gsm8k"]["total"] == 5 and len(results["tasks"]["gsm8k"]["ci95"]) == 2
+    results = EvalResults.load(tmp_path / "tiny-hybrid")
+    assert results.tasks["gsm8k"].total == 5 and len(results.tasks["gsm8k"].ci95) == 2
     with pytest.raises(RadError, match="other settings"):
         evaluate_model(loaded, EvalConfig(limit=5, **{**config, "max_new_tokens": 8}))
     table = comparison_table([first, second])
@@ -238,9 +240,8 @@ def test_real_model_gsm8k_results_json(default_model, tmp_path, capsys):
     code = main(["eval", "smollm2-135m", "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "16",
                  "--out", str(out), "--device", "cpu", "--dtype", "float32"])
     assert code == 0
-    results = json.loads((out / "smollm2-135m" / "results.json").read_text())
-    gsm = results["tasks"]["gsm8k"]
-    assert gsm["total"] == 2 and 0 <= gsm["correct"] <= 2 and gsm["ci95"][0] <= gsm["accuracy"] <= gsm["ci95"][1]
+    gsm = EvalResults.load(out / "smollm2-135m").tasks["gsm8k"]
+    assert gsm.total == 2 and 0 <= gsm.correct <= 2 and gsm.ci95[0] <= gsm.accuracy <= gsm.ci95[1]
     lines = (out / "smollm2-135m" / "gsm8k.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["completion"]
     assert "| smollm2-135m |" in capsys.readouterr().out and (out / "comparison.md").is_file()
@@ -381,3 +382,110 @@ def test_gsm8k_prompts_zero_and_n_shot():
     assert [m["role"] for m in shot.messages] == ["user", "assistant", "user", "assistant", "user"]
     assert "<<" not in shot.messages[1]["content"] and "The answer is" in shot.messages[1]["content"]
     assert shot.raw.count("Question:") == 3 and shot.raw.endswith("Answer:")
+
+
+# --- resume identity: per-item results are reused only for the same model content and settings -----------
+
+
+def _save_tiny(folder: Path, tokenizer, seed: int) -> Path:
+    make_tiny("llama", seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+_RESUME = dict(tasks=["gsm8k"], limit=1, max_new_tokens=2, chat=False, batch_size=1)
+
+
+@needs_data
+def test_eval_resume_is_keyed_on_model_content_and_scoring_settings(tiny_tokenizer, tmp_path, caplog,
+                                                                    monkeypatch):
+    import shutil
+
+    from rad.evaluate.runner import TaskMeta
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    model = _save_tiny(tmp_path / "a" / "m", tiny_tokenizer, seed=0)
+    first = evaluate_model(str(model), EvalConfig(out=str(out), **_RESUME), device="cpu")
+    assert first.tasks["gsm8k"].generated == 1
+    items = out / "m" / "gsm8k.jsonl"
+    before = items.read_text()
+    meta = TaskMeta.load(out / "m" / "gsm8k.meta.json")
+    assert meta.model_fingerprint and meta.scoring["timeout_s"] == 5.0 and meta.dtype == "torch.float32"
+
+    # A plain copy of the same files under the same folder name: the same model, its items are reused.
+    copy = tmp_path / "copy" / "m"
+    shutil.copytree(model, copy)
+    again = evaluate_model(str(copy), EvalConfig(out=str(out), **_RESUME), device="cpu")
+    assert again.tasks["gsm8k"].generated == 0 and items.read_text() == before
+
+    # The folder re-made at the same path with other weights: refused through the CLI (exit 2, one sentence).
+    shutil.rmtree(model)
+    _save_tiny(model, tiny_tokenizer, seed=1)
+    args = ["eval", str(model), "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "2", "--no-chat",
+            "--batch-size", "1", "--out", str(out), "--device", "cpu"]
+    caplog.clear()
+    assert main(args) == 2
+    assert "model_fingerprint" in caplog.text and "--overwrite" in caplog.text and "Traceback" not in caplog.text
+    assert items.read_text() == before  # nothing mixed in
+
+    # A symlink moved from the first model to another one.
+    link = tmp_path / "links" / "m"
+    link.parent.mkdir()
+    link.symlink_to(copy, target_is_directory=True)
+    assert evaluate_model(str(link), EvalConfig(out=str(out), **_RESUME), device="cpu").tasks["gsm8k"].generated == 0
+    link.unlink()
+    link.symlink_to(model, target_is_directory=True)
+    with pytest.raises(RadError, match="model_fingerprint"):
+        evaluate_model(str(link), EvalConfig(out=str(out), **_RESUME), device="cpu")
+
+    # Other scoring settings (any field of SandboxLimits) with the same model: refused, naming the field.
+    with pytest.raises(RadError, match=r"scoring\.timeout_s 5\.0 -> 1\.0"):
+        evaluate_model(str(copy), EvalConfig(out=str(out), sandbox=SandboxLimits(timeout_s=1.0), **_RESUME),
+                       device="cpu")
+    assert items.read_text() == before
+    # --overwrite is the explicit way to discard the old items: the new model's items replace them.
+    redone = evaluate_model(str(model), EvalConfig(out=str(out), overwrite=True, **_RESUME), device="cpu")
+    assert redone.tasks["gsm8k"].generated == 1
+    assert TaskMeta.load(out / "m" / "gsm8k.meta.json").model_fingerprint != meta.model_fingerprint
+
+
+@needs_data
+def test_eval_meta_of_an_older_rad_is_accepted_with_a_warning(tiny_hybrid, tiny_tokenizer, tmp_path, caplog):
+    loaded = LoadedModel(tiny_hybrid, tiny_tokenizer, source="tiny-hybrid", path=None)
+    evaluate_model(loaded, EvalConfig(out=str(tmp_path), **_RESUME))
+    meta_path = tmp_path / "tiny-hybrid" / "gsm8k.meta.json"
+    old = {k: v for k, v in json.loads(meta_path.read_text()).items()
+           if k not in ("model_fingerprint", "dtype", "scoring")}  # what rad wrote before it keyed on them
+    meta_path.write_text(json.dumps(old))
+    caplog.set_level(logging.WARNING, logger="rad")
+    assert evaluate_model(loaded, EvalConfig(out=str(tmp_path), **_RESUME)).tasks["gsm8k"].generated == 0
+    assert "does not record dtype, model_fingerprint, scoring" in caplog.text
+    # An in-memory model (no folder) is identified by its tensors: other weights are refused.
+    other = LoadedModel(convert_to_hybrid(make_tiny("llama", seed=3), ConversionConfig(layers=[1, 2], init="mil")),
+                        tiny_tokenizer, source="tiny-hybrid", path=None)
+    with pytest.raises(RadError, match="model_fingerprint"):
+        evaluate_model(other, EvalConfig(out=str(tmp_path), **_RESUME))
+
+
+def test_eval_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path):
+    from rad.evaluate.runner import EvalResults, TaskMeta, TaskScore, TeacherScores
+
+    results = EvalResults("m", {"gsm8k": TaskScore(0.5, 1, 2, (0.1, 0.9), limit=2)},
+                          TeacherScores("t", 0.1, 2.0, 1.9, 0.8, 10, 2, settings={"n_texts": 2, "max_length": 512}))
+    results.save(tmp_path)
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["tasks"]["gsm8k"]["ci95"] == [0.1, 0.9] and raw["teacher"]["n_texts"] == 2  # the layout of before
+    assert EvalResults.load(tmp_path) == results
+    meta = TaskMeta("gsm8k", "v1", "m", False, 0, 4, model_fingerprint="ab", dtype="torch.float32",
+                    scoring={"timeout_s": 5.0})
+    meta.save(tmp_path / "gsm8k.meta.json")
+    assert TaskMeta.load(tmp_path / "gsm8k.meta.json") == meta
+    (tmp_path / "results.json").write_text('{"model": "m", "tasks": {"gsm8k": {"accuracy": 1}}}')
+    with pytest.raises(RadError, match="is not a rad evaluation result .*re-run `rad eval`"):
+        EvalResults.load(tmp_path)
+    (tmp_path / "gsm8k.meta.json").write_text("{not json")
+    with pytest.raises(RadError, match="is not a rad task metadata file .*--overwrite"):
+        TaskMeta.load(tmp_path / "gsm8k.meta.json")
+    with pytest.raises(RadError, match="has no results.json"):
+        EvalResults.load(tmp_path / "nothing")

@@ -8,8 +8,18 @@ import pytest
 import yaml
 
 from rad.cli import main
+from rad.config import to_yaml
+from rad.distill.train import DistillSummary
 from rad.errors import RadError
-from rad.pipeline import load_run_config
+from rad.evaluate.runner import EvalResults
+from rad.models.convert import ConversionRecord
+from rad.pipeline import RunPaths, SpeedResult, SpeedRow, check_same_run, load_run_config
+from rad.preflight import InputReport
+from rad.search.report import SearchResult
+
+
+def resolved_contexts(out):
+    return yaml.safe_load((out / "config.yaml").read_text())["speed_contexts"]
 
 
 def test_smoke_run_offline_writes_every_artifact_names_the_missing_task_and_resumes(tmp_path, default_model,
@@ -19,29 +29,31 @@ def test_smoke_run_offline_writes_every_artifact_names_the_missing_task_and_resu
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
-    inputs = json.loads((out / "inputs.json").read_text())
-    assert inputs["tasks"] == ["gsm8k"] and list(inputs["dropped_tasks"]) == ["cruxeval"]  # GSM8K: the package
-    search = json.loads((out / "search" / "search.json").read_text())
-    assert len(search["chosen_layers"]) == 4
+    inputs = InputReport.load(out)
+    assert inputs.tasks == ["gsm8k"] and list(inputs.dropped_tasks) == ["cruxeval"]  # GSM8K: the package
+    search = SearchResult.load(out / "search")
+    assert len(search.layers) == 4
     for png in ("search/progress.png", "search/redundancy.png", "distill/rad/curves.png",
                 "distill/baseline/curves.png"):
         assert (out / png).stat().st_size > 1000, png
     for student in ("distill/rad/student", "distill/baseline/student"):
         assert (out / student / "model.safetensors").is_file()
-        record = json.loads((out / student / "rad_conversion.json").read_text())
-        assert record["distillation"]["train"] == ("mixers" if "rad" in student else "all")
-    rad_record = json.loads((out / "convert/rad/rad_conversion.json").read_text())
-    assert rad_record["converted_layers"] == search["chosen_layers"] and rad_record["init"] == "rad"
-    results = sorted(p.parent.name for p in (out / "eval").glob("*/results.json"))
-    assert len(results) == 4
+        record = ConversionRecord.load(out / student)
+        assert record.distillation["train"] == ("mixers" if "rad" in student else "all")
+    rad_record = ConversionRecord.load(out / "convert/rad")
+    assert rad_record.converted_layers == search.layers and rad_record.init == "rad"
+    results = [EvalResults.load(p.parent) for p in (out / "eval").glob("*/results.json")]
+    assert len(results) == 4 and all(r.tasks["gsm8k"].total >= 1 for r in results)
+    speed = SpeedResult.load(out)
+    assert speed.contexts == resolved_contexts(out) and len(speed.rows) == 2 * len(speed.contexts)
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["search"]["k"] == 4 and resolved["out"] == str(out)
     report = (out / "report.md").read_text()
     for needle in ("Why these layers", "Training curves", "| teacher |", "RAD student", "rad distill", "cache MiB",
                    "CRUXEval-O: not scored", "cruxeval.jsonl", "python-docs:pydoc_data.topics", "hub offline"):
         assert needle in report, needle
-    rad_summary = json.loads((out / "distill" / "rad" / "summary.json").read_text())
-    assert rad_summary["data"] == "python-docs:pydoc_data.topics"
+    rad_summary = DistillSummary.load(out / "distill" / "rad")
+    assert rad_summary.data == "python-docs:pydoc_data.topics" and rad_summary.train == "mixers"
     assert not list((out / "eval").glob("*/cruxeval.jsonl"))
     stamp = (out / "search" / "search.json").stat().st_mtime_ns
     caplog.clear()
@@ -86,3 +98,41 @@ def test_one_source_of_distillation_defaults():
     assert DistillConfig(hybrid="h", out="o", teacher="other").loss.align == 0.0  # other layers: no alignment
     args = build_parser().parse_args(["distill", "h", "--out", "o"])
     assert args.lr is None and args.warmup_ratio is None and args.align_weight is None  # the stage decides
+
+
+def test_a_run_folder_is_continued_only_under_its_own_settings(tmp_path, caplog):
+    out = tmp_path / "run"
+    config = load_run_config("smoke", overrides=[f"out={out}"])
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(config))
+    (out / "search").mkdir()  # a stage has started here
+    paths = RunPaths(out)
+    check_same_run(config, paths)  # the same settings: continued
+    # What does not change a finished stage may change (the evaluation checks its own per-item identity).
+    for override in ("eval.limit=3", "device=cpu", "speed_contexts=[64]", "distill.save_every=1",
+                     "distill.eval_every=1"):
+        check_same_run(load_run_config("smoke", overrides=[f"out={out}", override]), paths)
+    for override, named in (("distill.lr.mixers=1e-3", "distill.lr.mixers"), ("distill.steps=99", "distill.steps"),
+                            ("search.trials=5", "search.trials"), ("seed=3", "seed"), ("model=qwen2.5-coder-0.5b",
+                                                                                     "model")):
+        with pytest.raises(RadError, match=rf"The run in .* was made with other settings \({named} .*another --out"):
+            check_same_run(load_run_config("smoke", overrides=[f"out={out}", override]), paths)
+    # Through the CLI: exit 2 before any input is resolved or anything is written.
+    stamp = (out / "config.yaml").stat().st_mtime_ns
+    caplog.clear()
+    assert main(["run", "--preset", "smoke", "--out", str(out), "--set", "distill.steps=99"]) == 2
+    assert "distill.steps" in caplog.text and "Traceback" not in caplog.text
+    assert (out / "config.yaml").stat().st_mtime_ns == stamp and sorted(p.name for p in out.iterdir()) == [
+        "config.yaml", "search"]
+
+
+def test_speed_json_round_trips_reads_the_old_layout_and_a_malformed_one_is_a_clear_error(tmp_path):
+    speed = SpeedResult([256], [SpeedRow(256, "teacher", 50.0, 1.5), SpeedRow(256, "RAD student", 60.0, 0.9)])
+    speed.save(tmp_path)
+    assert SpeedResult.load(tmp_path) == speed
+    (tmp_path / "speed.json").write_text(json.dumps([{"context": 256, "model": "teacher", "tok_s": 50.0,
+                                                      "cache_MiB": 1.5}]))  # as an older rad wrote it
+    assert SpeedResult.load(tmp_path) == SpeedResult([256], [SpeedRow(256, "teacher", 50.0, 1.5)])
+    (tmp_path / "speed.json").write_text('{"rows": []}')
+    with pytest.raises(RadError, match="is not a rad speed table .*delete it"):
+        SpeedResult.load(tmp_path)

@@ -189,10 +189,11 @@ def _cmd_distill(args: argparse.Namespace) -> None:
                  eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every),
     )
     result = run_distill(config)
-    if result.summary:
-        final = result.summary.get("final_eval") or {}
-        print(f"Distilled {result.steps} steps ({config.train}); held-out KL {final.get('eval_kl', float('nan')):.4f}, "
-              f"top-1 agreement {final.get('eval_top1_agreement', float('nan')):.3f}")
+    if result.summary is not None:
+        final = result.summary.final_eval
+        kl, agreement = (final.eval_kl, final.eval_top1_agreement) if final else (float("nan"), float("nan"))
+        print(f"Distilled {result.steps} steps ({config.train}); held-out KL {kl:.4f}, top-1 agreement "
+              f"{agreement:.3f}")
         print(f"Student saved to {result.student_dir}; logs and curves in {result.out}")
 
 
@@ -285,14 +286,14 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
         config.out = args.out
     result = run_ablation(config)
     s = result.summary
-    print(f"Baseline {s['baseline']}: final held-out KL {s['baseline_final_kl']:.4g} "
-          f"(first reached at step {s['baseline_steps']})")
-    for name in s["order"]:
-        a = s["arms"][name]
-        steps = "never" if a["steps_to_baseline_kl"] is None else f"step {a['steps_to_baseline_kl']}"
-        speed = f", {a['speedup']:.2f}x" if a["speedup"] is not None else ""
-        same = f" (same as {a['same_as']})" if a["same_as"] else ""
-        print(f"  {name:<22} final KL {a['final_kl']:.4g}, baseline KL reached: {steps}{speed}{same}")
+    print(f"Baseline {s.baseline}: final held-out KL {s.baseline_final_kl:.4g} "
+          f"(first reached at step {s.baseline_steps})")
+    for name in s.order:
+        a = s.arms[name]
+        steps = "never" if a.steps_to_baseline_kl is None else f"step {a.steps_to_baseline_kl}"
+        speed = f", {a.speedup:.2f}x" if a.speedup is not None else ""
+        same = f" (same as {a.same_as})" if a.same_as else ""
+        print(f"  {name:<22} final KL {a.final_kl:.4g}, baseline KL reached: {steps}{speed}{same}")
     print(f"Report: {result.report}")
 
 

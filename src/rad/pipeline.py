@@ -4,7 +4,9 @@ search → convert (RAD student: searched layers, `rad` init; baseline student: 
 init) → distil both (RAD: mixers only; baseline: all parameters, MambaInLlama's recipe) → evaluate the
 teacher, the draft (searched layers skipped = the RAD hybrid before training), both students →
 `report.md`. Every stage writes its own folder under the run folder and is skipped when its output is
-already complete, so an interrupted run continues where it stopped.
+already complete, so an interrupted run continues where it stopped. A run folder is only continued under the
+settings it was made with (`config.yaml`; `ALLOWED_ON_RESUME` may change): a skipped stage must not stand for
+other settings.
 """
 
 from __future__ import annotations
@@ -17,18 +19,27 @@ import time
 from dataclasses import field
 from pathlib import Path
 
-from rad.config import load_settings, preset_file, settings, to_yaml
+import yaml
+
+from rad.config import load_settings, preset_file, read_yaml, settings, to_yaml
 from rad.distill.train import DistillSettings
+from rad.errors import RadError
 from rad.evaluate.runner import EvalSettings
 from rad.outputs import RUN, check_output
 from rad.preflight import TASK_TITLES, InputReport
 from rad.search.config import SearchSettings
 from rad.search.report import SearchResult
-from rad.utils.atomic import atomic_write_text
+from rad.utils.atomic import atomic_write_json, atomic_write_text
+from rad.utils.identity import check_same_settings
 
 logger = logging.getLogger(__name__)
 
 RAD_TRAIN, BASELINE_TRAIN = "mixers", "all"  # what each student trains (RAD's targeted set; MambaInLlama's)
+SPEED_FILE = "speed.json"
+# RunConfig settings a continued run may change: they do not change what a finished stage stands for (the
+# evaluation checks its own per-item identity, the speed table is re-measured for other contexts).
+ALLOWED_ON_RESUME = ("out", "device", "eval", "speed_contexts", "distill.tensorboard", "distill.save_every",
+                     "distill.eval_every")
 
 
 @settings
@@ -111,6 +122,7 @@ def run_pipeline(config: RunConfig) -> Path:
     # Every input and setting is checked before anything is written: a mistake costs seconds, not a
     # half-hour run (nor a folder half full of files).
     check_output(paths.root, RUN, inputs=[("model", config.model), ("distillation data", config.distill.data)])
+    check_same_run(config, paths)
     inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
                           distill_data=config.distill.data)
     teacher = load_model(config.model, device=config.device)
@@ -161,6 +173,69 @@ def check_search_fits(settings: SearchSettings, model, seed: int) -> None:
                   attention_layer_indices(model))
 
 
+def _without(data: dict, dotted: tuple[str, ...]) -> dict:
+    """`data` without the dotted keys (`eval`, `distill.save_every`)."""
+    data = dict(data)
+    for name in dotted:
+        head, _, rest = name.partition(".")
+        if rest and isinstance(data.get(head), dict):
+            data[head] = _without(data[head], (rest,))
+        elif not rest:
+            data.pop(head, None)
+    return data
+
+
+def check_same_run(config: RunConfig, paths: RunPaths) -> None:
+    """Refuse to continue a run folder whose stages were made with other settings (its config.yaml), before
+    any work: a finished stage is skipped, so it would silently stand for the old settings."""
+    saved_path = paths.root / "config.yaml"
+    if not saved_path.is_file() or not paths.search.exists():  # no stage has started there
+        return
+    saved = _without(read_yaml(saved_path, "saved run configuration"), ALLOWED_ON_RESUME)
+    current = _without(yaml.safe_load(to_yaml(config)), ALLOWED_ON_RESUME)
+    check_same_settings(saved, current, what=f"The run in {paths.root}",
+                        advice="run with the same settings to continue it, or choose another --out for these")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedRow:
+    context: int
+    model: str
+    tok_s: float
+    cache_MiB: float  # noqa: N815 (the JSON field's name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedResult:
+    """What speed.json holds (its presence means the speed stage is done): greedy tok/s and cache MiB per
+    context for the teacher and the RAD student, and the contexts asked for."""
+
+    contexts: list[int]
+    rows: list[SpeedRow]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> SpeedResult:
+        if isinstance(data, list):  # an older rad wrote the rows alone
+            rows = [SpeedRow(**r) for r in data]
+            return cls(contexts=list(dict.fromkeys(r.context for r in rows)), rows=rows)
+        return cls(contexts=list(data["contexts"]), rows=[SpeedRow(**r) for r in data["rows"]])
+
+    def save(self, root: str | Path) -> Path:
+        return atomic_write_json(Path(root) / SPEED_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, root: str | Path) -> SpeedResult:
+        path = Path(root) / SPEED_FILE
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise RadError(f"{path} is not a rad speed table ({type(err).__name__}: {str(err)[:120]}); delete it "
+                           "and re-run `rad run` to measure again.") from None
+
+
 def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher, models: dict[str, str]) -> str:
     from rad.evaluate.runner import comparison_table, evaluate_model
     from rad.models.loading import load_model
@@ -176,7 +251,7 @@ def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher
     return table
 
 
-def _stage_speed(config: RunConfig, paths: RunPaths, teacher, student: Path) -> list[dict]:
+def _stage_speed(config: RunConfig, paths: RunPaths, teacher, student: Path) -> SpeedResult:
     """Greedy decode speed (rad's engine) and cache bytes vs context, teacher vs RAD student: a quick look;
     `bench/decode_speed.py` is the careful measurement."""
     import torch
@@ -185,9 +260,12 @@ def _stage_speed(config: RunConfig, paths: RunPaths, teacher, student: Path) -> 
     from rad.models.info import model_info
     from rad.models.loading import load_model
 
-    done = paths.root / "speed.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if (paths.root / SPEED_FILE).is_file():
+        done = SpeedResult.load(paths.root)
+        if done.contexts == list(config.speed_contexts):
+            return done
+        logger.info("speed: %s measured contexts %s, not %s: measuring again", SPEED_FILE, done.contexts,
+                    config.speed_contexts)
     hybrid = load_model(str(student), device=config.device)
     rows = []
     gen = torch.Generator().manual_seed(config.seed)
@@ -197,14 +275,15 @@ def _stage_speed(config: RunConfig, paths: RunPaths, teacher, student: Path) -> 
             greedy_generate(model, ids[:, :16], 4)  # warm-up
             r = greedy_generate(model, ids, 16)
             info = model_info(model)
-            rows.append({"context": context, "model": name, "tok_s": r.tokens_per_second,
-                         "cache_MiB": (info.kv_bytes_per_token * context + info.ssm_state_bytes) / 2**20})
-    atomic_write_text(done, json.dumps(rows, indent=2))  # its presence means "stage done"
-    return rows
+            rows.append(SpeedRow(context=context, model=name, tok_s=r.tokens_per_second,
+                                 cache_MiB=(info.kv_bytes_per_token * context + info.ssm_state_bytes) / 2**20))
+    result = SpeedResult(contexts=list(config.speed_contexts), rows=rows)
+    result.save(paths.root)  # atomic: its presence means "stage done"
+    return result
 
 
-def write_report(config: RunConfig, paths: RunPaths, search: SearchResult, uniform, models, table, speed, timings,
-                 inputs: InputReport) -> Path:
+def write_report(config: RunConfig, paths: RunPaths, search: SearchResult, uniform, models, table,
+                 speed: SpeedResult, timings, inputs: InputReport) -> Path:
     layers = search.layers
     sampler = search.settings.get("sampler", config.search.sampler)
     lines = [
@@ -236,8 +315,8 @@ def write_report(config: RunConfig, paths: RunPaths, search: SearchResult, unifo
         lines += [f"**{TASK_TITLES.get(task, task)}: not scored.** {why[0].upper() + why[1:]}.", ""]
     lines += ["## Decoding speed and cache memory (greedy, rad engine, this machine)", "",
               "| context | model | tok/s | cache MiB |", "|---:|---|---:|---:|"]
-    for r in speed:
-        lines.append(f"| {r['context']} | {r['model']} | {r['tok_s']:.1f} | {r['cache_MiB']:.1f} |")
+    for r in speed.rows:
+        lines.append(f"| {r.context} | {r.model} | {r.tok_s:.1f} | {r.cache_MiB:.1f} |")
     lines += ["", "`bench/decode_speed.py` measures this carefully (interleaved, repeated, with the bandwidth bound).",
               "", "## Reproduce", "", "```bash", *_reproduce(config, paths, search, uniform, models, inputs),
               "```", "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rad.distill.train import DistillSettings
+from rad.distill.train import SUMMARY_FILE, DistillSettings
 from rad.models.convert import CONVERSION_FILE
 from rad.search.config import SearchSettings
 from rad.search.report import RESULT_FILE as SEARCH_FILE
@@ -52,7 +52,7 @@ def distill_stage(settings: DistillSettings, hybrid: Path, out: Path, train: str
     from rad.distill.train import run_distill
 
     student = Path(out) / "student"
-    if (student / "config.json").is_file():
+    if (Path(out) / SUMMARY_FILE).is_file():  # written after the student: the run finished
         logger.info("distill: %s exists, skipped", student)
         return student
     run_distill(settings.stage_config(hybrid, out, train, seed=seed, device=device, sources=sources,

@@ -1,13 +1,19 @@
-"""`kl_curves.png` and `report.md` of an ablation, from what ablate.json holds."""
+"""`kl_curves.png` and `report.md` of an ablation, from what ablate.json holds (an `AblateSummary`)."""
 
 from __future__ import annotations
 
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rad.preflight import TASK_TITLES
-from rad.utils.atomic import atomic_write_text
+from rad.utils.atomic import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from rad.ablate.config import AblateConfig
+    from rad.ablate.run import AblateSummary, ArmSummary
+    from rad.evaluate.runner import TaskScore
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +22,7 @@ _COLOURS = {("searched", "rad"): "C3", ("searched", "mil"): "C1", ("searched", "
 _STYLES = {"mixers": "-", "mixers+mlp": ":", "all": "--"}
 
 
-def plot_kl_curves(summary: dict, path: Path) -> Path | None:
+def plot_kl_curves(summary: AblateSummary, path: Path) -> Path | None:
     """One held-out KL line per arm (the baseline black and thick), a dashed line at the baseline's final KL."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -27,25 +33,25 @@ def plot_kl_curves(summary: dict, path: Path) -> Path | None:
     figure = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    baseline = summary["baseline"]
+    baseline = summary.baseline
     values = []
-    for name in summary["order"]:
-        arm = summary["arms"][name]
-        if arm.get("same_as"):
+    for name in summary.order:
+        arm = summary.arms[name]
+        if arm.same_as:
             continue  # drawn under the arm it coincides with
-        twins = [n for n in summary["order"] if summary["arms"][n].get("same_as") == name]
+        twins = [n for n in summary.order if summary.arms[n].same_as == name]
         label = " = ".join([name, *twins])
-        steps = [p["step"] for p in arm["curve"]]
-        kls = [p["eval_kl"] for p in arm["curve"]]
+        steps = [p.step for p in arm.curve]
+        kls = [p.eval_kl for p in arm.curve]
         values += kls
         if name == baseline:
             ax.plot(steps, kls, "o-", color="black", linewidth=2.6, markersize=4, zorder=5,
                     label=f"{label} (baseline)")
         else:
             ax.plot(steps, kls, marker="o", markersize=3, linewidth=1.5,
-                    linestyle=_STYLES.get(arm["train"], "-"),
-                    color=_COLOURS.get((arm["layer_set"], arm["init"])), label=label)
-    target = summary["baseline_final_kl"]
+                    linestyle=_STYLES.get(arm.train, "-"),
+                    color=_COLOURS.get((arm.layer_set, arm.init)), label=label)
+    target = summary.baseline_final_kl
     ax.axhline(target, color="0.4", linestyle=(0, (4, 3)), linewidth=1,
                label=f"baseline final KL {target:.4g}")
     positive = [v for v in values if v > 0]
@@ -56,15 +62,11 @@ def plot_kl_curves(summary: dict, path: Path) -> Path | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("held-out KL(teacher ‖ student)")
-    ax.set_title(f"{_model_name(summary['model'])}: {summary['k']} of {summary['num_layers']} attention layers -> Mamba2")
+    ax.set_title(f"{_model_name(summary.model)}: {summary.k} of {summary.num_layers} attention layers -> Mamba2")
     ax.legend(fontsize=7)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _model_name(spec: str) -> str:
@@ -72,18 +74,18 @@ def _model_name(spec: str) -> str:
     return path.name if path.exists() else spec
 
 
-def _speedup(arm: dict) -> str:
-    if arm["speedup"] is not None:
-        return f"{arm['speedup']:.2f}x"
-    if arm["reached_at_init"]:
+def _speedup(arm: ArmSummary) -> str:
+    if arm.speedup is not None:
+        return f"{arm.speedup:.2f}x"
+    if arm.reached_at_init:
         return "at init"
-    return "never" if arm["steps_to_baseline_kl"] is None else "–"
+    return "never" if arm.steps_to_baseline_kl is None else "–"
 
 
-def _score(s: dict | None) -> str:
+def _score(s: TaskScore | None) -> str:
     if not s:
         return "–"
-    return f"{100 * s['accuracy']:.1f}% ({s['correct']}/{s['total']})"
+    return f"{100 * s.accuracy:.1f}% ({s.correct}/{s.total})"
 
 
 def _params(n) -> str:
@@ -92,36 +94,35 @@ def _params(n) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
-def write_report(summary: dict, root: Path) -> Path:
-    config = summary["config"]
-    d = config["distill"]
-    sets = summary["layer_sets"]
-    arms = summary["arms"]
-    tasks = list(dict.fromkeys([*summary["teacher_scores"], *(t for a in arms.values() for t in a["scores"])]))
+def write_report(summary: AblateSummary, config: AblateConfig, root: Path) -> Path:
+    d = config.distill
+    sets = summary.layer_sets
+    arms = summary.arms
+    tasks = list(dict.fromkeys([*summary.teacher_scores, *(t for a in arms.values() for t in a.scores)]))
     lines = [
-        f"# RAD ablation: {summary['model']}",
+        f"# RAD ablation: {summary.model}",
         "",
-        f"Every arm converts {summary['k']} of {summary['num_layers']} attention layers to Mamba2 mixers and is "
-        f"distilled from the same teacher ({summary['model']}, self-distillation) with the same data, steps and "
+        f"Every arm converts {summary.k} of {summary.num_layers} attention layers to Mamba2 mixers and is "
+        f"distilled from the same teacher ({summary.model}, self-distillation) with the same data, steps and "
         "seed; arms differ only in the layer set, the mixer init and what trains.",
         "",
-        f"- searched layers: **{', '.join(map(str, sets['searched']))}** ({summary['searched_source']})",
+        f"- searched layers: **{', '.join(map(str, sets['searched']))}** ({summary.searched_source})",
         f"- uniform layers: **{', '.join(map(str, sets['uniform']))}** (evenly spaced, MambaInLlama's choice)",
     ]
-    if summary["layer_sets_coincide"]:
+    if summary.layer_sets_coincide:
         lines.append("- **The searched layers are the uniform layers**, so each searched arm is the same run as "
                      "its uniform twin: it was run once and is listed as 'same as'.")
-    used_lr = {a["train"]: a["lr"] for a in arms.values()}
-    data = next((a["data"] for a in arms.values() if a.get("data")), d["data"] or "GSM8K train")
+    used_lr = {a.train: a.lr for a in arms.values()}
+    data = next((a.data for a in arms.values() if a.data), d.data or "GSM8K train")
     lines += [
-        f"- distillation: {d['steps']} steps, batch {d['micro_batch']} x {d['grad_accum']} x {d['seq_len']} tokens, "
-        f"lr {', '.join(f'{k} {v:g}' for k, v in used_lr.items())} (cosine, warm-up ratio {d['warmup_ratio']:g}), "
-        f"loss KL x {d['kl_weight']:g} + CE x {d['ce_weight']:g} + alignment x {d['align_weight']:g}, seed "
-        f"{config['seed']}, data {data}",
-        f"- held-out KL every {d['eval_every']} steps (and at step 0, before training) on {d['eval_sequences']} "
+        f"- distillation: {d.steps} steps, batch {d.micro_batch} x {d.grad_accum} x {d.seq_len} tokens, "
+        f"lr {', '.join(f'{k} {v:g}' for k, v in used_lr.items())} (cosine, warm-up ratio {d.warmup_ratio:g}), "
+        f"loss KL x {d.kl_weight:g} + CE x {d.ce_weight:g} + alignment x {d.align_weight:g}, seed "
+        f"{config.seed}, data {data}",
+        f"- held-out KL every {d.eval_every} steps (and at step 0, before training) on {d.eval_sequences} "
         "held-out sequences, the same for every arm",
-        f"- baseline: **{summary['baseline']}**; its final KL **{summary['baseline_final_kl']:.4g}** is the target "
-        f"(first reached at step {summary['baseline_steps']})",
+        f"- baseline: **{summary.baseline}**; its final KL **{summary.baseline_final_kl:.4g}** is the target "
+        f"(first reached at step {summary.baseline_steps})",
         "",
         "## Held-out KL curves",
         "",
@@ -133,45 +134,44 @@ def write_report(summary: dict, root: Path) -> Path:
     header = ["arm", "layers", "init", "trains", "lr", "trainable", "KL step 0", "final KL",
               "steps to baseline KL", "speed-up", *tasks]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * (len(header) - 4)]
-    for name in summary["order"]:
+    for name in summary.order:
         a = arms[name]
-        label = f"**{name}** (baseline)" if name == summary["baseline"] else name
-        if a.get("same_as"):
-            label += f" (same as {a['same_as']})"
-        kl0 = "–" if a["kl_at_init"] is None else f"{a['kl_at_init']:.4g}"
-        steps = "never" if a["steps_to_baseline_kl"] is None else str(a["steps_to_baseline_kl"])
-        row = [label, a["layer_set"], a["init"], a["train"], f"{a['lr']:g}", _params(a["trainable_parameters"]),
-               kl0, f"{a['final_kl']:.4g}", steps, _speedup(a), *(_score(a["scores"].get(t)) for t in tasks)]
+        label = f"**{name}** (baseline)" if name == summary.baseline else name
+        if a.same_as:
+            label += f" (same as {a.same_as})"
+        kl0 = "–" if a.kl_at_init is None else f"{a.kl_at_init:.4g}"
+        steps = "never" if a.steps_to_baseline_kl is None else str(a.steps_to_baseline_kl)
+        row = [label, a.layer_set, a.init, a.train, f"{a.lr:g}", _params(a.trainable_parameters),
+               kl0, f"{a.final_kl:.4g}", steps, _speedup(a), *(_score(a.scores.get(t)) for t in tasks)]
         lines.append("| " + " | ".join(row) + " |")
-    if summary["teacher_scores"]:
+    if summary.teacher_scores:
         row = ["teacher", "–", "–", "–", "–", "–", "0", "0", "–", "–",
-               *(_score(summary["teacher_scores"].get(t)) for t in tasks)]
+               *(_score(summary.teacher_scores.get(t)) for t in tasks)]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
         "Steps to baseline KL: the first evaluated step whose held-out KL is at most the baseline's final KL "
-        f"(so it is only as fine as the evaluation interval, {d['eval_every']} steps). Speed-up: the baseline's "
+        f"(so it is only as fine as the evaluation interval, {d.eval_every} steps). Speed-up: the baseline's "
         "steps by the same rule divided by the arm's ('at init': the arm starts below the target; 'never': it "
         "does not reach it within the run).",
     ]
-    for task, why in summary.get("dropped_tasks", {}).items():
+    for task, why in summary.dropped_tasks.items():
         lines.append(f"{TASK_TITLES.get(task, task)}: not scored. {why[0].upper() + why[1:]}.")
     if tasks:
-        e = config["eval"]
-        lines.append(f"Task scores: zero-shot, greedy, first {e['limit']} items of each task (accuracy and count); "
+        lines.append(f"Task scores: zero-shot, greedy, first {config.eval.limit} items of each task (accuracy and count); "
                      "with so few items the 95% intervals are wide (see eval/<arm>/results.json).")
     lines += ["Per-arm training curves: `arms/<arm>/distill/curves.png`.", "", "## Time", "",
               "| arm | convert s | distill s | eval s |", "|---|---:|---:|---:|"]
-    for name in summary["order"]:
+    for name in summary.order:
         a = arms[name]
-        if a.get("same_as"):
+        if a.same_as:
             continue
-        t = a["timings"]
+        t = a.timings
         lines.append(f"| {name} | " + " | ".join("–" if t.get(k) is None else f"{t[k]:.0f}"
                                                    for k in ("convert_s", "distill_s", "eval_s")) + " |")
-    lines += ["", f"Total {summary['timings']['total_s']:.0f} s in the last invocation (arms done earlier are "
+    lines += ["", f"Total {summary.timings['total_s']:.0f} s in the last invocation (arms done earlier are "
               "skipped and keep the times of the run that made them).", "",
-              "## Reproduce", "", "```bash", summary["command"], "```", "",
+              "## Reproduce", "", "```bash", summary.command, "```", "",
               f"`{root / 'config.yaml'}` holds every setting; `--out NEW` reruns it elsewhere, "
               f"`--set searched_layers=[{','.join(map(str, sets['searched']))}]` pins the searched layers.", ""]
     path = root / "report.md"

@@ -4,8 +4,9 @@ scores, `kl_curves.png` and `report.md`.
 
 Layout under OUT: `config.yaml` (the resolved settings), `search/` (only when the ablation ran the search
 itself), `arms/<layers>-<init>-<train>/` with `settings.json`, `hybrid/` (the converted teacher),
-`distill/` (a `rad distill` folder: log.jsonl, curves.png, summary.json, student/) and `result.json` (the
-arm's finished record), `eval/<arm>/` (per-item task files), `ablate.json`, `kl_curves.png`, `report.md`.
+`distill/` (a `rad distill` folder: log.jsonl, curves.png, summary.json, student/) and `result.json` (an
+`ArmResult`, the arm's finished record), `eval/<arm>/` (per-item task files), `ablate.json` (an
+`AblateSummary`), `kl_curves.png`, `report.md`.
 An arm whose result.json matches the settings is skipped; an interrupted one continues where it stopped
 (its hybrid and student are written atomically, its distillation resumes from the newest checkpoint, its
 task evaluation from the per-item files).
@@ -19,18 +20,21 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from rad.ablate.config import AblateConfig, Arm
 from rad.ablate.metrics import convergence, read_curve
+from rad.distill.train import SUMMARY_FILE, DistillSummary, EvalPoint
 from rad.errors import RadError
+from rad.evaluate.runner import TaskScore
 from rad.models.convert import CONVERSION_FILE
 from rad.outputs import ABLATE, check_output
 from rad.preflight import check_inputs
-from rad.utils.atomic import atomic_write_text
+from rad.utils.atomic import atomic_write_json, atomic_write_text
+from rad.utils.identity import check_same_settings, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +43,148 @@ SETTINGS_FILE = "settings.json"
 ARM_RESULT_FILE = "result.json"
 
 
+def _load_json(path: Path, what: str, advice: str) -> dict:
+    """A JSON object from `path`, or a clear RadError saying what the file should have been and what to do."""
+    if not path.is_file():
+        raise RadError(f"{path} does not exist; {advice}.")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RadError(f"{path} is not {what} ({type(err).__name__}: {str(err)[:120]}); {advice}.") from None
+    if not isinstance(data, dict):
+        raise RadError(f"{path} is not {what} (not a JSON object); {advice}.")
+    return data
+
+
+def _scores_from_json(data: dict) -> dict[str, TaskScore]:
+    return {task: TaskScore.from_json(score) for task, score in data.items()}
+
+
+def _scores_to_json(scores: dict[str, TaskScore]) -> dict:
+    return {task: {**asdict(score), "ci95": list(score.ci95)} for task, score in scores.items()}
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """What an arm's result.json holds (its done marker): the held-out KL curve, sizes, task scores, timings,
+    and the settings it was made with (an arm whose result was made with other settings is redone)."""
+
+    name: str
+    layer_set: str  # searched | uniform
+    layers: list[int]
+    init: str
+    train: str
+    lr: float
+    trainable_parameters: int | None
+    total_parameters: int | None
+    data: str | None
+    curve: list[EvalPoint]
+    kl_at_init: float | None
+    final_kl: float
+    final_step: int
+    scores: dict[str, TaskScore]
+    timings: dict[str, float]
+    folder: str
+    settings: dict
+    eval_settings: dict
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["scores"] = _scores_to_json(self.scores)
+        return data
+
+    @classmethod
+    def _fields_from_json(cls, data: dict) -> dict:
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in names}
+        data["curve"] = [EvalPoint.from_json(p) for p in data["curve"]]
+        data["scores"] = _scores_from_json(data.get("scores") or {})
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> ArmResult:
+        return cls(**cls._fields_from_json(data))
+
+    def save(self, folder: str | Path) -> Path:
+        return atomic_write_json(Path(folder) / ARM_RESULT_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ArmResult:
+        path = Path(folder) / ARM_RESULT_FILE
+        advice = f"delete it to redo the arm's record (its student is kept), or delete {folder} to redo the arm"
+        try:
+            return cls.from_json(_load_json(path, "a rad ablation arm result", advice))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise RadError(f"{path} is not a rad ablation arm result ({type(err).__name__}: {str(err)[:120]}); "
+                           f"{advice}.") from None
+
+
+@dataclass(frozen=True)
+class ArmSummary(ArmResult):
+    """An arm in ablate.json: its result, the arm it coincides with, and how fast it reaches the baseline."""
+
+    same_as: str | None = None
+    steps_to_baseline_kl: int | None = None
+    speedup: float | None = None
+    reached_at_init: bool = False
+
+
+@dataclass(frozen=True)
+class AblateSummary:
+    """What ablate.json holds; `config` is the resolved AblateConfig as saved (config.yaml has the same)."""
+
+    model: str
+    num_layers: int
+    k: int
+    layer_sets: dict[str, list[int]]
+    searched_source: str
+    layer_sets_coincide: bool
+    baseline: str
+    baseline_final_kl: float
+    baseline_steps: int | None
+    order: list[str]
+    arms: dict[str, ArmSummary]
+    teacher_scores: dict[str, TaskScore]
+    statuses: dict[str, str]
+    dropped_tasks: dict[str, str]
+    timings: dict[str, float | None]
+    command: str
+    config: dict
+    versions: dict
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["arms"] = {name: arm.to_json() for name, arm in self.arms.items()}
+        data["teacher_scores"] = _scores_to_json(self.teacher_scores)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> AblateSummary:
+        data = dict(data)
+        data["arms"] = {name: ArmSummary(**ArmSummary._fields_from_json(arm)) for name, arm in data["arms"].items()}
+        data["teacher_scores"] = _scores_from_json(data.get("teacher_scores") or {})
+        return cls(**data)
+
+    def save(self, root: str | Path) -> Path:
+        return atomic_write_json(Path(root) / RESULT_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, root: str | Path) -> AblateSummary:
+        path = Path(root) / RESULT_FILE
+        advice = f"re-run `rad ablate --config {Path(root) / 'config.yaml'}` (finished arms are skipped)"
+        try:
+            return cls.from_json(_load_json(path, "a rad ablation summary", advice))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise RadError(f"{path} is not a rad ablation summary ({type(err).__name__}: {str(err)[:120]}); "
+                           f"{advice}.") from None
+
+
 @dataclass
 class AblateResult:
     out: Path
     report: Path
-    summary: dict  # what ablate.json holds
-    statuses: dict[str, str]  # arm -> ran | resumed | skipped | same as <arm>
+    summary: AblateSummary  # what ablate.json holds
+    statuses: dict[str, str] = field(default_factory=dict)  # arm -> ran | resumed | skipped | same as <arm>
 
 
 @dataclass
@@ -89,6 +229,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
     eval_config = _eval_config(config, root, inputs)
 
     teacher = load_model(config.model, device=config.device)
+    fingerprint = model_fingerprint(teacher)
     num_layers = teacher.model.config.num_hidden_layers
     if config.k is not None and not 1 <= config.k <= num_layers:
         raise RadError(f"k = {config.k} is out of range: {config.model} has {num_layers} layers (1..{num_layers}).")
@@ -125,14 +266,14 @@ def run_ablation(config: AblateConfig) -> AblateResult:
 
     # Phase 1, with the teacher in memory: check (or write) each arm's settings, convert the missing hybrids.
     for plan in runnable:
-        _check_settings(plan.folder, _arm_settings(config, plan), write=False)
+        _check_settings(plan.folder, _arm_settings(config, plan, fingerprint), write=False)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "config.yaml", yaml.safe_dump(asdict(config), sort_keys=False))
     inputs.save(root)
-    done: dict[str, dict] = {}
+    done: dict[str, ArmResult] = {}
     timings: dict[str, dict] = {p.arm.name: {} for p in runnable}
     for plan in runnable:
-        settings = _arm_settings(config, plan)
+        settings = _arm_settings(config, plan, fingerprint)
         _check_settings(plan.folder, settings)
         record = _finished(plan, settings, _eval_settings(config))
         if record is not None:
@@ -156,7 +297,7 @@ def run_ablation(config: AblateConfig) -> AblateResult:
         logger.info("arm %d/%d %s: layers %s, %s init, training %s", i, len(todo), name, plan.layers,
                     plan.arm.init, plan.arm.train)
         resumed = "convert_s" not in timings[name] or plan.distill.exists()
-        done[name] = _run_arm(config, plan, eval_config, timings[name], inputs.sources)
+        done[name] = _run_arm(config, plan, eval_config, timings[name], inputs.sources, fingerprint)
         statuses[name] = "resumed" if resumed else "ran"
         _free_memory()
     for plan in runnable:
@@ -169,32 +310,31 @@ def run_ablation(config: AblateConfig) -> AblateResult:
         teacher_eval_s = time.perf_counter() - t0
         _free_memory()
 
-    records = {}
+    records: dict[str, ArmResult] = {}
     for name, plan in plans.items():
         if plan.same_as is not None:
-            records[name] = {**done[plan.same_as], "name": name, "layer_set": plan.arm.layers, "same_as": plan.same_as}
+            records[name] = dataclasses.replace(done[plan.same_as], name=name, layer_set=plan.arm.layers)
             statuses[name] = f"same as {plan.same_as}"
         else:
-            records[name] = {**done[name], "same_as": None}
-    conv = convergence({n: r["curve"] for n, r in records.items()}, baseline.name)
-    for name, r in records.items():
-        r.update(conv["arms"][name])
-    summary = {
-        "model": config.model, "num_layers": num_layers, "k": k,
-        "layer_sets": layer_sets, "searched_source": source, "layer_sets_coincide": coincide,
-        "baseline": baseline.name, "baseline_final_kl": conv["target_kl"], "baseline_steps": conv["baseline_steps"],
-        "order": list(plans), "arms": records, "teacher_scores": teacher_scores,
-        "statuses": statuses, "dropped_tasks": inputs.dropped_tasks,
-        "timings": {"search_s": search_s, "teacher_eval_s": teacher_eval_s,
-                    "total_s": time.perf_counter() - t_start},
-        "command": f"rad ablate --config {root / 'config.yaml'}",
-        "config": asdict(config), "versions": package_versions(),
-    }
-    atomic_write_text(root / RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+            records[name] = done[name]
+    conv = convergence({n: [asdict(p) for p in r.curve] for n, r in records.items()}, baseline.name)
+    arms = {name: ArmSummary(**{f.name: getattr(r, f.name) for f in dataclasses.fields(ArmResult)},
+                             same_as=plans[name].same_as, **conv["arms"][name]) for name, r in records.items()}
+    summary = AblateSummary(
+        model=config.model, num_layers=num_layers, k=k,
+        layer_sets=layer_sets, searched_source=source, layer_sets_coincide=coincide,
+        baseline=baseline.name, baseline_final_kl=conv["target_kl"], baseline_steps=conv["baseline_steps"],
+        order=list(plans), arms=arms, teacher_scores=teacher_scores,
+        statuses=statuses, dropped_tasks=dict(inputs.dropped_tasks),
+        timings={"search_s": search_s, "teacher_eval_s": teacher_eval_s, "total_s": time.perf_counter() - t_start},
+        command=f"rad ablate --config {root / 'config.yaml'}",
+        config=asdict(config), versions=package_versions(),
+    )
+    summary.save(root)
     from rad.ablate.report import plot_kl_curves, write_report
 
     plot_kl_curves(summary, root / "kl_curves.png")
-    report = write_report(summary, root)
+    report = write_report(summary, config, root)
     logger.info("Report: %s", report)
     return AblateResult(out=root, report=report, summary=summary, statuses=statuses)
 
@@ -264,13 +404,14 @@ def _plans(config: AblateConfig, order: list[Arm], baseline: Arm, layer_sets: di
             for a in order}
 
 
-def _arm_settings(config: AblateConfig, plan: _Plan) -> dict:
-    """What makes an arm's training what it is; a folder made with other values is refused, not reused."""
+def _arm_settings(config: AblateConfig, plan: _Plan, fingerprint: str) -> dict:
+    """What makes an arm's training what it is; a folder made with other values is refused, not reused.
+    The teacher is identified by content (`fingerprint`): a model re-made at the same path is another model."""
     d = asdict(config.distill)
     for key in ("lr", "tensorboard", "keep_checkpoints", "save_every"):
         d.pop(key)
-    return {"model": config.model, "layers": plan.layers, "init": plan.arm.init, "train": plan.arm.train,
-            "seed": config.seed, "lr": config.distill.lr[plan.arm.train], "distill": d}
+    return {"model": config.model, "model_fingerprint": fingerprint, "layers": plan.layers, "init": plan.arm.init,
+            "train": plan.arm.train, "seed": config.seed, "lr": config.distill.lr[plan.arm.train], "distill": d}
 
 
 def _eval_settings(config: AblateConfig) -> dict:
@@ -283,22 +424,18 @@ def _eval_settings(config: AblateConfig) -> dict:
 def _check_settings(folder: Path, settings: dict, write: bool = True) -> None:
     path = folder / SETTINGS_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise RadError(f"{folder} was made with other settings ({', '.join(changed)} differ); delete it or "
-                           "choose another out.")
+        saved = _load_json(path, "an ablation arm's settings", f"delete {folder} to redo the arm")
+        check_same_settings(saved, settings, what=str(folder), advice="delete it or choose another out")
         return
     if write:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+        atomic_write_json(path, settings)
 
 
-def _finished(plan: _Plan, settings: dict, eval_settings: dict) -> dict | None:
-    path = plan.folder / ARM_RESULT_FILE
-    if not path.is_file():
+def _finished(plan: _Plan, settings: dict, eval_settings: dict) -> ArmResult | None:
+    if not (plan.folder / ARM_RESULT_FILE).is_file():
         return None
-    record = json.loads(path.read_text())
-    if record.get("settings") != settings or record.get("eval_settings") != eval_settings:
+    record = ArmResult.load(plan.folder)
+    if record.settings != settings or record.eval_settings != eval_settings:
         return None  # e.g. other eval tasks: redo the eval (per-item files are reused) and rewrite it
     return record
 
@@ -309,12 +446,13 @@ def _convert(teacher, config: AblateConfig, plan: _Plan) -> None:
     convert_stage(teacher, config.model, plan.layers, plan.arm.init, plan.hybrid, seed=config.seed)
 
 
-def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict, sources: tuple[str, ...]) -> dict:
+def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict, sources: tuple[str, ...],
+             fingerprint: str) -> ArmResult:
     from rad.models.loading import load_model
     from rad.stages import distill_stage
 
     name, d = plan.arm.name, config.distill
-    if (plan.student / "config.json").is_file():
+    if (plan.distill / SUMMARY_FILE).is_file():
         logger.info("arm %s: distillation %s exists, skipped", name, plan.student)
     else:
         t0 = time.perf_counter()
@@ -323,38 +461,34 @@ def _run_arm(config: AblateConfig, plan: _Plan, eval_config, timings: dict, sour
         timings["distill_s"] = time.perf_counter() - t0
     if not d.keep_checkpoints and (plan.distill / "checkpoints").exists():
         shutil.rmtree(plan.distill / "checkpoints", ignore_errors=True)
-    curve = read_curve(plan.distill / "log.jsonl")
+    curve = [EvalPoint.from_json(p) for p in read_curve(plan.distill / "log.jsonl")]
     if not curve:
         raise RadError(f"{plan.distill / 'log.jsonl'} has no held-out evaluations; delete {plan.distill} and rerun.")
-    summary_path = plan.distill / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = DistillSummary.load(plan.distill)
     scores = {}
     if eval_config is not None:
         t0 = time.perf_counter()
         scores = _score(load_model(str(plan.student), device=config.device), name, eval_config)
         timings["eval_s"] = time.perf_counter() - t0
-    previous = plan.folder / ARM_RESULT_FILE
-    old_timings = json.loads(previous.read_text()).get("timings", {}) if previous.is_file() else {}
-    record = {
-        "name": name, "layer_set": plan.arm.layers, "layers": plan.layers, "init": plan.arm.init,
-        "train": plan.arm.train, "lr": d.lr[plan.arm.train],
-        "trainable_parameters": summary.get("trainable_parameters"),
-        "total_parameters": summary.get("total_parameters"), "data": summary.get("data"),
-        "curve": curve, "kl_at_init": curve[0]["eval_kl"] if curve[0]["step"] == 0 else None,
-        "final_kl": curve[-1]["eval_kl"], "final_step": curve[-1]["step"], "scores": scores,
-        "timings": {**old_timings, **timings}, "folder": str(plan.folder),
-        "settings": _arm_settings(config, plan), "eval_settings": _eval_settings(config),
-    }
-    atomic_write_text(plan.folder / ARM_RESULT_FILE, json.dumps(record, indent=2) + "\n")
+    old_timings = ArmResult.load(plan.folder).timings if (plan.folder / ARM_RESULT_FILE).is_file() else {}
+    record = ArmResult(
+        name=name, layer_set=plan.arm.layers, layers=plan.layers, init=plan.arm.init, train=plan.arm.train,
+        lr=d.lr[plan.arm.train], trainable_parameters=summary.trainable_parameters,
+        total_parameters=summary.total_parameters, data=summary.data,
+        curve=curve, kl_at_init=curve[0].eval_kl if curve[0].step == 0 else None,
+        final_kl=curve[-1].eval_kl, final_step=curve[-1].step, scores=scores,
+        timings={**old_timings, **timings}, folder=str(plan.folder),
+        settings=_arm_settings(config, plan, fingerprint), eval_settings=_eval_settings(config),
+    )
+    record.save(plan.folder)
     return record
 
 
-def _score(loaded, name: str, eval_config) -> dict:
+def _score(loaded, name: str, eval_config) -> dict[str, TaskScore]:
     from rad.evaluate.runner import evaluate_model
 
     result = evaluate_model(dataclasses.replace(loaded, source=name), eval_config)
-    return {t: {"accuracy": r.accuracy, "correct": r.correct, "total": r.total, "ci95": list(r.ci95)}
-            for t, r in result.tasks.items()}
+    return {t: TaskScore.of(r, eval_config.limit) for t, r in result.tasks.items()}
 
 
 def _free_memory() -> None:

@@ -4,7 +4,14 @@ from rad.distill.data import DataConfig, build_data
 from rad.distill.loss import chunked_distill_terms, kl_divergence
 from rad.distill.modules import TRAIN_CHOICES, select_trainable, share_frozen_weights
 from rad.distill.objective import LossWeights
-from rad.distill.train import DEFAULT_LR, DistillConfig, DistillResult, DistillSettings, run_distill
+from rad.distill.train import (
+    DEFAULT_LR,
+    DistillConfig,
+    DistillResult,
+    DistillSettings,
+    DistillSummary,
+    run_distill,
+)
 
 __all__ = [
     "DEFAULT_LR",
@@ -13,6 +20,7 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "DistillSettings",
+    "DistillSummary",
     "LossWeights",
     "build_data",
     "chunked_distill_terms",

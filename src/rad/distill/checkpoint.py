@@ -2,17 +2,19 @@
 
 Each checkpoint is a folder `step-NNNNNNN` made by `atomic_directory`, so a killed run leaves either a
 complete folder or none; `state.json` lists a SHA-256 for every file, so a truncated or altered file is
-detected on resume instead of silently training from garbage.
+detected on resume instead of silently training from garbage. `state.json` is a `CheckpointState`: it also
+holds the settings that determine the run's result (`settings`), which `--resume` checks before continuing.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rad.errors import RadError
 from rad.utils.atomic import atomic_directory
+from rad.utils.identity import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_LEGACY_SETTINGS = ("train", "steps", "global_batch")  # what state.json held at its top level before `settings`
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What a checkpoint's state.json holds: the step, a SHA-256 per file, the data position and the
+    settings the run was made with (`rad.distill.train.resume_settings`), which a resume must match."""
+
+    step: int
+    files: dict[str, str]
+    data_position: int | None = None
+    train_sequences: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CheckpointState:
+        settings = dict(data.get("settings") or {})
+        if "settings" not in data:  # written before rad recorded the whole identity: what it did record
+            settings = {k: data[k] for k in _LEGACY_SETTINGS if k in data}
+            if "seed" in data:
+                settings["data"] = {"seed": data["seed"]}
+        return cls(step=int(data["step"]), files=dict(data["files"]), data_position=data.get("data_position"),
+                   train_sequences=data.get("train_sequences"), settings=settings)
+
+    @classmethod
+    def load(cls, folder: Path) -> CheckpointState:
+        try:
+            return cls.from_json(json.loads((Path(folder) / STATE_FILE).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise RadError(f"Checkpoint {folder} is partial or corrupt ({STATE_FILE} is missing or unreadable); "
+                           "delete it to resume from the one before.") from None
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint's contents."""
+
+    state: CheckpointState
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: list[dict]
 
 
 def save_checkpoint(
@@ -59,7 +101,10 @@ def save_checkpoint(
     optimizer_state: dict,
     scheduler_state: dict,
     rng_states: list[dict],
-    meta: dict,
+    *,
+    settings: dict,
+    data_position: int,
+    train_sequences: int,
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` under `root` atomically and delete all but the newest `keep`."""
@@ -69,8 +114,10 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng.pt")
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=2))
+        files = {p.name: file_sha256(p, memo=False) for p in sorted(tmp.iterdir())}
+        state = CheckpointState(step=step, files=files, data_position=data_position,
+                                train_sequences=train_sequences, settings=settings)
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2))
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -83,34 +130,29 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
-def verify_checkpoint(folder: Path) -> dict:
+def verify_checkpoint(folder: Path) -> CheckpointState:
     """The checkpoint's state.json, after checking every file against its recorded SHA-256."""
-    state_path = folder / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise RadError(f"Checkpoint {folder} is partial or corrupt ({STATE_FILE} is missing or unreadable); "
-                       "delete it to resume from the one before.") from None
-    for name, digest in state.get("files", {}).items():
+    state = CheckpointState.load(folder)
+    for name, digest in state.files.items():
         path = folder / name
         if not path.is_file():
             raise RadError(f"Checkpoint {folder} is partial: {name} is missing; delete it to resume from the one before.")
-        if _sha256(path) != digest:
+        if file_sha256(path, memo=False) != digest:
             raise RadError(f"Checkpoint {folder} is corrupt: {name} does not match its checksum; "
                            "delete it to resume from the one before.")
-    missing = {WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt"} - set(state.get("files", {}))
+    missing = {WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt"} - set(state.files)
     if missing:
         raise RadError(f"Checkpoint {folder} is partial: it lacks {sorted(missing)[0]}.")
     return state
 
 
-def load_checkpoint(folder: Path, device: torch.device) -> dict:
+def load_checkpoint(folder: Path, device: torch.device) -> Checkpoint:
     """Verified contents of a checkpoint folder."""
     state = verify_checkpoint(folder)
-    return {
-        "state": state,
-        "weights": load_file(str(folder / WEIGHTS_FILE), device=str(device)),
-        "optimizer": torch.load(folder / "optimizer.pt", map_location=device, weights_only=False),
-        "scheduler": torch.load(folder / "scheduler.pt", weights_only=False),
-        "rng": torch.load(folder / "rng.pt", weights_only=False),
-    }
+    return Checkpoint(
+        state=state,
+        weights=load_file(str(folder / WEIGHTS_FILE), device=str(device)),
+        optimizer=torch.load(folder / "optimizer.pt", map_location=device, weights_only=False),
+        scheduler=torch.load(folder / "scheduler.pt", weights_only=False),
+        rng=torch.load(folder / "rng.pt", weights_only=False),
+    )

@@ -7,6 +7,11 @@ batch optimise the same objective, and a resumed run needs only its step number 
 
 `run_distill` reads top to bottom: `_setup` (models, data, optimiser), `_resume` (the newest checkpoint),
 `_train` (the loop over `_train_step`, with held-out evaluation and checkpoints), `_finish` (the student).
+
+Resume identity: every checkpoint records `resume_settings` (the init student's and the teacher's content
+fingerprints, the tokenised data's content, and every setting that changes the trained weights or the
+held-out curve); `--resume` under anything else is refused, naming each change. What may change on resume
+(`ALLOWED_ON_RESUME`) is used from the resumed step on and recorded in config.json.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from rad.distill.objective import DistillObjective, LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
 from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from rad.utils.identity import check_same_settings, model_fingerprint, tensor_sha256
 from rad.utils.jsonl import read_log
 
 logger = logging.getLogger(__name__)
@@ -63,6 +69,13 @@ DEFAULT_WARMUP_RATIO = 0.1
 # alone a short run from the rad init first gets worse (the gated norm turns the zero mixer output into a
 # full-size one). A separate teacher has other layers, so there it defaults to 0.
 DEFAULT_ALIGN_WEIGHT = 1.0
+SUMMARY_FILE = "summary.json"
+# DistillConfig fields a resume may change: where and how the run is done and watched, never what it trains.
+# micro_batch and grad_accum may change as long as the global batch (micro x accum x processes) stays: the
+# loss of a step is normalised by its global token count, so the step's gradient is the same.
+ALLOWED_ON_RESUME = ("out", "eval_every", "eval_at", "save_every", "keep_checkpoints", "log_every", "resume",
+                     "share_weights", "gradient_checkpointing", "device", "progress", "tensorboard", "plots",
+                     "micro_batch", "grad_accum", "hybrid", "teacher")  # the models by content, not by path
 
 
 def default_loss(self_distillation: bool) -> LossWeights:
@@ -204,6 +217,72 @@ class DistillSettings:
         )
 
 
+@dataclass(frozen=True)
+class EvalPoint:
+    """One held-out evaluation (a `kind: eval` line of log.jsonl)."""
+
+    step: int
+    eval_kl: float
+    eval_ppl: float
+    teacher_ppl: float
+    eval_top1_agreement: float
+    eval_tokens: int
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalPoint:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class DistillSummary:
+    """What summary.json holds: the run's settings, sizes, first and last losses and held-out evaluations."""
+
+    hybrid: str
+    teacher: str | None
+    self_distillation: bool
+    shared_teacher_bytes: int
+    train: str
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+    data: str
+    train_sequences: int
+    eval_sequences: int
+    seq_len: int
+    first_loss: float | None
+    final_loss: float | None
+    first_eval: EvalPoint | None
+    final_eval: EvalPoint | None
+    student: str
+    settings: dict = field(default_factory=dict)  # resume_settings: what determined the result
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DistillSummary:
+        data = {**data, "settings": data.get("settings") or {}}
+        for key in ("first_eval", "final_eval"):
+            data[key] = EvalPoint.from_json(data[key]) if data.get(key) is not None else None
+        return cls(**data)
+
+    def save(self, out: str | Path) -> Path:
+        return atomic_write_json(Path(out) / SUMMARY_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, out: str | Path) -> DistillSummary:
+        """The summary of the finished run in `out`; a clear RadError when there is none or it is malformed."""
+        path = Path(out) / SUMMARY_FILE
+        advice = f"re-run `rad distill ... --out {out}` (add --resume to continue from its checkpoints)"
+        if not path.is_file():
+            raise RadError(f"{out} has no {SUMMARY_FILE} (the distillation did not finish); {advice}.")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise RadError(f"{path} is not a rad distillation summary ({type(err).__name__}: {str(err)[:120]}); "
+                           f"{advice}.") from None
+
+
 @dataclass
 class DistillResult:
     out: Path
@@ -211,7 +290,7 @@ class DistillResult:
     steps: int
     history: list[dict]
     evals: list[dict]
-    summary: dict
+    summary: DistillSummary | None  # None on the other processes of a multi-process run
 
 
 def _accelerator(config: DistillConfig):
@@ -249,6 +328,8 @@ class Models:
     self_distill: bool
     shared_bytes: int
     trainable: list[str]
+    student_fingerprint: str  # the content of the hybrid it starts from (rad.utils.identity)
+    teacher_fingerprint: str
 
 
 def load_models(config: DistillConfig, device: torch.device) -> Models:
@@ -288,7 +369,8 @@ def load_models(config: DistillConfig, device: torch.device) -> Models:
             p.requires_grad_(False)
         logger.info("Teacher %s%s (own copy of its weights)", teacher_spec, " (self)" if self_distill else "")
     teacher.eval()
-    return Models(student, teacher, student_loaded.tokenizer, record, self_distill, shared_bytes, trainable)
+    return Models(student, teacher, student_loaded.tokenizer, record, self_distill, shared_bytes, trainable,
+                  model_fingerprint(student_loaded), model_fingerprint(teacher_loaded))
 
 
 def cosine_lambda(total: int, warmup: int, min_ratio: float):
@@ -388,6 +470,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     params: list[torch.nn.Parameter]
     checkpoints: list[Path]  # on disk when the run started, oldest first
+    settings: dict  # resume_settings: what a checkpoint of this run records and a resume must match
     step: int = 0  # optimiser steps done
     logs: _Logs | None = None
     started: float = 0.0  # time.perf_counter() when the loop began
@@ -483,7 +566,36 @@ def _setup(config: DistillConfig, accelerator) -> _Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(config.steps, warmup, config.min_lr_ratio))
     objective, optimizer = accelerator.prepare(objective, optimizer)
     teacher.to(accelerator.device)
-    return _Run(config, accelerator, models, data, objective, optimizer, scheduler, params, checkpoints)
+    settings = resume_settings(config, models, data, accelerator)
+    return _Run(config, accelerator, models, data, objective, optimizer, scheduler, params, checkpoints, settings)
+
+
+def data_fingerprint(data: DistillData) -> str:
+    """The content of the tokenised training and held-out rows: covers the data's source and content, the
+    fields, tokenizer, seq_len, packing, masking, held-out split and its seed in one digest."""
+    rows = (data.train, data.eval)
+    return tensor_sha256(*(t for r in rows for t in (r.input_ids, r.attention_mask, r.loss_mask)))
+
+
+def resume_settings(config: DistillConfig, models: Models, data: DistillData, accelerator) -> dict:
+    """Everything that determines the trained weights and the held-out curve: what a resume must match."""
+    return {
+        "student": models.student_fingerprint,
+        "teacher": models.teacher_fingerprint,
+        "train": config.train,
+        "steps": config.steps,  # the warm-up and cosine decay span the whole run
+        "global_batch": config.micro_batch * config.grad_accum * accelerator.num_processes,
+        "seed": config.seed,
+        "data": {"seed": config.data.seed, "seq_len": config.data.seq_len, "content": data_fingerprint(data)},
+        "optimizer": {"lr": config.lr, "min_lr_ratio": config.min_lr_ratio, "weight_decay": config.weight_decay,
+                      "betas": list(config.betas), "warmup_ratio": config.warmup_ratio,
+                      "max_grad_norm": config.max_grad_norm},
+        # `chunk` only splits the same sum into pieces.
+        "loss": {k: v for k, v in asdict(config.loss).items() if k != "chunk"},
+        "precision": {"mixed_precision": str(accelerator.mixed_precision), "student": str(models.student.dtype),
+                      "teacher": str(models.teacher.dtype)},
+        "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
+    }
 
 
 def _resume(run: _Run) -> None:
@@ -492,17 +604,18 @@ def _resume(run: _Run) -> None:
         return
     latest = run.checkpoints[-1]
     ckpt = load_checkpoint(latest, run.accelerator.device)
-    _check_compatible(ckpt["state"], run.config, run.world)
+    check_same_settings(ckpt.state.settings, run.settings, what=f"The checkpoint {latest}",
+                        advice="resume with the same settings, or choose a new --out to train with these")
     named = dict(run.accelerator.unwrap_model(run.objective).student.named_parameters())
     with torch.no_grad():
-        for name, value in ckpt["weights"].items():
+        for name, value in ckpt.weights.items():
             if name not in named:
                 raise RadError(f"Checkpoint {latest} holds {name}, which the student lacks; wrong --out?")
             named[name].copy_(value)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"][run.accelerator.process_index])
-    run.step = ckpt["state"]["step"]
+    run.optimizer.load_state_dict(ckpt.optimizer)
+    run.scheduler.load_state_dict(ckpt.scheduler)
+    set_rng_state(ckpt.rng[run.accelerator.process_index])
+    run.step = ckpt.state.step
     logger.info("Resumed from %s (step %d of %d)", latest, run.step, run.config.steps)
 
 
@@ -609,13 +722,13 @@ def _finish(run: _Run) -> DistillResult:
     records = run.logs.read()
     history = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    summary: dict = {}
+    summary = None
     student_dir = None
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(run.objective).student
         student_dir = save_student(student, run.models.tokenizer, run.out / "student", run.models.record, cfg)
-        summary = _summary(cfg, run.models, run.data, history, evals, student_dir)
-        atomic_write_json(run.out / "summary.json", summary)
+        summary = _summary(cfg, run, history, evals, student_dir)
+        summary.save(run.out)
         if cfg.plots:
             from rad.distill.report import plot_curves
 
@@ -623,16 +736,6 @@ def _finish(run: _Run) -> DistillResult:
     accelerator.wait_for_everyone()
     return DistillResult(out=run.out, student_dir=student_dir, steps=run.step, history=history, evals=evals,
                          summary=summary)
-
-
-def _check_compatible(state: dict, config: DistillConfig, world: int) -> None:
-    """Refuse to resume a checkpoint made with settings that would change which rows each step sees."""
-    want = {"train": config.train, "global_batch": config.micro_batch * config.grad_accum * world,
-            "steps": config.steps, "seed": config.data.seed}
-    for key, value in want.items():
-        if key in state and state[key] != value:
-            raise RadError(f"The checkpoint was made with {key}={state[key]}, this run has {key}={value}; "
-                           "resume with the same settings.")
 
 
 def _save(run: _Run) -> None:
@@ -646,10 +749,9 @@ def _save(run: _Run) -> None:
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(run.objective).student
         trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-        meta = {"train": cfg.train, "global_batch": run.global_batch, "steps": cfg.steps, "seed": cfg.data.seed,
-                "data_position": run.step * run.global_batch, "train_sequences": len(run.data.train)}
         save_checkpoint(run.ckpt_root, run.step, trainable, run.optimizer.state_dict(), run.scheduler.state_dict(),
-                        states, meta, keep=cfg.keep_checkpoints)
+                        states, settings=run.settings, data_position=run.step * run.global_batch,
+                        train_sequences=len(run.data.train), keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
@@ -668,16 +770,18 @@ def save_student(student, tokenizer, dest: Path, record: ConversionRecord | None
     return dest
 
 
-def _summary(config, models: Models, data: DistillData, history, evals, student_dir) -> dict:
+def _summary(config: DistillConfig, run: _Run, history, evals, student_dir) -> DistillSummary:
     """What summary.json holds: the run's settings, sizes and first and last losses and evaluations."""
+    models, data = run.models, run.data
     n_train, n_total = count_parameters(models.student)
-    return {
-        "hybrid": config.hybrid, "teacher": config.teacher or (models.record.source_model if models.record else None),
-        "self_distillation": models.self_distill, "shared_teacher_bytes": models.shared_bytes,
-        "train": config.train, "trainable_parameters": n_train, "total_parameters": n_total,
-        "steps": config.steps, "data": data.source, "train_sequences": len(data.train),
-        "eval_sequences": len(data.eval), "seq_len": config.data.seq_len,
-        "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
-        "first_eval": evals[0] if evals else None, "final_eval": evals[-1] if evals else None,
-        "student": str(student_dir),
-    }
+    return DistillSummary(
+        hybrid=config.hybrid, teacher=config.teacher or (models.record.source_model if models.record else None),
+        self_distillation=models.self_distill, shared_teacher_bytes=models.shared_bytes,
+        train=config.train, trainable_parameters=n_train, total_parameters=n_total,
+        steps=config.steps, data=data.source, train_sequences=len(data.train),
+        eval_sequences=len(data.eval), seq_len=config.data.seq_len,
+        first_loss=history[0]["loss"] if history else None, final_loss=history[-1]["loss"] if history else None,
+        first_eval=EvalPoint.from_json(evals[0]) if evals else None,
+        final_eval=EvalPoint.from_json(evals[-1]) if evals else None,
+        student=str(student_dir), settings=run.settings,
+    )

@@ -3,8 +3,12 @@
 from rad.evaluate.extract import extract_cruxeval_prediction, extract_final_number, numbers_equal
 from rad.evaluate.runner import (
     EvalConfig,
+    EvalResults,
     ModelResult,
+    TaskMeta,
     TaskResult,
+    TaskScore,
+    TeacherScores,
     comparison_table,
     evaluate_model,
     evaluate_models,
@@ -15,10 +19,14 @@ from rad.evaluate.teacher import TeacherConfig, teacher_metrics
 
 __all__ = [
     "EvalConfig",
+    "EvalResults",
     "ModelResult",
     "SandboxLimits",
     "SandboxResult",
+    "TaskMeta",
     "TaskResult",
+    "TaskScore",
+    "TeacherScores",
     "TeacherConfig",
     "check_output_prediction",
     "comparison_table",

@@ -1,9 +1,10 @@
 """`rad eval`: score models on GSM8K / CRUXEval-O, resumably, and compare them in one table.
 
 Layout under `out/`: one folder per model with `<task>.jsonl` (one line per finished item, appended
-and fsynced as it goes, so a killed run resumes where it stopped), `<task>.meta.json` (the settings
-the items were produced with; a resume with other settings is refused) and `results.json`; plus
-`comparison.md` over all models evaluated into `out/`.
+and fsynced as it goes, so a killed run resumes where it stopped), `<task>.meta.json` (a `TaskMeta`: what
+determines the items' answers and verdicts, i.e. the model's content fingerprint and dtype, the prompt and
+generation settings and the sandbox limits; a resume under anything else is refused) and `results.json`
+(an `EvalResults`); plus `comparison.md` over all models evaluated into `out/`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ from rad.evaluate.tasks import TASKS, TaskOptions, make_task
 from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
 from rad.models.loading import LoadedModel, load_model
 from rad.preflight import MISSING_TASK_POLICIES, check_model, check_task_data
+from rad.utils.atomic import atomic_write_json, atomic_write_text
+from rad.utils.identity import check_same_settings, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
+RESULTS_FILE = "results.json"
+META_SUFFIX = ".meta.json"
 
 @dataclass
 class EvalConfig:
@@ -110,12 +115,137 @@ class TaskResult:
         return self.correct / self.total if self.total else 0.0
 
 
+@dataclass(frozen=True)
+class TeacherScores:
+    """How close a model stays to the teacher on held-out text (`teacher_metrics`), and its settings."""
+
+    teacher: str
+    kl_teacher_student: float
+    perplexity: float
+    teacher_perplexity: float
+    top1_agreement: float
+    tokens: int
+    texts: int
+    settings: dict = field(default_factory=dict)  # the TeacherConfig the metrics were measured with
+
+    def to_json(self) -> dict:  # flat, as results.json always held it
+        data = dataclasses.asdict(self)
+        settings = data.pop("settings")
+        return {**data, **settings}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TeacherScores:
+        names = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   settings={k: v for k, v in data.items() if k not in names})
+
+
 @dataclass
 class ModelResult:
     model: str
     folder: Path
     tasks: dict[str, TaskResult]
-    teacher: dict | None = None
+    teacher: TeacherScores | None = None
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's line in results.json: accuracy over the first `limit` items with its 95% interval."""
+
+    accuracy: float
+    correct: int
+    total: int
+    ci95: tuple[float, float]
+    interval: str = "wilson"
+    limit: int | None = None
+
+    @classmethod
+    def of(cls, result: TaskResult, limit: int | None = None) -> TaskScore:
+        return cls(result.accuracy, result.correct, result.total, tuple(result.ci95), limit=limit)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskScore:
+        return cls(**{**data, "ci95": tuple(data["ci95"])})
+
+
+def _unreadable(path: Path, what: str, err: Exception, advice: str) -> RadError:
+    return RadError(f"{path} is not {what} ({type(err).__name__}: {str(err)[:120]}); {advice}.")
+
+
+@dataclass(frozen=True)
+class EvalResults:
+    """What a model folder's results.json holds: the latest score of every task evaluated into it (a later
+    `rad eval` of other tasks adds to it), and the teacher-relative metrics if they were asked for."""
+
+    model: str
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    teacher: TeacherScores | None = None
+
+    def to_json(self) -> dict:
+        data = {"model": self.model, "tasks": {name: {**dataclasses.asdict(t), "ci95": list(t.ci95)}
+                                               for name, t in self.tasks.items()}}
+        if self.teacher is not None:
+            data["teacher"] = self.teacher.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalResults:
+        teacher = data.get("teacher")
+        return cls(model=data["model"], tasks={n: TaskScore.from_json(t) for n, t in data["tasks"].items()},
+                   teacher=TeacherScores.from_json(teacher) if teacher is not None else None)
+
+    def save(self, folder: str | Path) -> Path:
+        return atomic_write_json(Path(folder) / RESULTS_FILE, self.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> EvalResults:
+        path = Path(folder) / RESULTS_FILE
+        if not path.is_file():
+            raise RadError(f"{folder} has no {RESULTS_FILE}; run `rad eval ... --out {Path(folder).parent}` first.")
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+            raise _unreadable(path, "a rad evaluation result", err, "re-run `rad eval` into this folder") from None
+
+    @classmethod
+    def load_or_none(cls, folder: str | Path) -> EvalResults | None:
+        return cls.load(folder) if (Path(folder) / RESULTS_FILE).is_file() else None
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    """What `<task>.meta.json` holds: everything that determines a task's per-item answers and verdicts.
+
+    `model` is the spec the user gave (informational); the model's identity is `model_fingerprint`, the
+    content of what was loaded (`rad.utils.identity.model_fingerprint`), so a re-made folder or a moved
+    symlink at the same path is refused and a copy of the same files is accepted. `scoring` is the whole
+    `SandboxLimits`. Fields an older rad did not record are None: not checked (a warning says so)."""
+
+    task: str
+    prompt_version: str
+    model: str
+    chat: bool
+    n_shot: int
+    max_new_tokens: int
+    decoding: str = "greedy"
+    model_fingerprint: str | None = None
+    dtype: str | None = None
+    scoring: dict | None = None
+
+    def identity(self) -> dict:
+        """The settings a resume must match: everything but the spec, and nothing an older rad did not record."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "model" and v is not None}
+
+    def save(self, path: Path) -> Path:
+        return atomic_write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> TaskMeta:
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise _unreadable(Path(path), "a rad task metadata file", err,
+                              "pass --overwrite to start the task again or choose another --out") from None
 
 
 def model_slug(spec: str) -> str:
@@ -123,13 +253,6 @@ def model_slug(spec: str) -> str:
     path = Path(spec).expanduser()
     name = path.name if path.exists() else spec
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Readers see the old file or the new one, never half of it (rad.utils.atomic owns how)."""
-    from rad.utils.atomic import atomic_write_json
-
-    atomic_write_json(path, data)
 
 
 def read_items(path: Path) -> dict[str, dict]:
@@ -150,41 +273,33 @@ def read_items(path: Path) -> dict[str, dict]:
     return done
 
 
-def _task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int) -> dict:
-    return {
-        "task": task.name,
-        "prompt_version": task.prompt_version,
-        "model": loaded.source,
-        "chat": config.chat,
-        "n_shot": config.n_shot,
-        "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
-    }
+def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int, fingerprint: str) -> TaskMeta:
+    return TaskMeta(task=task.name, prompt_version=task.prompt_version, model=loaded.source, chat=config.chat,
+                    n_shot=config.n_shot, max_new_tokens=max_new_tokens, decoding="greedy",
+                    model_fingerprint=fingerprint, dtype=str(loaded.model.dtype),
+                    scoring=dataclasses.asdict(config.sandbox))
 
 
-def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folder: Path) -> TaskResult:
-    """Score `loaded` on the first `config.limit` items of a task, reusing items already in the per-item file."""
+def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folder: Path,
+                  fingerprint: str | None = None) -> TaskResult:
+    """Score `loaded` on the first `config.limit` items of a task, reusing items already in the per-item file
+    when they were made by the same model (content `fingerprint`) under the same settings, else refusing."""
     options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources,
                           sandbox=config.sandbox)
     task = make_task(task_name, options)
     max_new = config.max_new_tokens or task.default_max_new_tokens
-    meta = _task_meta(task, config, loaded, max_new)
-    items_path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}.meta.json"
+    meta = task_meta(task, config, loaded, max_new, fingerprint or model_fingerprint(loaded))
+    items_path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}{META_SUFFIX}"
     if items_path.is_file() and not meta_path.is_file():  # not rad's: never read, repaired or deleted
         raise RadError(f"{items_path} was not written by rad eval (no {meta_path.name} beside it); move it away "
                        "or choose another --out.")
     if config.overwrite:
         items_path.unlink(missing_ok=True)
     if meta_path.is_file() and items_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            raise RadError(
-                f"{items_path} was produced with other settings ({', '.join(changed)} differ); "
-                "pass --overwrite to start again or choose another --out."
-            )
+        check_same_settings(TaskMeta.load(meta_path).identity(), meta.identity(), what=str(items_path),
+                            advice="pass --overwrite to discard its items and start again, or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(meta_path, meta)
+    meta.save(meta_path)
     items = task.items(config.limit)
     done = read_items(items_path)
     pending = [(i, item) for i, item in enumerate(items) if item.id not in done]
@@ -214,18 +329,6 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
     return TaskResult(task.name, correct, len(selected), generator.calls, wilson_interval(correct, len(selected)))
 
 
-def _results_json(result: ModelResult, config: EvalConfig, previous: dict) -> dict:
-    tasks = dict(previous.get("tasks", {}))
-    for name, r in result.tasks.items():
-        tasks[name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total,
-                       "ci95": list(r.ci95), "interval": "wilson", "limit": config.limit}
-    data = {"model": result.model, "tasks": tasks}
-    teacher = result.teacher if result.teacher is not None else previous.get("teacher")
-    if teacher is not None:
-        data["teacher"] = teacher
-    return data
-
-
 def evaluate_model(
     model: str | LoadedModel, config: EvalConfig, teacher: LoadedModel | None = None, **load_kwargs
 ) -> ModelResult:
@@ -234,18 +337,23 @@ def evaluate_model(
     folder = Path(config.out) / model_slug(loaded.source)
     folder.mkdir(parents=True, exist_ok=True)
     result = ModelResult(loaded.source, folder, {})
+    fingerprint = model_fingerprint(loaded) if config.tasks else None
     for name in config.tasks:
-        result.tasks[name] = evaluate_task(loaded, name, config, folder)
+        result.tasks[name] = evaluate_task(loaded, name, config, folder, fingerprint)
         r = result.tasks[name]
         logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
                     r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])
     if teacher is not None:
         texts = _heldout_texts(config)
         metrics = teacher_metrics(loaded, teacher, texts, config.teacher_config)
-        result.teacher = {"teacher": teacher.source, **metrics, **dataclasses.asdict(config.teacher_config)}
-    results_path = folder / "results.json"
-    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    _write_json(results_path, _results_json(result, config, previous))
+        result.teacher = TeacherScores(teacher=teacher.source, **metrics,
+                                       settings=dataclasses.asdict(config.teacher_config))
+    previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
+    EvalResults(
+        model=result.model,
+        tasks={**previous.tasks, **{n: TaskScore.of(r, config.limit) for n, r in result.tasks.items()}},
+        teacher=result.teacher if result.teacher is not None else previous.teacher,
+    ).save(folder)
     return result
 
 
@@ -272,9 +380,9 @@ def comparison_table(results: list[ModelResult]) -> str:
             row.append(f"{100 * t.accuracy:.1f} [{100 * t.ci95[0]:.1f}, {100 * t.ci95[1]:.1f}] (n={t.total})"
                        if t else "–")
         if teacher_cols:
-            m = r.teacher or {}
-            row += [f"{m['kl_teacher_student']:.4f}", f"{m['perplexity']:.2f}",
-                    f"{100 * m['top1_agreement']:.1f}%"] if m else ["–"] * 3
+            m = r.teacher
+            row += [f"{m.kl_teacher_student:.4f}", f"{m.perplexity:.2f}",
+                    f"{100 * m.top1_agreement:.1f}%"] if m else ["–"] * 3
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -305,5 +413,5 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
     table = comparison_table(results)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table)
+    atomic_write_text(out / "comparison.md", table)
     return results, table
