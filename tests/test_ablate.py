@@ -287,11 +287,13 @@ def test_bad_ablation_settings_are_clear_errors(tiny_src, tmp_path):
         AblateConfig(k=2, searched_layers=[3])
     with pytest.raises(RadError, match="k = 5 is out of range"):
         run_ablation(_tiny_config(tiny_src, tmp_path / "k", k=5, searched_layers=None))
+    searched = tmp_path / "searched"  # beside the outputs: an --out inside an input folder is refused
+    searched.mkdir()
     with pytest.raises(RadError, match="has no search.json"):
-        run_ablation(_tiny_config(tiny_src, tmp_path / "s", searched_layers=None, searched_from=str(tmp_path)))
-    (tmp_path / "search.json").write_text(json.dumps({"chosen_layers": [0, 1, 2]}))
+        run_ablation(_tiny_config(tiny_src, tmp_path / "s", searched_layers=None, searched_from=str(searched)))
+    (searched / "search.json").write_text(json.dumps({"chosen_layers": [0, 1, 2]}))
     with pytest.raises(RadError, match=r"are 3, not k = 2"):
-        run_ablation(_tiny_config(tiny_src, tmp_path / "n", searched_layers=None, searched_from=str(tmp_path)))
+        run_ablation(_tiny_config(tiny_src, tmp_path / "n", searched_layers=None, searched_from=str(searched)))
     c = load_ablate_config("smoke", overrides=["distill.lr.all=1e-4", "layers=uniform"])
     assert c.distill.lr["all"] == 1e-4 and c.distill.lr["mixers"] == RunConfig().distill.lr["mixers"] and c.layers == ["uniform"]
     assert main(["ablate", "--preset", "smoke", "--set", "train=[everything]"]) == 2

@@ -376,7 +376,7 @@ def test_a_killed_checkpoint_write_is_removed_by_the_next_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     _kill_mid_write(root / "step-0000005")
     assert list(root.glob(".tmp-*"))
-    save_checkpoint(root, 6, {"w": torch.zeros(2)}, {}, {}, [{}], {})
+    save_checkpoint(root, 6, {"w": torch.zeros(2)}, {}, {}, [{}], settings={}, data_position=0, train_sequences=1)
     assert [p.name for p in list_checkpoints(root)] == ["step-0000006"]
     assert sorted(p.name for p in root.iterdir()) == ["step-0000006"]
 
