@@ -69,15 +69,18 @@ def apply_candidate(name: str, hybrid, source, layers: list[int], seed: int) -> 
             mixer.norm.weight.fill_(0.01)
             continue
         _random_in_proj(mixer, generator)
-        if name == "zero_norm_v":
+        if name.startswith("zero_norm_v"):
             _v_into_x(mixer, attention, source.config.num_key_value_heads)
         mixer.norm.weight.zero_()
 
 
-CANDIDATES = ("zero_in_proj", "small_norm", "zero_norm", "zero_norm_v")
+CANDIDATES = ("zero_in_proj", "small_norm", "zero_norm", "zero_norm_v", "zero_norm_x30", "zero_norm_x100",
+              "zero_norm_v_x100")
+NORM_LR_SCALE = {"zero_norm_x30": 30.0, "zero_norm_x100": 100.0, "zero_norm_v_x100": 100.0}
 
 
 def run_candidate(name: str, args, loaded, layers: list[int], work: Path) -> dict:
+    """Convert, apply the candidate, distil KL-only; the held-out KL at REPORT_STEPS."""
     hybrid = convert_to_hybrid(loaded.model, ConversionConfig(layers=layers, init="rad", seed=args.seed))
     apply_candidate(name, hybrid, loaded.model, layers, args.seed)
     folder = work / f"hybrid-{name}"
@@ -91,7 +94,7 @@ def run_candidate(name: str, args, loaded, layers: list[int], work: Path) -> dic
         micro_batch=args.micro_batch, loss=LossWeights(kl=1.0), eval_every=args.steps,
         eval_at=tuple(s for s in REPORT_STEPS if s <= args.steps), eval_sequences=args.eval_sequences,
         save_every=0, seed=args.seed, progress=False, tensorboard=False, plots=False, device="cpu",
-        lr=args.lr,
+        lr=args.lr, mixer_norm_lr_scale=NORM_LR_SCALE.get(name, 1.0),
     )
     start = time.perf_counter()
     run_distill(config)

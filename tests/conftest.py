@@ -85,6 +85,17 @@ def _randomise_biases(model):
     return model
 
 
+def word_tokenizer():
+    """A fast word-level tokenizer over the tiny models' 96 ids ("w3 w17 ..."): real tokenizer code, no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def make_tiny(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = MODEL_CLASSES[family](tiny_config(family, **overrides))

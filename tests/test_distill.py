@@ -27,7 +27,7 @@ from rad.distill.modules import check_same_vocabulary, select_trainable, share_f
 from rad.distill.objective import DistillObjective
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
-from tests.conftest import REPO, SHARED_DATA, make_tiny
+from tests.conftest import REPO, SHARED_DATA, make_tiny, word_tokenizer
 
 PY = sys.executable
 
@@ -452,16 +452,6 @@ def test_fused_head_loss_matches_autograd_reference():
 # ---------------------------------------------------------------- resume identity (tiny word tokenizer: fast tier)
 
 
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 def _word_data(path, n=40, seed=0):
     gen = torch.Generator().manual_seed(seed)
     path.write_text("".join(json.dumps({"text": " ".join(f"w{int(t)}" for t in torch.randint(3, 96, (20,),
@@ -482,7 +472,7 @@ def word_dirs(tmp_path_factory):
     """A tiny Llama with a 96-word tokenizer, its rad hybrid and some data, and a run stopped after step 2 of 4
     with a checkpoint there: what every resume below starts from."""
     root = tmp_path_factory.mktemp("resume_identity")
-    tok = _word_tokenizer()
+    tok = word_tokenizer()
     src = make_tiny("llama")
     src.save_pretrained(root / "src")
     tok.save_pretrained(root / "src")
@@ -554,13 +544,13 @@ def test_resume_refuses_every_result_changing_setting(word_dirs, tmp_path, name)
         change["data"] = {"spec": str(word_dirs / "other.jsonl")}
     if change.get("teacher") == "OTHER_TEACHER":  # same vocabulary, other weights
         make_tiny("llama", seed=5).save_pretrained(tmp_path / "teacher")
-        _word_tokenizer().save_pretrained(tmp_path / "teacher")
+        word_tokenizer().save_pretrained(tmp_path / "teacher")
         change["teacher"] = str(tmp_path / "teacher")
     if change.get("hybrid") == "REMADE":  # the hybrid's folder re-made at the same place with another init
         import shutil
 
         shutil.copytree(word_dirs / "src", tmp_path / "src")
-        hybrid = _save_hybrid_of(make_tiny("llama"), tmp_path / "hybrid", _word_tokenizer(), init="mil")
+        hybrid = _save_hybrid_of(make_tiny("llama"), tmp_path / "hybrid", word_tokenizer(), init="mil")
         change["hybrid"] = str(hybrid)
     out = _stopped_copy(word_dirs, tmp_path)
     before = sorted(p.name for p in out.rglob("*"))
@@ -646,6 +636,6 @@ def test_every_distill_setting_is_either_checked_or_allowed_on_resume():
     from rad.distill.train import ALLOWED_ON_RESUME
 
     checked = {"train", "steps", "data", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_ratio",
-               "max_grad_norm", "loss", "eval_sequences", "mixed_precision", "dtype", "teacher_dtype", "seed"}
+               "max_grad_norm", "mixer_norm_lr_scale", "loss", "eval_sequences", "mixed_precision", "dtype", "teacher_dtype", "seed"}
     names = {f.name for f in fields(DistillConfig)}
     assert names == checked | set(ALLOWED_ON_RESUME), names ^ (checked | set(ALLOWED_ON_RESUME))

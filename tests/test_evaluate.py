@@ -36,7 +36,7 @@ from rad.evaluate.sandbox import sandbox_available
 from rad.evaluate.tasks import CRUXEvalO, TaskOptions
 from rad.models.convert import ConversionConfig, convert_to_hybrid
 from rad.models.loading import LoadedModel
-from tests.conftest import SHARED_DATA, make_tiny
+from tests.conftest import SHARED_DATA, make_tiny, word_tokenizer
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "cruxeval.jsonl").is_file(), reason="no ../shared/data")
 
@@ -140,13 +140,7 @@ def test_cruxeval_exception_is_scored_wrong():
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")

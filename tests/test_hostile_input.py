@@ -22,7 +22,7 @@ from rad.cli import main
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
 
-from .conftest import make_tiny
+from .conftest import make_tiny, word_tokenizer
 
 GSM_ROW = {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}
 
@@ -30,21 +30,11 @@ GSM_ROW = {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2"}
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny Llama source, its rad hybrid, and a distilled-student look-alike (record with distillation)."""
     root = tmp_path_factory.mktemp("hostile")
-    tokenizer, source = _tiny_tokenizer(), make_tiny("llama")
+    tokenizer, source = word_tokenizer(), make_tiny("llama")
     source.save_pretrained(root / "src")
     tokenizer.save_pretrained(root / "src")
     config = ConversionConfig(layers=[1, 3])
@@ -153,8 +143,7 @@ def _foreign(tmp_path: Path) -> Path:
     return folder
 
 
-FOREIGN_CASES = {
-    "convert --overwrite": ["convert", "{src}", "--layers", "1", "--out", "{out}", "--overwrite"],
+OUT_COMMANDS = {
     "convert": ["convert", "{src}", "--layers", "1", "--out", "{out}"],
     "distill": ["distill", "{hybrid}", "--out", "{out}", "--steps", "1"],
     "search": ["search", "{src}", "--k", "1", "--out", "{out}"],
@@ -162,6 +151,7 @@ FOREIGN_CASES = {
     "run": ["run", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
     "ablate": ["ablate", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
 }
+FOREIGN_CASES = {"convert --overwrite": [*OUT_COMMANDS["convert"], "--overwrite"], **OUT_COMMANDS}
 
 
 @pytest.mark.parametrize("command", list(FOREIGN_CASES))
@@ -269,14 +259,6 @@ def _absent_device() -> str:
     return f"cuda:{torch.cuda.device_count() + 7}" if torch.cuda.is_available() else "cuda"
 
 
-OUT_COMMANDS = {
-    "convert": ["convert", "{src}", "--layers", "1", "--out", "{out}"],
-    "distill": ["distill", "{hybrid}", "--out", "{out}", "--steps", "1"],
-    "search": ["search", "{src}", "--k", "1", "--out", "{out}"],
-    "eval": ["eval", "{src}", "--tasks", "gsm8k", "--out", "{out}"],
-    "run": ["run", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
-    "ablate": ["ablate", "--preset", "smoke", "--set", "model={src}", "--out", "{out}"],
-}
 
 
 @pytest.mark.parametrize("command", list(OUT_COMMANDS))

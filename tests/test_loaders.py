@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from rad.models.convert import (
     LOADER_KEYS,
@@ -23,7 +23,7 @@ from rad.models.convert import (
 )
 from rad.models.info import format_info, model_info
 
-from .conftest import make_tiny
+from .conftest import make_tiny, word_tokenizer
 
 IDS = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -39,21 +39,12 @@ TRANSFORMERS_4_HARD_CODED = {"rope_theta": 10000.0, "rope_scaling": None, "parti
                              "attention_bias": False, "mlp_bias": False}
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 96)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 def _saved(name, tmp_path, **conversion):
     family, overrides = SOURCES[name]
     source = make_tiny(family, **overrides)
     config = ConversionConfig(layers=[1, 3], **conversion)
     hybrid = convert_to_hybrid(source, config)
-    out = save_hybrid(hybrid, _tokenizer(), tmp_path / name, conversion_record(family, source, config))
+    out = save_hybrid(hybrid, word_tokenizer(), tmp_path / name, conversion_record(family, source, config))
     return source, hybrid, out, json.loads((out / "config.json").read_text())
 
 
@@ -137,7 +128,7 @@ def test_transformers_5_loads_the_folder_exactly_and_rad_resaves_it_byte_for_byt
     assert loaded.config.to_json_string() == hybrid.config.to_json_string()
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, hybrid(IDS).logits, rtol=0, atol=1e-6)
-    again = save_hybrid(loaded, _tokenizer(), tmp_path / "again", conversion_record("x", loaded, ConversionConfig()))
+    again = save_hybrid(loaded, word_tokenizer(), tmp_path / "again", conversion_record("x", loaded, ConversionConfig()))
     assert (again / "config.json").read_text() == (out / "config.json").read_text()
     assert set(LOADER_KEYS) & set(written)
 
@@ -149,7 +140,7 @@ def test_rad_info_flags_a_folder_resaved_without_the_loader_keys(tmp_path):
     assert not any("lacks" in n for n in model_info(load_model(str(out), device="cpu").model).loader_notes)
     plain = tmp_path / "resaved"  # e.g. after fine-tuning with plain transformers 5
     AutoModelForCausalLM.from_pretrained(out).save_pretrained(plain)
-    _tokenizer().save_pretrained(plain)
+    word_tokenizer().save_pretrained(plain)
     assert not set(LOADER_KEYS) & set(json.loads((plain / "config.json").read_text()))
     info = model_info(load_model(str(plain), device="cpu").model)
     assert any("lacks the top-level rope_theta, partial_rotary_factor" in n for n in info.loader_notes)
@@ -159,7 +150,7 @@ def test_rad_info_flags_a_folder_resaved_without_the_loader_keys(tmp_path):
 
 def test_rad_convert_logs_the_loader_warning(tmp_path, caplog):
     make_tiny("qwen2", **SOURCES["qwen2-biases"][1]).save_pretrained(tmp_path / "src")
-    _tokenizer().save_pretrained(tmp_path / "src")
+    word_tokenizer().save_pretrained(tmp_path / "src")
     with caplog.at_level(logging.WARNING, logger="rad.models.convert"):
         result = convert_model(str(tmp_path / "src"), "1,3", tmp_path / "hybrid", device="cpu")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -171,6 +162,6 @@ def test_distilled_student_keeps_the_loader_keys(tmp_path):
     from rad.distill.train import DistillConfig, save_student
 
     _, hybrid, _, written = _saved("llama3-scaling", tmp_path)
-    dest = save_student(hybrid, _tokenizer(), tmp_path / "student", None, DistillConfig(hybrid="h", out="o"))
+    dest = save_student(hybrid, word_tokenizer(), tmp_path / "student", None, DistillConfig(hybrid="h", out="o"))
     student = json.loads((dest / "config.json").read_text())
     assert {k: student[k] for k in LOADER_KEYS} == {k: written[k] for k in LOADER_KEYS}

@@ -12,7 +12,6 @@ other settings.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shlex
 import time
@@ -29,6 +28,7 @@ from rad.outputs import RUN, check_output
 from rad.preflight import TASK_TITLES, InputReport
 from rad.search.config import SearchSettings
 from rad.search.report import SearchResult
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.identity import check_same_settings
 
@@ -62,7 +62,6 @@ class RunConfig:
 
 def check_run_settings(config) -> None:
     """What `rad run` and `rad ablate` share beyond each stage's own checks: the model, out, device, seed."""
-    from rad.errors import RadError
     from rad.utils.devices import resolve_device
 
     if not str(config.model).strip():
@@ -228,12 +227,8 @@ class SpeedResult:
 
     @classmethod
     def load(cls, root: str | Path) -> SpeedResult:
-        path = Path(root) / SPEED_FILE
-        try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise RadError(f"{path} is not a rad speed table ({type(err).__name__}: {str(err)[:120]}); delete it "
-                           "and re-run `rad run` to measure again.") from None
+        return load_artefact(Path(root) / SPEED_FILE, cls.from_json, "a rad speed table",
+                             "delete it and re-run `rad run` to measure again")
 
 
 def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher, models: dict[str, str]) -> str:

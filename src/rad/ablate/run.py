@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import shutil
 import time
@@ -33,6 +32,7 @@ from rad.evaluate.runner import TaskScore
 from rad.models.convert import CONVERSION_FILE
 from rad.outputs import ABLATE, check_output
 from rad.preflight import check_inputs
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.identity import check_same_settings, model_fingerprint
 
@@ -43,16 +43,9 @@ SETTINGS_FILE = "settings.json"
 ARM_RESULT_FILE = "result.json"
 
 
-def _load_json(path: Path, what: str, advice: str) -> dict:
-    """A JSON object from `path`, or a clear RadError saying what the file should have been and what to do."""
-    if not path.is_file():
-        raise RadError(f"{path} does not exist; {advice}.")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RadError(f"{path} is not {what} ({type(err).__name__}: {str(err)[:120]}); {advice}.") from None
+def _json_object(data) -> dict:
     if not isinstance(data, dict):
-        raise RadError(f"{path} is not {what} (not a JSON object); {advice}.")
+        raise TypeError("not a JSON object")
     return data
 
 
@@ -110,13 +103,9 @@ class ArmResult:
 
     @classmethod
     def load(cls, folder: str | Path) -> ArmResult:
-        path = Path(folder) / ARM_RESULT_FILE
-        advice = f"delete it to redo the arm's record (its student is kept), or delete {folder} to redo the arm"
-        try:
-            return cls.from_json(_load_json(path, "a rad ablation arm result", advice))
-        except (KeyError, TypeError, AttributeError) as err:
-            raise RadError(f"{path} is not a rad ablation arm result ({type(err).__name__}: {str(err)[:120]}); "
-                           f"{advice}.") from None
+        return load_artefact(
+            Path(folder) / ARM_RESULT_FILE, cls.from_json, "a rad ablation arm result",
+            f"delete it to redo the arm's record (its student is kept), or delete {folder} to redo the arm")
 
 
 @dataclass(frozen=True)
@@ -170,13 +159,9 @@ class AblateSummary:
 
     @classmethod
     def load(cls, root: str | Path) -> AblateSummary:
-        path = Path(root) / RESULT_FILE
-        advice = f"re-run `rad ablate --config {Path(root) / 'config.yaml'}` (finished arms are skipped)"
-        try:
-            return cls.from_json(_load_json(path, "a rad ablation summary", advice))
-        except (KeyError, TypeError, AttributeError) as err:
-            raise RadError(f"{path} is not a rad ablation summary ({type(err).__name__}: {str(err)[:120]}); "
-                           f"{advice}.") from None
+        return load_artefact(
+            Path(root) / RESULT_FILE, cls.from_json, "a rad ablation summary",
+            f"re-run `rad ablate --config {Path(root) / 'config.yaml'}` (finished arms are skipped)")
 
 
 @dataclass
@@ -424,7 +409,7 @@ def _eval_settings(config: AblateConfig) -> dict:
 def _check_settings(folder: Path, settings: dict, write: bool = True) -> None:
     path = folder / SETTINGS_FILE
     if path.is_file():
-        saved = _load_json(path, "an ablation arm's settings", f"delete {folder} to redo the arm")
+        saved = load_artefact(path, _json_object, "an ablation arm's settings", f"delete {folder} to redo the arm")
         check_same_settings(saved, settings, what=str(folder), advice="delete it or choose another out")
         return
     if write:

@@ -52,6 +52,7 @@ from rad.distill.modules import (
 from rad.distill.objective import DistillObjective, LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from rad.utils.identity import check_same_settings, model_fingerprint, tensor_sha256
 from rad.utils.jsonl import read_log
@@ -103,6 +104,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     loss: LossWeights | None = None  # None: default_loss(self-distillation or not)
     eval_every: int = 100  # 0: no held-out evaluation
+    mixer_norm_lr_scale: float = 1.0  # lr multiplier of the mixers' gated-norm gains (see _param_groups)
     eval_at: tuple[int, ...] = ()  # more steps to evaluate at (e.g. 1, 2, 4, 8: the start of a run on a log scale)
     eval_sequences: int = 64
     save_every: int = 100  # 0: no checkpoints (no resume), only the final student
@@ -136,6 +138,8 @@ class DistillConfig:
                 raise RadError(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
         if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
             raise RadError(f"The learning rate must be a positive number, got {self.lr!r}.")
+        if not self.mixer_norm_lr_scale > 0 or self.mixer_norm_lr_scale == float("inf"):
+            raise RadError(f"mixer_norm_lr_scale must be a positive number, got {self.mixer_norm_lr_scale!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise RadError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
         _check_optimiser_settings(self)
@@ -272,15 +276,10 @@ class DistillSummary:
     @classmethod
     def load(cls, out: str | Path) -> DistillSummary:
         """The summary of the finished run in `out`; a clear RadError when there is none or it is malformed."""
-        path = Path(out) / SUMMARY_FILE
-        advice = f"re-run `rad distill ... --out {out}` (add --resume to continue from its checkpoints)"
-        if not path.is_file():
-            raise RadError(f"{out} has no {SUMMARY_FILE} (the distillation did not finish); {advice}.")
-        try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise RadError(f"{path} is not a rad distillation summary ({type(err).__name__}: {str(err)[:120]}); "
-                           f"{advice}.") from None
+        return load_artefact(
+            Path(out) / SUMMARY_FILE, cls.from_json, "a rad distillation summary",
+            f"re-run `rad distill ... --out {out}` (add --resume to continue from its checkpoints)",
+            missing=f"{out} has no {SUMMARY_FILE} (the distillation did not finish)")
 
 
 @dataclass
@@ -561,7 +560,8 @@ def _setup(config: DistillConfig, accelerator) -> _Run:
     data = build_data(config.data, models.tokenizer)
     objective = DistillObjective(student, teacher, config.loss, replaced_attention_layers(teacher, student))
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(student, config), lr=config.lr, betas=config.betas,
+                                  weight_decay=config.weight_decay)
     warmup = max(1, round(config.warmup_ratio * config.steps)) if config.warmup_ratio > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(config.steps, warmup, config.min_lr_ratio))
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -589,13 +589,28 @@ def resume_settings(config: DistillConfig, models: Models, data: DistillData, ac
         "data": {"seed": config.data.seed, "seq_len": config.data.seq_len, "content": data_fingerprint(data)},
         "optimizer": {"lr": config.lr, "min_lr_ratio": config.min_lr_ratio, "weight_decay": config.weight_decay,
                       "betas": list(config.betas), "warmup_ratio": config.warmup_ratio,
-                      "max_grad_norm": config.max_grad_norm},
+                      "max_grad_norm": config.max_grad_norm, "mixer_norm_lr_scale": config.mixer_norm_lr_scale},
         # `chunk` only splits the same sum into pieces.
         "loss": {k: v for k, v in asdict(config.loss).items() if k != "chunk"},
         "precision": {"mixed_precision": str(accelerator.mixed_precision), "student": str(models.student.dtype),
                       "teacher": str(models.teacher.dtype)},
         "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
     }
+
+
+def _param_groups(student, config: DistillConfig) -> list[dict]:
+    """The trainable weights; the gated-norm gains of the Mamba2 mixers at `mixer_norm_lr_scale` x lr.
+
+    Adam moves every weight by about lr per step whatever its gradient, so a gain that starts at 0 (the
+    `rad` init's zero) would need ~1/lr steps to reach its working size; a larger step for these few
+    weights (one per channel) lets the new mixers grow in tens of steps, still from exactly zero."""
+    norms, rest = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (norms if ".mamba.norm." in name else rest).append(p)
+    if config.mixer_norm_lr_scale == 1.0 or not norms:
+        return [{"params": norms + rest}]
+    return [{"params": rest}, {"params": norms, "lr": config.lr * config.mixer_norm_lr_scale}]
 
 
 def _resume(run: _Run) -> None:
