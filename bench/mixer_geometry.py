@@ -24,7 +24,8 @@ from pathlib import Path
 from rad.models.geometry import attention_parameters, head_dim_of, resolve_geometry
 
 logger = logging.getLogger("bench.mixer_geometry")
-GEOMETRIES = {"heads/head_dim": ("heads", None), "kv/head_dim": ("kv", None), "kv/half": ("kv", "half")}
+GEOMETRIES = {"heads/head_dim": ("heads", None), "kv/head_dim": ("kv", None), "kv/half": ("kv", "half"),
+              "1/head_dim": (1, None)}  # one group: the layout mamba_ssm defaults to, and exact in transformers 4.x
 
 
 def _resolve(config, name: str):
