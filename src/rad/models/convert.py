@@ -7,6 +7,7 @@ head per attention head and head_dim channels each, so the attention's `o_proj` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -17,7 +18,7 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 from rad.errors import RadError
-from rad.models.geometry import attention_parameters, parse_groups, resolve_geometry
+from rad.models.geometry import MixerGeometry, attention_parameters, parse_groups, resolve_geometry
 from rad.models.layers import decoder_layers, validate_layers
 from rad.models.mamba_init import INITS, mil_init, rad_init, random_init
 from rad.models.naming import bamba_name
@@ -61,8 +62,6 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
     """A new Bamba hybrid computing what `model` computes, with `config.layers` turned into Mamba2 mixers."""
     src = model.config
     _check_supported(model)
-    if config.init not in INITS:
-        raise RadError(f"Unknown init {config.init!r}; choose one of {', '.join(INITS)}.")
     num_layers = src.num_hidden_layers
     layers = validate_layers(list(config.layers), num_layers)
     param = next(model.parameters())
@@ -72,7 +71,7 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
         raise RadError(f"The 'mil' init copies k and q into B and C, so it needs n_groups = heads ({geometry.heads}) "
                        f"and d_state = head_dim ({geometry.head_dim}); got {geometry.n_groups} and "
                        f"{geometry.d_state}. Use --n-groups heads without --d-state, or another init.")
-    hybrid_config = hybrid_config_from(src, layers, config, device)
+    hybrid_config = hybrid_config_from(src, layers, config, device, geometry)
 
     with torch.device(device):
         hybrid = BambaForCausalLM._from_config(
@@ -94,9 +93,9 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
     return hybrid
 
 
-def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device: torch.device) -> BambaConfig:
+def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device: torch.device,
+                       geometry: MixerGeometry) -> BambaConfig:
     heads, head_dim, hidden = src.num_attention_heads, _head_dim(src), src.hidden_size
-    geometry = resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
     d_inner = heads * head_dim
     if d_inner % hidden != 0:
         raise RadError(
@@ -381,21 +380,17 @@ def convert_model(
     from rad.models.loading import load_model
     from rad.utils.devices import resolve_device, resolve_dtype
 
-    # Everything a user gave is checked before the model loads and before anything is written.
-    if init not in INITS:
-        raise RadError(f"Unknown init {init!r}; choose one of {', '.join(INITS)}.")
+    # Everything a user gave is checked before the model loads and before anything is written: the
+    # settings by ConversionConfig itself (the layers' range and the geometry's fit need the model's config).
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
         raise RadError(f"--chunk-size must be at least 1, got {chunk_size}.")
-    parse_groups(n_groups)  # the divisibility check needs the model's config, these two do not
-    if d_state is not None and (isinstance(d_state, bool) or not isinstance(d_state, int) or d_state < 1):
-        raise RadError(f"d_state must be a positive whole number, got {d_state!r}.")
+    settings = ConversionConfig(init=init, chunk_size=chunk_size, seed=seed, n_groups=n_groups, d_state=d_state)
     resolve_dtype(dtype, resolve_device(device))
     parse_layers(layers, 1 << 30, allow_empty=False)  # syntax, duplicates, negatives; the range once loaded
     out = check_hybrid_out(out, overwrite, inputs=[("model", model)])
     loaded = load_model(model, device=device, dtype=dtype)
     indices = parse_layers(layers, loaded.model.config.num_hidden_layers, allow_empty=False)
-    config = ConversionConfig(layers=indices, init=init, chunk_size=chunk_size, seed=seed, n_groups=n_groups,
-                              d_state=d_state)
+    config = dataclasses.replace(settings, layers=indices)
     hybrid = convert_to_hybrid(loaded.model, config)
     record = conversion_record(model, loaded.model, config)
     save_hybrid(hybrid, loaded.tokenizer, out, record, overwrite=overwrite)
