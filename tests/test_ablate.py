@@ -16,6 +16,7 @@ from rad.ablate import (
     AblateConfig,
     AblateDistill,
     AblateEval,
+    Arm,
     convergence,
     load_ablate_config,
     read_curve,
@@ -137,7 +138,8 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
                            load_model(str(tiny_src / "src")).tokenizer).eval
     for name in names:
         arm, folder = s.arms[name], out / "arms" / name
-        lay, init, train = name.split("-")
+        arm_spec = Arm.parse(name)
+        lay, init, train = arm_spec.layers, arm_spec.init, arm_spec.train
         layers = [0, 2] if lay == "searched" else [1, 3]
         record = ConversionRecord.load(folder / "hybrid")
         assert (record.converted_layers, record.init) == (layers, init), name
@@ -149,8 +151,8 @@ def test_all_eight_arms_on_a_tiny_model_then_resume(tiny_src, tmp_path, caplog):
         assert {p.eval_tokens for p in arm.curve} == {s.arms[names[0]].curve[0].eval_tokens}
         assert not (folder / "distill" / "checkpoints").exists()  # removed once the student is saved
         hybrid = load_file(str(folder / "hybrid" / "model.safetensors"))
-        in_proj = [hybrid[f"model.layers.{i}.mamba.in_proj.weight"] for i in layers]
-        assert all(bool((w == 0).all()) for w in in_proj) == (init == "rad"), name
+        gains = [hybrid[f"model.layers.{i}.mamba.norm.weight"] for i in layers]
+        assert all(bool((w == 0).all()) for w in gains) == (init == "rad"), name  # the rad init's exact zero
         student = load_file(str(folder / "distill" / "student" / "model.safetensors"))
         assert any(not torch.equal(student[k], hybrid[k]) for k in student if ".mamba." in k), name  # mixers trained
         shared = {_rename(k): v for k, v in src.items() if _rename(k) in student}
@@ -275,6 +277,12 @@ def test_bad_ablation_settings_are_clear_errors(tiny_src, tmp_path):
         load_ablate_config("smoke", overrides=["inits=[rad,xyz]"])
     with pytest.raises(RadError, match="Unknown trainable set 'mlp' in train"):
         AblateConfig(train=["mlp"])
+    with pytest.raises(RadError, match="Bad arm 'searched-zero-mixers'"):
+        AblateConfig(extra_arms=["searched-zero-mixers"])
+    with pytest.raises(RadError, match="extra_arms lists an arm twice"):
+        AblateConfig(extra_arms="searched-rad-zero-in-proj-all,searched-rad-zero-in-proj-all")
+    extra = AblateConfig(extra_arms=["searched-rad-zero-in-proj-mixers", "uniform-mil-all"]).arms()
+    assert extra[-1] == Arm("searched", "rad-zero-in-proj", "mixers") and len(extra) == 9  # the grid has uniform-mil-all
     with pytest.raises(RadError, match="Unknown init 'foo' in baseline.init"):
         load_ablate_config("smoke", overrides=["baseline.init=foo"])
     with pytest.raises(RadError, match="Unknown setting distill.stepz in the ablation config"):

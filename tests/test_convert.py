@@ -62,12 +62,13 @@ def test_name_map_covers_every_parameter_of_a_hybrid(family):
 GEOMETRIES = [("heads", None), ("kv", None), ("kv", 4), (3, 5)]  # tiny models: 6 heads, 2 KV heads, head_dim 8
 
 
+@pytest.mark.parametrize("init", ["rad", "rad-zero-in-proj"])
 @pytest.mark.parametrize("n_groups, d_state", GEOMETRIES)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_rad_init_equals_skipping_those_layers(family, n_groups, d_state):
+def test_rad_init_equals_skipping_those_layers(family, n_groups, d_state, init):
     model = make_tiny(family)
     layers = [0, 2]
-    hybrid = convert_to_hybrid(model, ConversionConfig(layers=layers, init="rad", n_groups=n_groups, d_state=d_state))
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=layers, init=init, n_groups=n_groups, d_state=d_state))
     groups = {"heads": 6, "kv": 2}.get(n_groups, n_groups)
     mixer = hybrid.model.layers[0].mamba
     assert (mixer.n_groups, mixer.ssm_state_size) == (groups, d_state or 8)
@@ -78,17 +79,33 @@ def test_rad_init_equals_skipping_those_layers(family, n_groups, d_state):
     assert diff <= 1e-5
     for i in layers:
         mixer = hybrid.model.layers[i].mamba
-        assert torch.count_nonzero(mixer.in_proj.weight) == 0
+        if init == "rad":  # the zero sits in the gated-norm gain; in_proj keeps mamba_ssm's random init
+            assert torch.count_nonzero(mixer.norm.weight) == 0
+            assert torch.count_nonzero(mixer.in_proj.weight) == mixer.in_proj.weight.numel()
+        else:
+            assert torch.count_nonzero(mixer.in_proj.weight) == 0
+            assert torch.all(mixer.norm.weight == 1)
         torch.testing.assert_close(mixer.out_proj.weight, model.model.layers[i].self_attn.o_proj.weight, rtol=0, atol=0)
 
 
-def test_rad_init_still_gets_gradients():
+def test_rad_inits_still_get_gradients():
+    """From the exact zero, the first gradient reaches what the init left free: the gated-norm gain (`rad`,
+    whose in_proj gradient is 0 until the gain moves) or in_proj (`rad-zero-in-proj`)."""
     model = make_tiny("llama")
-    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1], init="rad"))
-    hybrid.train()
-    hybrid(IDS, labels=IDS).loss.backward()
-    grad = hybrid.model.layers[1].mamba.in_proj.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
+    for init, first in (("rad", "norm"), ("rad-zero-in-proj", "in_proj")):
+        hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1], init=init))
+        hybrid.train()
+        hybrid(IDS, labels=IDS).loss.backward()
+        mixer = hybrid.model.layers[1].mamba
+        grad = getattr(mixer, first).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, init
+        if init == "rad":
+            assert mixer.in_proj.weight.grad.abs().sum() == 0
+            with torch.no_grad():  # one step on the gain: the whole mixer now learns
+                mixer.norm.weight.sub_(1e-2 * mixer.norm.weight.grad.sign())
+            hybrid.zero_grad()
+            hybrid(IDS, labels=IDS).loss.backward()
+            assert mixer.in_proj.weight.grad.abs().sum() > 0
 
 
 def test_mil_init_places_every_tensor():

@@ -119,6 +119,31 @@ def _config(tiny_dirs, out, **kw):
     return DistillConfig(**base)
 
 
+def test_the_gated_norm_lr_follows_the_init_of_a_fresh_hybrid():
+    import dataclasses
+
+    from rad.distill.train import _param_groups, resolve_norm_lr_scale
+
+    src = make_tiny("llama", vocab_size=96)
+    config = DistillConfig(hybrid="h", out="o")
+    assert config.mixer_norm_lr_scale is None  # the default: decided by the hybrid, once loaded
+    records = {init: conversion_record("src", src, ConversionConfig(layers=[1], init=init))
+               for init in ("rad", "rad-zero-in-proj", "mil", "random")}
+    assert {i: resolve_norm_lr_scale(config, r) for i, r in records.items()} == {
+        "rad": 100.0, "rad-zero-in-proj": 1.0, "mil": 1.0, "random": 1.0}
+    trained = dataclasses.replace(records["rad"], distillation={"steps": 4})  # its gains have moved: plain lr
+    assert resolve_norm_lr_scale(config, trained) == 1.0 and resolve_norm_lr_scale(config, None) == 1.0
+    assert resolve_norm_lr_scale(dataclasses.replace(config, mixer_norm_lr_scale=3.0), records["rad"]) == 3.0
+    hybrid = convert_to_hybrid(src, ConversionConfig(layers=[1, 3]))
+    select_trainable(hybrid, "mixers")
+    rest, norms = _param_groups(hybrid, dataclasses.replace(config, mixer_norm_lr_scale=100.0))
+    assert len(norms["params"]) == 2 and norms["lr"] == pytest.approx(100 * config.lr) and "lr" not in rest
+    assert all(p.dim() == 1 and not p.any() for p in norms["params"])  # the two zero gains
+    assert len(_param_groups(hybrid, dataclasses.replace(config, mixer_norm_lr_scale=1.0))) == 1
+    with pytest.raises(RadError, match="mixer_norm_lr_scale must be a positive number"):
+        DistillConfig(hybrid="h", out="o", mixer_norm_lr_scale=0.0)
+
+
 @pytest.mark.parametrize("train", ["mixers", "mixers+mlp", "all"])
 def test_only_chosen_parameters_change_and_teacher_shares_frozen_weights(train):
     src, student, _ = _tiny_pair()
@@ -397,14 +422,8 @@ def test_self_distillation_on_the_default_model_lowers_held_out_kl(default_model
     save_hybrid(hybrid, default_model.tokenizer, tmp_path / "hybrid",
                 conversion_record("smollm2-135m", default_model.model, cfg))
     del hybrid
-    # The layer-local alignment term is the warm-up that makes a short run reliable: KL alone first rises
-    # (the gated RMSNorm turns the zero mixer output into a full-size one after the first AdamW step).
-    spec = None  # the default: ../shared/data/gsm8k_train.jsonl
-    if not (SHARED_DATA / "gsm8k_train.jsonl").is_file():  # offline stand-in: short arithmetic answers
-        spec = str(tmp_path / "qa.jsonl")
-        (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"What is {a} times {b}?", "answer":
-                                                  f"{a} times {b} is {a * b}. The answer is {a * b}."}) + "\n"
-                                      for a in range(2, 22) for b in range(3, 13)))
+    # the default data, ../shared/data/gsm8k_train.jsonl, or an offline stand-in
+    spec = None if (SHARED_DATA / "gsm8k_train.jsonl").is_file() else _arithmetic_data(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads against another process thrash
     try:
@@ -416,6 +435,47 @@ def test_self_distillation_on_the_default_model_lowers_held_out_kl(default_model
     first, last = result.evals[0], result.evals[-1]
     assert first["step"] == 0 and last["step"] == 10
     assert last["eval_kl"] < 0.9 * first["eval_kl"], (first, last)
+
+
+@pytest.mark.slow
+def test_kl_only_distillation_from_the_rad_init_never_rises_on_the_default_model(default_model, tmp_path):
+    """The continuous `rad` init: 8 KL-only steps at the default lr never lift held-out KL above step 0.
+    The paper's literal init (in_proj = 0) does rise under the same settings (measured: 0.775 -> 1.10 by
+    step 3), so this test can fail; the new init goes 0.775 -> 0.521 monotonically (docs/distill.md)."""
+    spec = None if (SHARED_DATA / "gsm8k_train.jsonl").is_file() else _arithmetic_data(tmp_path)
+    curves = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine, 2 threads against another process thrash
+    try:
+        for init in ("rad", "rad-zero-in-proj"):
+            cfg = ConversionConfig(layers=[4, 9, 14, 19, 24], init=init)
+            hybrid = convert_to_hybrid(default_model.model, cfg)
+            save_hybrid(hybrid, default_model.tokenizer, tmp_path / init,
+                        conversion_record("smollm2-135m", default_model.model, cfg))
+            del hybrid
+            result = run_distill(DistillConfig(
+                hybrid=str(tmp_path / init), out=str(tmp_path / f"out-{init}"), steps=8, micro_batch=2,
+                loss=LossWeights(kl=1.0, align=0.0),  # lr, warm-up and the gated-norm lr: the defaults
+                data=DataConfig(spec=spec, seq_len=64, max_examples=200, eval_examples=8),
+                eval_every=1, eval_sequences=8, save_every=0, device="cpu", progress=False, tensorboard=False,
+                plots=False))
+            curves[init] = [e["eval_kl"] for e in result.evals]
+    finally:
+        torch.set_num_threads(threads)
+    new, old = curves["rad"], curves["rad-zero-in-proj"]
+    assert len(new) == len(old) == 9 and new[0] == pytest.approx(old[0], rel=1e-5)  # both start as the draft
+    assert max(new[1:]) <= new[0], new
+    assert new[-1] < 0.9 * new[0], new
+    assert max(old[1:]) > old[0], old
+
+
+def _arithmetic_data(tmp_path) -> str:
+    """Offline stand-in for GSM8K train: short arithmetic answers."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {a} times {b}?", "answer":
+                                        f"{a} times {b} is {a * b}. The answer is {a * b}."}) + "\n"
+                            for a in range(2, 22) for b in range(3, 13)))
+    return str(path)
 
 
 def _short_self_distillation(tmp_path, spec):
@@ -573,6 +633,7 @@ def test_resume_with_allowed_changes_uses_and_records_them(word_dirs, tmp_path, 
                                       eval_every=1, save_every=1))
     config = json.loads((out / "config.json").read_text())
     assert (config["micro_batch"], config["grad_accum"], config["eval_every"]) == (1, 2, 1)
+    assert config["mixer_norm_lr_scale"] == 100.0  # resolved from the fresh rad hybrid's init, and recorded
     assert [e["step"] for e in result.evals] == [0, 2, 3, 4]  # before: every 2 steps; after: every step
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003", "step-0000004"]
     summary = DistillSummary.load(out)

@@ -186,7 +186,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         **_given(steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
                  weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-                 eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every),
+                 mixer_norm_lr_scale=args.mixer_norm_lr_scale, eval_every=args.eval_every,
+                 eval_sequences=args.eval_sequences, save_every=args.save_every),
     )
     result = run_distill(config)
     if result.summary is not None:
@@ -319,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the layers a `rad search` chose (DIR/search.json) instead of --layers")
     p.add_argument("--init", default="rad", choices=INITS)
     p.add_argument("--out", required=True, help="output folder for the hybrid checkpoint")
-    p.add_argument("--n-groups", default="heads", metavar="{heads,kv,N}",
-                   help="SSM groups per mixer: one per attention head (default, what --init mil needs), one per "
-                        "key/value head, or a number dividing the heads")
+    p.add_argument("--n-groups", default=None, metavar="{heads,kv,N}",
+                   help="SSM groups per mixer: one per attention head (what --init mil needs), one per key/value "
+                        "head, or a number dividing the heads (default: the init's, see docs/distill.md)")
     p.add_argument("--d-state", type=int, default=None, help="SSM state size per group (default: the head size)")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of the steps (default 0.1)")
     p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
+    p.add_argument("--mixer-norm-lr-scale", type=float, default=None,
+                   help="lr multiplier of the new mixers' gated-norm gains (default: 100 on a hybrid fresh from the "
+                        "rad init, whose gains start at 0; else 1)")
     p.add_argument("--kl-weight", type=float, default=None, help="default 1")
     p.add_argument("--ce-weight", type=float, default=None, help="default 0")
     p.add_argument("--align-weight", type=float, default=None,

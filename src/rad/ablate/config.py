@@ -23,12 +23,24 @@ LAYER_SETS = ("searched", "uniform")
 @settings(frozen=True)
 class Arm:
     layers: str  # searched | uniform
-    init: str  # rad | mil | random
+    init: str  # rad | rad-zero-in-proj | mil | random
     train: str  # mixers | mixers+mlp | all
 
     @property
     def name(self) -> str:
         return f"{self.layers}-{self.init}-{self.train}"
+
+    @classmethod
+    def parse(cls, name: str) -> Arm:
+        """`searched-rad-zero-in-proj-mixers` -> Arm: the layer set first, the trainable set last, the init between
+        (an init name may hold dashes; layer and trainable set names hold none)."""
+        layers, _, rest = str(name).partition("-")
+        init, _, train = rest.rpartition("-")
+        if layers not in LAYER_SETS or init not in INIT_CHOICES or train not in TRAIN_SETS:
+            raise RadError(f"Bad arm {name!r}: write LAYERS-INIT-TRAIN with layers in {', '.join(LAYER_SETS)}, init "
+                           f"in {', '.join(INIT_CHOICES)} and train in {', '.join(TRAIN_SETS)} "
+                           "(e.g. searched-rad-zero-in-proj-mixers).")
+        return cls(layers, init, train)
 
 
 @settings
@@ -81,6 +93,8 @@ class AblateConfig:
     layers: list[str] | str = field(default_factory=lambda: list(LAYER_SETS))
     inits: list[str] | str = field(default_factory=lambda: ["rad", "mil"])
     train: list[str] | str = field(default_factory=lambda: ["mixers", "all"])
+    # Arms beyond the grid, as LAYERS-INIT-TRAIN names (e.g. the paper's literal init: searched-rad-zero-in-proj-mixers)
+    extra_arms: list[str] | str = field(default_factory=list)
     baseline: BaselineArm = field(default_factory=BaselineArm)
     distill: AblateDistill = field(default_factory=AblateDistill)
     eval: AblateEval = field(default_factory=AblateEval)
@@ -93,6 +107,10 @@ class AblateConfig:
         self.layers = _choices(self.layers, LAYER_SETS, "layers", "layer set")
         self.inits = _choices(self.inits, INIT_CHOICES, "inits", "init")
         self.train = _choices(self.train, TRAIN_SETS, "train", "trainable set")
+        extra = [Arm.parse(name) for name in _names(self.extra_arms, "extra_arms")]
+        self.extra_arms = [a.name for a in extra]
+        if len(set(self.extra_arms)) != len(self.extra_arms):
+            raise RadError(f"extra_arms lists an arm twice: {self.extra_arms}.")
         b = self.baseline
         _choices([b.layers], LAYER_SETS, "baseline.layers", "layer set")
         _choices([b.init], INIT_CHOICES, "baseline.init", "init")
@@ -115,8 +133,9 @@ class AblateConfig:
                                "every arm converts k layers.")
 
     def arms(self) -> list[Arm]:
-        """The grid, in order (layer set, then init, then trainable set)."""
-        return [Arm(lay, init, train) for lay in self.layers for init in self.inits for train in self.train]
+        """The grid, in order (layer set, then init, then trainable set), then the extra arms not in it."""
+        grid = [Arm(lay, init, train) for lay in self.layers for init in self.inits for train in self.train]
+        return grid + [a for a in map(Arm.parse, self.extra_arms) if a not in grid]
 
 
 def _names(value, what: str) -> list[str]:

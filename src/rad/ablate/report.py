@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _COLOURS = {("searched", "rad"): "C3", ("searched", "mil"): "C1", ("searched", "random"): "C5",
+            ("searched", "rad-zero-in-proj"): "C6", ("uniform", "rad-zero-in-proj"): "C7",
             ("uniform", "rad"): "C2", ("uniform", "mil"): "C0", ("uniform", "random"): "C4"}
 _STYLES = {"mixers": "-", "mixers+mlp": ":", "all": "--"}
 

@@ -104,7 +104,9 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     loss: LossWeights | None = None  # None: default_loss(self-distillation or not)
     eval_every: int = 100  # 0: no held-out evaluation
-    mixer_norm_lr_scale: float = 1.0  # lr multiplier of the mixers' gated-norm gains (see _param_groups)
+    # lr multiplier of the mixers' gated-norm gains (see _param_groups); None: the init's (INIT_DEFAULTS) for a
+    # freshly converted hybrid, 1 for anything already trained
+    mixer_norm_lr_scale: float | None = None
     eval_at: tuple[int, ...] = ()  # more steps to evaluate at (e.g. 1, 2, 4, 8: the start of a run on a log scale)
     eval_sequences: int = 64
     save_every: int = 100  # 0: no checkpoints (no resume), only the final student
@@ -138,7 +140,9 @@ class DistillConfig:
                 raise RadError(f"{name} must be a whole number of at least {lowest}, got {value!r}.")
         if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
             raise RadError(f"The learning rate must be a positive number, got {self.lr!r}.")
-        if not self.mixer_norm_lr_scale > 0 or self.mixer_norm_lr_scale == float("inf"):
+        scale = self.mixer_norm_lr_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not scale > 0 or scale == float("inf")):
             raise RadError(f"mixer_norm_lr_scale must be a positive number, got {self.mixer_norm_lr_scale!r}.")
         if not 0 <= self.warmup_ratio < 1:
             raise RadError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
@@ -553,6 +557,7 @@ def _setup(config: DistillConfig, accelerator) -> _Run:
         raise RadError(f"{config.out} already holds checkpoints; pass --resume to continue or choose a new --out.")
     set_seed(config.seed)
     models = load_models(config, accelerator.device)
+    config = dataclasses.replace(config, mixer_norm_lr_scale=resolve_norm_lr_scale(config, models.record))
     student, teacher = models.student, models.teacher
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(student)
@@ -596,6 +601,18 @@ def resume_settings(config: DistillConfig, models: Models, data: DistillData, ac
                       "teacher": str(models.teacher.dtype)},
         "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
     }
+
+
+def resolve_norm_lr_scale(config: DistillConfig, record: ConversionRecord | None) -> float:
+    """The gated-norm gains' lr multiplier: the user's, else the init's for a hybrid fresh from `rad convert`
+    (its gains sit where the init put them), else 1 (a trained student, or a model rad did not convert)."""
+    from rad.models.mamba_init import INIT_DEFAULTS
+
+    if config.mixer_norm_lr_scale is not None:
+        return float(config.mixer_norm_lr_scale)
+    if record is None or record.distillation is not None or record.init not in INIT_DEFAULTS:
+        return 1.0
+    return INIT_DEFAULTS[record.init].norm_lr_scale
 
 
 def _param_groups(student, config: DistillConfig) -> list[dict]:

@@ -20,7 +20,7 @@ from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 from rad.errors import RadError
 from rad.models.geometry import MixerGeometry, attention_parameters, parse_groups, resolve_geometry
 from rad.models.layers import decoder_layers, validate_layers
-from rad.models.mamba_init import INITS, mil_init, rad_init, random_init
+from rad.models.mamba_init import INIT_DEFAULTS, INITS, mil_init, rad_init, rad_zero_in_proj_init, random_init
 from rad.models.naming import bamba_name
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size
@@ -35,22 +35,24 @@ CONVERSION_FILE = "rad_conversion.json"
 class ConversionConfig:
     """Which layers to convert and how to initialise their Mamba2 mixers.
 
-    The mixer dimensions default to those MambaInLlama's init needs (one SSM group per head,
-    d_state = head_dim) for every init, so ablations across inits compare like with like; `n_groups`
-    ("heads", "kv" or a number) and `d_state` choose a leaner mixer (see models/geometry.py).
+    `n_groups` ("heads", "kv" or a number; None: the init's default in `INIT_DEFAULTS`) and `d_state`
+    (None: the attention head_dim) set the mixer's size (see models/geometry.py); `mil` needs a group per
+    head and d_state = head_dim.
     """
 
     layers: list[int] = field(default_factory=list)
     init: str = "rad"
     chunk_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
     d_state: int | None = None  # None: the attention head_dim
-    n_groups: int | str = "heads"  # "heads", "kv" (one group per key/value head) or a number dividing the heads
+    n_groups: int | str | None = None  # "heads", "kv" (a group per key/value head), a number; None: the init's
     d_conv: int = 4
     seed: int = 0
 
     def __post_init__(self):
         if self.init not in INITS:
             raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
+        if self.n_groups is None:
+            self.n_groups = INIT_DEFAULTS[self.init].n_groups
         self.n_groups = parse_groups(self.n_groups)
         for name in ("chunk_size", "d_state", "d_conv"):
             value = getattr(self, name)
@@ -84,6 +86,8 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
         attention, mixer = src_blocks[i].self_attn, dst_blocks[i].mamba
         if config.init == "rad":
             rad_init(mixer, attention, generator)
+        elif config.init == "rad-zero-in-proj":
+            rad_zero_in_proj_init(mixer, attention, generator)
         elif config.init == "mil":
             mil_init(mixer, attention, generator, num_kv_heads=src.num_key_value_heads)
         else:
@@ -367,7 +371,7 @@ def convert_model(
     out: str | Path,
     *,
     init: str = "rad",
-    n_groups: int | str = "heads",
+    n_groups: int | str | None = None,
     d_state: int | None = None,
     chunk_size: int | None = None,
     seed: int = 0,

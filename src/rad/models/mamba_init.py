@@ -7,11 +7,32 @@ with x grouped per head (H heads of P channels) and B, C per group (G groups of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-INITS = ("rad", "mil", "random")
+
+@dataclass(frozen=True)
+class InitDefaults:
+    """What an init wants around it, unless the user says otherwise: the mixer geometry `rad convert`
+    builds for it, and the lr multiplier `rad distill` gives the new mixers' gated-norm gains."""
+
+    n_groups: int | str  # "heads", "kv" or a number (models/geometry.py)
+    norm_lr_scale: float
+
+
+# The one table of per-init defaults (docs/distill.md has the measurements behind the `rad` row).
+# `rad`: the gated-norm gain starts at exactly 0, so Adam at the base lr would take ~1/lr steps to grow it;
+# 100x lr on those few weights lets the mixers grow in tens of steps (held-out KL monotone from step 0).
+# `rad-zero-in-proj` is the `rad` init before that comparison, kept with its old geometry for the ablation.
+INIT_DEFAULTS = {
+    "rad": InitDefaults(n_groups="heads", norm_lr_scale=100.0),
+    "rad-zero-in-proj": InitDefaults(n_groups="heads", norm_lr_scale=1.0),
+    "mil": InitDefaults(n_groups="heads", norm_lr_scale=1.0),  # k -> B, q -> C needs a group per head
+    "random": InitDefaults(n_groups="heads", norm_lr_scale=1.0),
+}
+INITS = tuple(INIT_DEFAULTS)
 
 
 @torch.no_grad()
@@ -51,7 +72,20 @@ def standard_mamba2_init(
 
 @torch.no_grad()
 def rad_init(mixer: nn.Module, attention: nn.Module, generator: torch.Generator) -> None:
-    """RAD: out_proj <- o_proj, in_proj = 0. The mixer then outputs exactly zero (the gate z is 0)."""
+    """RAD, continuous: out_proj <- o_proj, in_proj at mamba_ssm's random init, gated-norm gain = 0.
+
+    The mixer outputs exactly zero (every channel of the gated norm is scaled by 0), as with the paper's
+    in_proj = 0, but the zero sits at the end of the mixer: its output grows linearly with the gain, where
+    in_proj = 0 lets the gated RMSNorm blow the first small update of z up to full size (docs/distill.md).
+    """
+    standard_mamba2_init(mixer, generator)
+    mixer.norm.weight.zero_()
+    _copy_out_proj(mixer, attention)
+
+
+@torch.no_grad()
+def rad_zero_in_proj_init(mixer: nn.Module, attention: nn.Module, generator: torch.Generator) -> None:
+    """The paper's literal RAD init: out_proj <- o_proj, in_proj = 0 (the gate z is 0, so the output is)."""
     standard_mamba2_init(mixer, generator)
     mixer.in_proj.weight.zero_()
     if mixer.in_proj.bias is not None:
