@@ -12,14 +12,16 @@ from rad.evaluate.runner import (
     comparison_table,
     evaluate_model,
     evaluate_models,
+    paired_test,
 )
 from rad.evaluate.sandbox import SandboxLimits, SandboxResult, check_output_prediction
-from rad.evaluate.stats import wilson_interval
+from rad.evaluate.stats import McNemarResult, mcnemar_exact, mcnemar_items, pair_outcomes, wilson_interval
 from rad.evaluate.teacher import TeacherConfig, teacher_metrics
 
 __all__ = [
     "EvalConfig",
     "EvalResults",
+    "McNemarResult",
     "ModelResult",
     "SandboxLimits",
     "SandboxResult",
@@ -34,7 +36,11 @@ __all__ = [
     "evaluate_models",
     "extract_cruxeval_prediction",
     "extract_final_number",
+    "mcnemar_exact",
+    "mcnemar_items",
     "numbers_equal",
+    "pair_outcomes",
+    "paired_test",
     "teacher_metrics",
     "wilson_interval",
 ]

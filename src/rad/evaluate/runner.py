@@ -26,7 +26,7 @@ from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
 from rad.errors import RadError
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
 from rad.evaluate.sandbox import SandboxLimits
-from rad.evaluate.stats import wilson_interval
+from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
 from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
 from rad.models.loading import LoadedModel, load_model
@@ -271,6 +271,33 @@ def read_items(path: Path) -> dict[str, dict]:
         logger.warning("Dropping an incomplete line from %s (interrupted write)", path)
         path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
     return done
+
+
+# Settings two models' items must share to be paired (the model, its fingerprint and dtype may differ).
+PAIRING_KEYS = ("task", "prompt_version", "chat", "n_shot", "max_new_tokens", "decoding", "scoring")
+
+
+def paired_test(folder_a: str | Path, folder_b: str | Path, task: str, limit: int | None = None) -> McNemarResult:
+    """The exact McNemar test between two models' per-item results of `task` (each model's folder under a
+    `rad eval --out`), on the first `limit` items (all when None). Refused unless both were scored on the same
+    items under the same prompt, generation and scoring settings."""
+    items, metas = [], []
+    for folder in (Path(folder_a), Path(folder_b)):
+        items_path, meta_path = folder / f"{task}.jsonl", folder / f"{task}{META_SUFFIX}"
+        if not (items_path.is_file() and meta_path.is_file()):
+            raise RadError(f"{folder} has no {task} results ({items_path.name} and {meta_path.name}); run "
+                           f"`rad eval ... --tasks {task}` for that model first.")
+        done = read_items(items_path)
+        if limit is not None:
+            done = {k: r for k, r in done.items() if r.get("index", 0) < limit}
+        items.append(done)
+        meta = dataclasses.asdict(TaskMeta.load(meta_path))
+        metas.append({k: meta[k] for k in PAIRING_KEYS if meta.get(k) is not None})
+    shared = metas[0].keys() & metas[1].keys()
+    check_same_settings({k: metas[0][k] for k in shared}, {k: metas[1][k] for k in shared},
+                        what=f"The {task} results of {folder_b} (paired with {folder_a})",
+                        advice="evaluate both models with the same settings before a paired test")
+    return mcnemar_items(items[0], items[1], names=(str(folder_a), str(folder_b)))
 
 
 def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int, fingerprint: str) -> TaskMeta:
