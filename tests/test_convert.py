@@ -9,12 +9,23 @@ from rad.models.convert import ConversionConfig, convert_to_hybrid
 from rad.models.naming import bamba_name
 from rad.models.skip import skip_attention
 
-from .conftest import make_tiny
+from .conftest import FAMILIES, make_tiny
 
 IDS = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tiny_qwen2_has_q_k_v_biases_and_an_untied_head():
+    """What the Qwen2 cases of the exactness tests rely on: non-zero q/k/v biases and a head of its own."""
+    model = make_tiny("qwen2")
+    assert not model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    attn = model.model.layers[0].self_attn
+    assert all(torch.count_nonzero(getattr(attn, p).bias) > 0 for p in ("q_proj", "k_proj", "v_proj"))
+    assert attn.o_proj.bias is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_zero_layers_converted_is_the_same_model(family):
     model = make_tiny(family)
     hybrid = convert_to_hybrid(model, ConversionConfig(layers=[]))
@@ -178,14 +189,16 @@ def test_bad_layers(layers, words):
         convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=layers))
 
 
-def test_cached_greedy_equals_uncached_recomputation_tiny():
-    model = make_tiny("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_equals_uncached_recomputation_tiny(family):
+    model = make_tiny(family)
     hybrid = convert_to_hybrid(model, ConversionConfig(layers=[0, 2, 3], init="random", seed=1))
     _assert_cached_equals_recomputed(hybrid, IDS[:1, :9], new_tokens=64)
 
 
-def test_token_by_token_equals_full_forward_tiny():
-    model = make_tiny("mistral")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_by_token_equals_full_forward_tiny(family):
+    model = make_tiny(family)
     hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1, 2], init="mil", chunk_size=16))
     _assert_stepwise_equals_full(hybrid, IDS[:1], atol=2e-5)
 

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 from rad.errors import RadError
 from rad.models.skip import skip_attention
 
-from .conftest import make_tiny
+from .conftest import FAMILIES, make_tiny
 
 
 def _zeroed_o_proj(model, layers):
@@ -38,8 +38,9 @@ def test_skip_equals_zeroed_output_projection(family):
     torch.testing.assert_close(after, full, rtol=0, atol=0)  # and was undone
 
 
-def test_nesting_and_restoring_after_an_exception():
-    model = make_tiny("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nesting_and_restoring_after_an_exception(family):
+    model = make_tiny(family)
     originals = [layer.self_attn for layer in model.model.layers]
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -56,8 +57,9 @@ def test_nesting_and_restoring_after_an_exception():
     assert [layer.self_attn for layer in model.model.layers] == originals
 
 
-def test_skipped_layers_leave_their_kv_cache_untouched():
-    model = make_tiny("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipped_layers_leave_their_kv_cache_untouched(family):
+    model = make_tiny(family)
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():

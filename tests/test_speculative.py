@@ -14,7 +14,7 @@ from rad.models.convert import ConversionConfig, convert_to_hybrid
 from rad.models.layers import uniform_layers
 from rad.ops.ssd import ssd_reference, ssd_scan_with_states
 
-from .conftest import make_tiny
+from .conftest import FAMILIES, make_tiny
 
 
 @pytest.mark.parametrize("t", [1, 2, 9])
@@ -59,9 +59,10 @@ def test_fast_decoder_matches_model_forward(family):
             torch.testing.assert_close(logits[:, 0], reference[:, t], rtol=0, atol=1e-4, msg=name)
 
 
-def test_partial_commit_rolls_back_exactly():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partial_commit_rolls_back_exactly(family):
     """Commit 2 of 5 tokens, then continue: equals feeding only those 2 (KV crop + SSM state pick)."""
-    hybrid = _models("llama")["hybrid"]
+    hybrid = _models(family)["hybrid"]
     ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(6))
     decoder = FastDecoder(hybrid)
     a, b = decoder.new_cache(40), decoder.new_cache(40)
@@ -96,17 +97,27 @@ ALL_DRAFTS = [DraftConfig(max_draft=d, adaptive=a) for d in range(1, 9) for a in
 
 
 @pytest.mark.parametrize("kind", ["source", "hybrid"])
-def test_greedy_ssd_is_lossless_tiny_every_draft_length(kind):
-    model = _models("llama")[kind]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_ssd_is_lossless_tiny_every_draft_length(family, kind):
+    """Llama meets every (prompt, mask, draft config); the other families every draft config once, spread over
+    the (prompt, mask) pairs (an eighth of the calls: the engine is the same, the layers' forward differs)."""
+    model = _models(family)[kind]
     attn = [i for i in range(4) if not hasattr(model.model.layers[i], "mamba")]
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 96, (1, n), generator=gen) for n in (3, 11)]
     masks = [[], attn, [attn[0]], attn[-1:]]
-    _check_lossless(model, prompts, masks, ALL_DRAFTS, new_tokens=24, eos=None)
+    if family == "llama":
+        _check_lossless(model, prompts, masks, ALL_DRAFTS, new_tokens=24, eos=None)
+        return
+    for j, skip in enumerate(masks):  # 4 masks x 2 prompts x 2 configs = the 16 configs once each
+        for i, ids in enumerate(prompts):
+            drafts = ALL_DRAFTS[4 * j + 2 * i : 4 * j + 2 * i + 2]
+            _check_lossless(model, [ids], [skip], drafts, new_tokens=24, eos=None)
 
 
-def test_greedy_ssd_stops_at_eos_like_generate():
-    model = make_tiny("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_ssd_stops_at_eos_like_generate(family):
+    model = make_tiny(family)
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(8))
     free = _hf_greedy(model, ids, 30, None)
     eos = int(free[5])  # a token that the model emits mid-way
@@ -223,3 +234,33 @@ def test_engine_rejects_bad_input():
         speculative_generate(hybrid, torch.ones(1, 4, dtype=torch.long), [1], 4)
     with pytest.raises(RadError, match="layers 0..3"):
         speculative_generate(hybrid, torch.ones(1, 4, dtype=torch.long), [9], 4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen25_head_layout_converts_decodes_and_drafts_exactly(tied):
+    """Qwen2.5-0.5B's attention layout at tiny size: 14 query heads over 2 KV heads (groups of 7), q/k/v
+    biases, the head untied or tied (0.5B ties it). The RAD hybrid equals the draft, the fast decoder equals
+    the model's forward, and greedy self-speculation reproduces `generate`."""
+    from rad.models.skip import skip_attention
+
+    model = make_tiny("qwen2", hidden_size=56, num_attention_heads=14, num_key_value_heads=2,
+                      tie_word_embeddings=tied)
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    ids = torch.randint(3, 96, (1, 21), generator=torch.Generator().manual_seed(11))
+    rad = convert_to_hybrid(model, ConversionConfig(layers=[0, 2], init="rad", chunk_size=8))
+    with torch.no_grad(), skip_attention(model, [0, 2]):
+        draft = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(rad(ids).logits, draft, rtol=0, atol=1e-5)
+    hybrid = convert_to_hybrid(model, ConversionConfig(layers=[1, 2], init="mil", chunk_size=8))
+    for name, m in (("source", model), ("hybrid", hybrid)):
+        with torch.no_grad():
+            reference = m(ids).logits
+        decoder = FastDecoder(m)
+        cache = decoder.new_cache(40)
+        torch.testing.assert_close(decoder.prefill(ids[:, :13], cache), reference[:, 12], rtol=0, atol=1e-4, msg=name)
+        logits, pending = decoder.forward(ids[:, 13:21], cache)
+        torch.testing.assert_close(logits, reference[:, 13:21], rtol=0, atol=1e-4, msg=name)
+        attn = [i for i in range(4) if not hasattr(m.model.layers[i], "mamba")]
+        _check_lossless(m, [ids[:, :7]], [attn[:1], attn], [DraftConfig(max_draft=3, adaptive=False), DraftConfig()],
+                        new_tokens=16, eos=None)
