@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hybrid", help="a hybrid folder written by `rad convert`")
     p.add_argument("--teacher", default=None, help="teacher model (default: the hybrid's source: self-distillation)")
     p.add_argument("--data", default=None,
-                   help="jsonl/json/parquet/txt file or folder, or hub id[:config] (default: GSM8K train)")
+                   help="jsonl/json/parquet/txt file or folder, hub id[:config], or a name/mix: gsm8k, mbpp, "
+                        "gsm8k+mbpp (default: GSM8K train)")
     p.add_argument("--split", default="train", help="hub dataset split")
     p.add_argument("--prompt-field", default=None)
     p.add_argument("--response-field", default=None)
