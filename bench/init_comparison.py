@@ -7,12 +7,16 @@ settings (`rad distill`'s defaults with the alignment term off), held-out KL to 
 step. Candidates (applied to a hybrid converted with the literal paper init, in_proj = 0):
 
   zero_in_proj     the paper's literal init: in_proj = 0, gated-norm weight 1 (the `rad` init before this
-                   comparison; the first update of z is normalised to full size by the gated RMSNorm)
+                   comparison, now `--init rad-zero-in-proj`; the first update of z is normalised to full
+                   size by the gated RMSNorm)
   small_norm       in_proj = 0, gated-norm weight 0.01 (the same jump, 100x smaller)
   zero_norm        in_proj at mamba_ssm's default random init, gated-norm weight 0 (the zero moves to the
                    end of the mixer: its output grows linearly with the norm weight)
   zero_norm_v      zero_norm with the x rows of in_proj copied from v_proj (per head, repeated over GQA
                    groups), so the SSM starts by mixing what attention mixed
+  zero_norm_x30/_x100, zero_norm_v_x100
+                   the same with the gains at 30x / 100x lr (`mixer_norm_lr_scale`); zero_norm_x100 is
+                   the chosen one: `--init rad` with its default gated-norm lr
 
     python bench/init_comparison.py --out docs/bench_init.json --plot docs/bench_init.png
 """
@@ -81,10 +85,13 @@ NORM_LR_SCALE = {"zero_norm_x30": 30.0, "zero_norm_x100": 100.0, "zero_norm_v_x1
 
 def run_candidate(name: str, args, loaded, layers: list[int], work: Path) -> dict:
     """Convert, apply the candidate, distil KL-only; the held-out KL at REPORT_STEPS."""
-    hybrid = convert_to_hybrid(loaded.model, ConversionConfig(layers=layers, init="rad", seed=args.seed))
+    # The literal paper init with the geometry of the time, then the candidate's change (`zero_norm_x100` is
+    # what `--init rad` now does in one step).
+    conversion = ConversionConfig(layers=layers, init="rad-zero-in-proj", n_groups="heads", seed=args.seed)
+    hybrid = convert_to_hybrid(loaded.model, conversion)
     apply_candidate(name, hybrid, loaded.model, layers, args.seed)
     folder = work / f"hybrid-{name}"
-    record = conversion_record(args.model, loaded.model, ConversionConfig(layers=layers, init="rad", seed=args.seed))
+    record = conversion_record(args.model, loaded.model, conversion)
     save_hybrid(hybrid, loaded.tokenizer, folder, record, overwrite=True)
     del hybrid
     out = work / f"distill-{name}"

@@ -134,7 +134,8 @@ def main() -> None:
                 "eval_sequences": args.eval_sequences, "init": "rad", "loss": "KL only", "steps": args.steps,
                 "command": f"python bench/mixer_geometry.py --steps {args.steps} --seeds {args.seeds} --layers "
                            f"{args.layers} --micro-batch {args.micro_batch} --eval-sequences {args.eval_sequences}"}
-    if results.get("kl_settings") != settings:
+    comparable = {k: v for k, v in settings.items() if k != "command"}  # a run with other seeds adds rows
+    if {k: v for k, v in results.get("kl_settings", {}).items() if k != "command"} != comparable:
         runs.clear()  # measured under other settings: not comparable
     results["kl_settings"] = settings
     steps = sorted(map(int, args.steps.split(",")))

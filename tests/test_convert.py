@@ -168,13 +168,22 @@ def test_inits_are_seeded_and_differ():
     assert ((a_values >= 1) & (a_values <= 16)).all()
 
 
-def test_same_mixer_dimensions_for_every_init():
-    model = make_tiny("llama")
-    shapes = {
-        init: {n: p.shape for n, p in convert_to_hybrid(model, ConversionConfig(layers=[1], init=init)).named_parameters()}
-        for init in ("rad", "mil", "random")
-    }
-    assert shapes["rad"] == shapes["mil"] == shapes["random"]
+def test_each_init_gets_its_default_geometry_unless_one_is_given():
+    model = make_tiny("llama")  # 6 heads, 2 KV heads, head_dim 8
+
+    def dims(**kw):
+        mixer = convert_to_hybrid(model, ConversionConfig(layers=[1], **kw)).model.layers[1].mamba
+        return mixer.n_groups, mixer.ssm_state_size
+
+    # rad: one group per KV head, half the head size (docs/benchmarks.md); the others: a group per head.
+    assert dims(init="rad") == (2, 4)
+    assert dims(init="mil") == dims(init="random") == dims(init="rad-zero-in-proj") == (6, 8)
+    assert dims(init="rad", n_groups="heads") == (6, 8)  # groups given: d_state = head_dim unless given too
+    assert dims(init="rad", d_state=3) == (2, 3)
+    assert dims(init="random", d_state="half") == (6, 4)
+    shapes = {init: {n: p.shape for n, p in convert_to_hybrid(model, ConversionConfig(
+        layers=[1], init=init, n_groups="heads")).named_parameters()} for init in ("rad", "mil", "random")}
+    assert shapes["rad"] == shapes["mil"] == shapes["random"]  # like with like when the geometry is given
 
 
 def test_unsupported_architecture_is_named():

@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the hybrid checkpoint")
     p.add_argument("--n-groups", default=None, metavar="{heads,kv,N}",
                    help="SSM groups per mixer: one per attention head (what --init mil needs), one per key/value "
-                        "head, or a number dividing the heads (default: the init's, see docs/distill.md)")
-    p.add_argument("--d-state", type=int, default=None, help="SSM state size per group (default: the head size)")
+                        "head, or a number dividing the heads (default: the init's: kv for rad, heads otherwise)")
+    p.add_argument("--d-state", type=int, default=None,
+                   help="SSM state size per group (default: the init's with its default groups, half the head size "
+                        "for rad; the head size otherwise)")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

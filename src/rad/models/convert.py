@@ -43,7 +43,7 @@ class ConversionConfig:
     layers: list[int] = field(default_factory=list)
     init: str = "rad"
     chunk_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
-    d_state: int | None = None  # None: the attention head_dim
+    d_state: int | str | None = None  # None: the init's default with default groups, else head_dim; or "half"
     n_groups: int | str | None = None  # "heads", "kv" (a group per key/value head), a number; None: the init's
     d_conv: int = 4
     seed: int = 0
@@ -53,9 +53,13 @@ class ConversionConfig:
             raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
         if self.n_groups is None:
             self.n_groups = INIT_DEFAULTS[self.init].n_groups
+            if self.d_state is None:
+                self.d_state = INIT_DEFAULTS[self.init].d_state
         self.n_groups = parse_groups(self.n_groups)
         for name in ("chunk_size", "d_state", "d_conv"):
             value = getattr(self, name)
+            if name == "d_state" and value in ("head_dim", "half"):
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RadError(f"{name} must be a whole number of at least 1, got {value!r}.")
 

@@ -72,16 +72,21 @@ def parse_groups(value: int | str | None) -> int | str:
     return number
 
 
-def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int | None = None,
+def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int | str | None = None,
                      d_conv: int = 4) -> MixerGeometry:
-    """The mixer shape for a source model `config`: groups from `heads` / `kv` / a number, d_state default head_dim."""
+    """The mixer shape for a source model `config`: groups from `heads` / `kv` / a number, d_state a number,
+    `head_dim` (the default) or `half`."""
     heads, hd = config.num_attention_heads, head_dim_of(config)
     groups = parse_groups(n_groups)
     groups = {"heads": heads, "kv": config.num_key_value_heads}.get(groups, groups)
     if heads % groups:
         raise RadError(f"{groups} SSM groups do not divide the {heads} mixer heads; pick a divisor of {heads}, "
                        "'heads' or 'kv'.")
-    state = hd if d_state is None else d_state
+    state = d_state
+    if d_state is None or d_state == "head_dim":
+        state = hd
+    elif d_state == "half":  # the `rad` init's default: half the head size
+        state = hd // 2
     if isinstance(state, bool) or not isinstance(state, int) or state < 1:
         raise RadError(f"d_state must be a positive whole number, got {d_state!r}.")
     return MixerGeometry(hidden=config.hidden_size, heads=heads, head_dim=hd, n_groups=groups, d_state=state,
