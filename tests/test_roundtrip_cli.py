@@ -90,6 +90,26 @@ def test_cli_convert_and_info_on_a_tiny_model(tiny_llama_folder, tmp_path, caplo
     assert code == 2 and "already exists" in errors[0]
 
 
+@pytest.mark.parametrize("d_state, expected", [("head_dim", 8), ("half", 4), ("6", 6)])
+def test_cli_d_state_takes_a_number_or_a_fraction_of_the_head(d_state, expected, tiny_llama_folder, tmp_path, caplog):
+    # The tiny model: hidden 48 over 6 heads -> head_dim 8; 2 key/value heads.
+    out = tmp_path / "hybrid"
+    code, errors = _run_cli(["convert", str(tiny_llama_folder), "--layers", "1", "--n-groups", "kv",
+                             "--d-state", d_state, "--out", str(out)], caplog)
+    assert (code, errors) == (0, [])
+    geometry = json.loads((out / "rad_conversion.json").read_text())["geometry"]
+    assert (geometry["n_groups"], geometry["d_state"]) == (2, expected)
+
+
+def test_cli_d_state_refuses_other_words(tiny_llama_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tiny_llama_folder), "--layers", "1", "--d-state", "quarter", "--out",
+              str(tmp_path / "h")])
+    assert exit_info.value.code == 2
+    assert "head_dim, half or a positive whole number" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
+
+
 def test_bad_inputs_get_one_clear_error(tmp_path, gpt2_folder, tiny_llama_folder, caplog):
     corrupt = tmp_path / "corrupt"
     make_tiny("llama").save_pretrained(corrupt)

@@ -298,6 +298,15 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     print(f"Report: {result.report}")
 
 
+def _d_state(text: str) -> int | str:
+    """--d-state: `head_dim`, `half` (of it) or a positive whole number; anything else is a usage error."""
+    if text in ("head_dim", "half"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected head_dim, half or a positive whole number, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The choices come from the modules that own them (importing them costs the torch import, which every
     # command but `rad data` pays anyway).
@@ -323,9 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-groups", default=None, metavar="{heads,kv,N}",
                    help="SSM groups per mixer: one per attention head (what --init mil needs), one per key/value "
                         "head, or a number dividing the heads (default: the init's: kv for rad, heads otherwise)")
-    p.add_argument("--d-state", type=int, default=None,
-                   help="SSM state size per group (default: the init's with its default groups, half the head size "
-                        "for rad; the head size otherwise)")
+    p.add_argument("--d-state", type=_d_state, default=None, metavar="{head_dim,half,N}",
+                   help="SSM state size per group: the attention head size, half of it, or a number (default: the "
+                        "init's with its default groups, half the head size for rad; the head size otherwise)")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -376,7 +376,7 @@ def convert_model(
     *,
     init: str = "rad",
     n_groups: int | str | None = None,
-    d_state: int | None = None,
+    d_state: int | str | None = None,
     chunk_size: int | None = None,
     seed: int = 0,
     device: str | None = None,
