@@ -16,10 +16,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from rad.ablate.report import _COLOURS, _STYLES
+from rad.ablate.config import BaselineArm
+from rad.ablate.report import draw_kl_curve
 from rad.ablate.run import ArmResult
 
-BASELINE = "uniform-mil-all"
+BASELINE = BaselineArm().arm().name  # the ablate presets' baseline: uniform layers, mil init, all trained
 
 
 def load(specs: list[str]) -> dict[int, dict[str, ArmResult]]:
@@ -52,7 +53,7 @@ def table(seeds: dict[int, dict[str, ArmResult]], steps: list[int]) -> tuple[str
             vals = [v for a in per_seed.values() if (v := kl_at(a, step)) is not None]
             means.append(statistics.mean(vals) if len(vals) == len(seeds) else None)
         finals = [per_seed[s].final_kl if s in per_seed else None for s in sorted(seeds)]
-        secs = [a.timings.get("distill_s") for a in per_seed.values() if a.timings.get("distill_s")]
+        secs = [t for a in per_seed.values() if (t := a.timings.get("distill_s"))]
         cells = [name] + [f"{m:.3f}" if m is not None else "-" for m in means]
         cells += [f"{f:.3f}" if f is not None else "-" for f in finals]
         cells.append(f"{statistics.median(secs):.0f}" if secs else "-")
@@ -71,13 +72,7 @@ def plot(seeds: dict[int, dict[str, ArmResult]], path: Path) -> None:
     axes = figure.subplots(1, len(seeds), sharey=True, squeeze=False)[0]
     for ax, seed in zip(axes, sorted(seeds), strict=True):
         for name, arm in sorted(seeds[seed].items(), key=lambda kv: kv[0] == BASELINE):
-            steps = [p.step for p in arm.curve]
-            kls = [p.eval_kl for p in arm.curve]
-            if name == BASELINE:
-                ax.plot(steps, kls, "o-", color="black", linewidth=2.6, markersize=4, label=f"{name} (baseline)")
-            else:
-                ax.plot(steps, kls, marker="o", markersize=3, linewidth=1.5, linestyle=_STYLES.get(arm.train, "-"),
-                        color=_COLOURS.get((arm.layer_set, arm.init)), label=name)
+            draw_kl_curve(ax, arm, name, is_baseline=name == BASELINE)
         ax.set_yscale("log")
         ax.set_xlabel("optimiser step")
         ax.set_title(f"seed {seed}")

@@ -32,7 +32,7 @@ GEOMETRIES = {"heads/head_dim": ("heads", None), "kv/head_dim": ("kv", None), "k
 
 def _resolve(config, name: str):
     groups, state = GEOMETRIES[name]
-    return resolve_geometry(config, groups, head_dim_of(config) // 2 if state == "half" else state)
+    return resolve_geometry(config, groups, state)
 
 
 def sizes(config, k: int, contexts=(256, 2048, 8192), element_bytes: int = 4) -> dict:
@@ -74,8 +74,6 @@ def kl_curve(config_args, name: str, steps: list[int], seed: int, loaded, layers
     from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
 
     groups, state = GEOMETRIES[name]
-    if state == "half":
-        state = head_dim_of(loaded.model.config) // 2
     conversion = ConversionConfig(layers=layers, init="rad", n_groups=groups, d_state=state, seed=seed)
     hybrid = convert_to_hybrid(loaded.model, conversion)
     folder = work / f"hybrid-{name.replace('/', '-')}-{seed}"

@@ -299,12 +299,13 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _d_state(text: str) -> int | str:
-    """--d-state: `head_dim`, `half` (of it) or a positive whole number; anything else is a usage error."""
-    if text in ("head_dim", "half"):
-        return text
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected head_dim, half or a positive whole number, got {text!r}")
+    """--d-state as models.geometry reads it; a bad value is a usage error (exit 2, before any work)."""
+    from rad.models.geometry import parse_d_state
+
+    try:
+        return parse_d_state(text)
+    except RadError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from rad.utils.atomic import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from rad.ablate.config import AblateConfig
-    from rad.ablate.run import AblateSummary, ArmSummary
+    from rad.ablate.run import AblateSummary, ArmResult, ArmSummary
     from rad.evaluate.runner import TaskScore
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,19 @@ _COLOURS = {("searched", "rad"): "C3", ("searched", "mil"): "C1", ("searched", "
             ("searched", "rad-zero-in-proj"): "C6", ("uniform", "rad-zero-in-proj"): "C7",
             ("uniform", "rad"): "C2", ("uniform", "mil"): "C0", ("uniform", "random"): "C4"}
 _STYLES = {"mixers": "-", "mixers+mlp": ":", "all": "--"}
+
+
+def draw_kl_curve(ax, arm: ArmResult, label: str, is_baseline: bool) -> list[float]:
+    """One arm's held-out KL line on `ax` (the baseline black and thick; colour by layers and init, line style
+    by trainable set); returns the KL values drawn."""
+    steps = [p.step for p in arm.curve]
+    kls = [p.eval_kl for p in arm.curve]
+    if is_baseline:
+        ax.plot(steps, kls, "o-", color="black", linewidth=2.6, markersize=4, zorder=5, label=f"{label} (baseline)")
+    else:
+        ax.plot(steps, kls, marker="o", markersize=3, linewidth=1.5, linestyle=_STYLES.get(arm.train, "-"),
+                color=_COLOURS.get((arm.layer_set, arm.init)), label=label)
+    return kls
 
 
 def plot_kl_curves(summary: AblateSummary, path: Path) -> Path | None:
@@ -42,16 +55,7 @@ def plot_kl_curves(summary: AblateSummary, path: Path) -> Path | None:
             continue  # drawn under the arm it coincides with
         twins = [n for n in summary.order if summary.arms[n].same_as == name]
         label = " = ".join([name, *twins])
-        steps = [p.step for p in arm.curve]
-        kls = [p.eval_kl for p in arm.curve]
-        values += kls
-        if name == baseline:
-            ax.plot(steps, kls, "o-", color="black", linewidth=2.6, markersize=4, zorder=5,
-                    label=f"{label} (baseline)")
-        else:
-            ax.plot(steps, kls, marker="o", markersize=3, linewidth=1.5,
-                    linestyle=_STYLES.get(arm.train, "-"),
-                    color=_COLOURS.get((arm.layer_set, arm.init)), label=label)
+        values += draw_kl_curve(ax, arm, label, is_baseline=name == baseline)
     target = summary.baseline_final_kl
     ax.axhline(target, color="0.4", linestyle=(0, (4, 3)), linewidth=1,
                label=f"baseline final KL {target:.4g}")

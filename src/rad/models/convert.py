@@ -18,7 +18,13 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 from rad.errors import RadError
-from rad.models.geometry import MixerGeometry, attention_parameters, parse_groups, resolve_geometry
+from rad.models.geometry import (
+    MixerGeometry,
+    attention_parameters,
+    parse_d_state,
+    parse_groups,
+    resolve_geometry,
+)
 from rad.models.layers import decoder_layers, validate_layers
 from rad.models.mamba_init import INIT_DEFAULTS, INITS, mil_init, rad_init, rad_zero_in_proj_init, random_init
 from rad.models.naming import bamba_name
@@ -56,10 +62,9 @@ class ConversionConfig:
             if self.d_state is None:
                 self.d_state = INIT_DEFAULTS[self.init].d_state
         self.n_groups = parse_groups(self.n_groups)
-        for name in ("chunk_size", "d_state", "d_conv"):
+        self.d_state = parse_d_state(self.d_state)
+        for name in ("chunk_size", "d_conv"):
             value = getattr(self, name)
-            if name == "d_state" and value in ("head_dim", "half"):
-                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise RadError(f"{name} must be a whole number of at least 1, got {value!r}.")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rad.errors import RadError
 
 GROUP_CHOICES = ("heads", "kv")  # or a positive whole number
+D_STATE_CHOICES = ("head_dim", "half")  # the attention head size or half of it; or a positive whole number
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,20 @@ def parse_groups(value: int | str | None) -> int | str:
     return number
 
 
+def parse_d_state(value: int | str | None) -> int | str | None:
+    """`head_dim`, `half` or a positive whole number (also as text); None stays None (the caller's default)."""
+    if value is None or (isinstance(value, str) and value in D_STATE_CHOICES):
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or number < 1 or str(value).strip() != str(number):
+        raise RadError(f"Bad d_state {value!r} (the SSM state size): expected head_dim, half or a positive whole "
+                       "number.")
+    return number
+
+
 def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int | str | None = None,
                      d_conv: int = 4) -> MixerGeometry:
     """The mixer shape for a source model `config`: groups from `heads` / `kv` / a number, d_state a number,
@@ -82,12 +97,7 @@ def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int 
     if heads % groups:
         raise RadError(f"{groups} SSM groups do not divide the {heads} mixer heads; pick a divisor of {heads}, "
                        "'heads' or 'kv'.")
-    state = d_state
-    if d_state is None or d_state == "head_dim":
-        state = hd
-    elif d_state == "half":  # the `rad` init's default: half the head size
-        state = hd // 2
-    if isinstance(state, bool) or not isinstance(state, int) or state < 1:
-        raise RadError(f"d_state must be a positive whole number, got {d_state!r}.")
+    state = parse_d_state(d_state)
+    state = {None: hd, "head_dim": hd, "half": hd // 2}.get(state, state)
     return MixerGeometry(hidden=config.hidden_size, heads=heads, head_dim=hd, n_groups=groups, d_state=state,
                          d_conv=d_conv)
