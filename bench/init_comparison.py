@@ -15,8 +15,12 @@ step. Candidates (applied to a hybrid converted with the literal paper init, in_
   zero_norm_v      zero_norm with the x rows of in_proj copied from v_proj (per head, repeated over GQA
                    groups), so the SSM starts by mixing what attention mixed
   zero_norm_x30/_x100, zero_norm_v_x100
-                   the same with the gains at 30x / 100x lr (`mixer_norm_lr_scale`); zero_norm_x100 is
-                   the chosen one: `--init rad` with its default gated-norm lr
+                   the same with the gains at 30x / 100x lr (`mixer_norm_lr_scale`); zero_norm_x100 was
+                   `--init rad` until the next row was measured
+  gain_0.1_x100, gain_0.3_x100
+                   in_proj = 0 as in the paper, gated-norm weight 0.1 / 0.3, gains at 100x lr: the first update
+                   writes in_proj in the gradient's direction as the paper's does, and the gain caps the jump
+                   the gated RMSNorm makes of it; gain_0.1_x100 is the chosen one, `--init rad`
 
     python bench/init_comparison.py --out docs/bench_init.json --plot docs/bench_init.png
 """
@@ -72,6 +76,9 @@ def apply_candidate(name: str, hybrid, source, layers: list[int], seed: int) -> 
         if name == "small_norm":
             mixer.norm.weight.fill_(0.01)
             continue
+        if name.startswith("gain_"):
+            mixer.norm.weight.fill_(float(name.split("_")[1]))
+            continue
         _random_in_proj(mixer, generator)
         if name.startswith("zero_norm_v"):
             _v_into_x(mixer, attention, source.config.num_key_value_heads)
@@ -79,8 +86,9 @@ def apply_candidate(name: str, hybrid, source, layers: list[int], seed: int) -> 
 
 
 CANDIDATES = ("zero_in_proj", "small_norm", "zero_norm", "zero_norm_v", "zero_norm_x30", "zero_norm_x100",
-              "zero_norm_v_x100")
-NORM_LR_SCALE = {"zero_norm_x30": 30.0, "zero_norm_x100": 100.0, "zero_norm_v_x100": 100.0}
+              "zero_norm_v_x100", "gain_0.1_x100", "gain_0.3_x100")
+NORM_LR_SCALE = {"zero_norm_x30": 30.0, "zero_norm_x100": 100.0, "zero_norm_v_x100": 100.0,
+                 "gain_0.1_x100": 100.0, "gain_0.3_x100": 100.0}
 
 
 def run_candidate(name: str, args, loaded, layers: list[int], work: Path) -> dict:
@@ -163,6 +171,7 @@ def main() -> None:
         for name in args.candidates.split(","):
             logger.info("candidate %s", name)
             results["candidates"][name] = run_candidate(name, args, loaded, layers, Path(work))
+            results["candidates"][name]["command"] = results["command"]
             out.write_text(json.dumps(results, indent=2))
             logger.info("%s: %s", name, {s: round(v, 4) for s, v in results["candidates"][name]["eval_kl"].items()
                                          if int(s) in REPORT_STEPS})

@@ -27,6 +27,7 @@ from rad.distill.modules import check_same_vocabulary, select_trainable, share_f
 from rad.distill.objective import DistillObjective
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
+from rad.models.mamba_init import RAD_GATE_GAIN
 from tests.conftest import REPO, SHARED_DATA, make_tiny, word_tokenizer
 
 PY = sys.executable
@@ -138,7 +139,7 @@ def test_the_gated_norm_lr_follows_the_init_of_a_fresh_hybrid():
     select_trainable(hybrid, "mixers")
     rest, norms = _param_groups(hybrid, dataclasses.replace(config, mixer_norm_lr_scale=100.0))
     assert len(norms["params"]) == 2 and norms["lr"] == pytest.approx(100 * config.lr) and "lr" not in rest
-    assert all(p.dim() == 1 and not p.any() for p in norms["params"])  # the two zero gains
+    assert all(p.dim() == 1 and bool((p == RAD_GATE_GAIN).all()) for p in norms["params"])  # the two gated-norm gains
     assert len(_param_groups(hybrid, dataclasses.replace(config, mixer_norm_lr_scale=1.0))) == 1
     with pytest.raises(RadError, match="mixer_norm_lr_scale must be a positive number"):
         DistillConfig(hybrid="h", out="o", mixer_norm_lr_scale=0.0)

@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
     p.add_argument("--mixer-norm-lr-scale", type=float, default=None,
                    help="lr multiplier of the new mixers' gated-norm gains (default: 100 on a hybrid fresh from the "
-                        "rad init, whose gains start at 0; else 1)")
+                        "rad init, whose gains start at 0.1; else 1)")
     p.add_argument("--kl-weight", type=float, default=None, help="default 1")
     p.add_argument("--ce-weight", type=float, default=None, help="default 0")
     p.add_argument("--align-weight", type=float, default=None,
