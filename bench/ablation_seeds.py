@@ -1,10 +1,13 @@
 """Held-out KL of `rad ablate` arms across seeds: one table (mean and each seed) and one plot, one panel per seed.
 
-Each ablation folder holds `arms/NAME/result.json`; give every folder with its seed. Several folders for one
-seed are merged by arm name (e.g. the `rad` arms and the `mil` arms run apart); an arm present twice must
-agree on its final KL (the baseline is run in every folder, so this checks determinism).
+Each ablation folder holds `arms/NAME/result.json`; give every folder with its seed, and after a second colon
+the arms to take from it when not all (SEED:FOLDER[:ARM,ARM...]; an arm run again after a code change). Several
+folders for one seed are merged by arm name (e.g. the `rad` arms and the `mil` arms run apart); an arm taken
+twice must agree on its final KL (the baseline is run in every folder, so this checks determinism).
 
-    .venv/bin/python bench/ablation_seeds.py 0:runs/ablate-s0-rad 0:runs/ablate-s0-mil 1:runs/ablate-s1 \
+    .venv/bin/python bench/ablation_seeds.py 0:runs/ablate2-s0-rad 0:runs/ablate-s0-mil \
+        0:runs/ablate-s0-rad:searched-rad-zero-in-proj-mixers,uniform-mil-all 1:runs/ablate2-s1-rad \
+        1:runs/ablate-s1:searched-mil-all,searched-mil-mixers,uniform-mil-mixers,searched-rad-zero-in-proj-mixers,uniform-mil-all \
         --plot docs/results_ablation_kl.png --out docs/results_ablation.json
 """
 
@@ -26,9 +29,16 @@ BASELINE = BaselineArm().arm().name  # the ablate presets' baseline: uniform lay
 def load(specs: list[str]) -> dict[int, dict[str, ArmResult]]:
     seeds: dict[int, dict[str, ArmResult]] = {}
     for spec in specs:
-        seed, _, folder = spec.partition(":")
+        seed, _, rest = spec.partition(":")
+        folder, _, names = rest.partition(":")
+        wanted = set(names.split(",")) if names else None
         arms = seeds.setdefault(int(seed), {})
-        for path in sorted(Path(folder, "arms").glob("*/result.json")):
+        paths = sorted(Path(folder, "arms").glob("*/result.json"))
+        if wanted is not None and wanted - {p.parent.name for p in paths}:
+            sys.exit(f"{folder} has no arm {sorted(wanted - {p.parent.name for p in paths})}")
+        for path in paths:
+            if wanted is not None and path.parent.name not in wanted:
+                continue
             arm = ArmResult.load(path.parent)
             if arm.name in arms and abs(arms[arm.name].final_kl - arm.final_kl) > 1e-9:
                 sys.exit(f"{arm.name} seed {seed}: final KL {arms[arm.name].final_kl} and {arm.final_kl} differ")
@@ -84,7 +94,7 @@ def plot(seeds: dict[int, dict[str, ArmResult]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", help="SEED:FOLDER, one per ablation folder")
+    parser.add_argument("folders", nargs="+", help="SEED:FOLDER[:ARM,ARM...], one per ablation folder")
     parser.add_argument("--steps", default="0,8", help="steps whose mean KL the table shows")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--out", type=Path, help="the curves as JSON")

@@ -87,6 +87,8 @@ def apply_candidate(name: str, hybrid, source, layers: list[int], seed: int) -> 
 
 CANDIDATES = ("zero_in_proj", "small_norm", "zero_norm", "zero_norm_v", "zero_norm_x30", "zero_norm_x100",
               "zero_norm_v_x100", "gain_0.1_x100", "gain_0.3_x100")
+CHOSEN = "gain_0.1_x100"
+INIT_NAMES = {"gain_0.1_x100": "rad", "zero_in_proj": "rad-zero-in-proj"}
 NORM_LR_SCALE = {"zero_norm_x30": 30.0, "zero_norm_x100": 100.0, "zero_norm_v_x100": 100.0,
                  "gain_0.1_x100": 100.0, "gain_0.3_x100": 100.0}
 
@@ -131,7 +133,9 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, r in results["candidates"].items():
         steps = [int(s) for s in r["eval_kl"]]
-        ax.plot(steps, list(r["eval_kl"].values()), marker="o", ms=3, label=name)
+        chosen = name == CHOSEN
+        ax.plot(steps, list(r["eval_kl"].values()), marker="o", ms=3, lw=2.5 if chosen else 1.2,
+                label=f"{name} (--init {INIT_NAMES[name]})" if name in INIT_NAMES else name)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("log")
     ax.set_xlabel("optimiser step")
@@ -176,6 +180,11 @@ def main() -> None:
             logger.info("%s: %s", name, {s: round(v, 4) for s, v in results["candidates"][name]["eval_kl"].items()
                                          if int(s) in REPORT_STEPS})
     plot(results, Path(args.plot))
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the plot from a results file, without training."""
+    plot(json.loads(Path(json_path).read_text()), Path(png_path))
 
 
 if __name__ == "__main__":
