@@ -34,8 +34,9 @@ def load(specs: list[str]) -> dict[int, dict[str, ArmResult]]:
         wanted = set(names.split(",")) if names else None
         arms = seeds.setdefault(int(seed), {})
         paths = sorted(Path(folder, "arms").glob("*/result.json"))
-        if wanted is not None and wanted - {p.parent.name for p in paths}:
-            sys.exit(f"{folder} has no arm {sorted(wanted - {p.parent.name for p in paths})}")
+        missing = (wanted or set()) - {p.parent.name for p in paths}
+        if missing:
+            sys.exit(f"{folder} has no arm {sorted(missing)}")
         for path in paths:
             if wanted is not None and path.parent.name not in wanted:
                 continue

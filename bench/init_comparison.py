@@ -182,10 +182,5 @@ def main() -> None:
     plot(results, Path(args.plot))
 
 
-def replot(json_path: str, png_path: str) -> None:
-    """Redraw the plot from a results file, without training."""
-    plot(json.loads(Path(json_path).read_text()), Path(png_path))
-
-
 if __name__ == "__main__":
     main()

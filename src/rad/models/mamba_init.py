@@ -27,7 +27,8 @@ class InitDefaults:
 # `rad`: in_proj = 0 makes the output exactly 0; its gated-norm gains start at RAD_GATE_GAIN, and 100x lr on those
 # few weights lets them grow in tens of steps (held-out KL monotone from step 0 at lr 3e-4 and at 1e-3).
 # Its geometry, one SSM group per key/value head with half the head size as state, is the lightest whose held-out
-# KL after 32 and 128 steps stays within 5% of one group per head with d_state = head_dim (docs/benchmarks.md).
+# KL after 32 and 128 steps stays within 5% of one group per head with d_state = head_dim (docs/benchmarks.md;
+# measured with the previous gain-0 init, not yet with this one).
 # `rad-zero-in-proj` is the paper's literal init (gain 1), kept with its old geometry for the ablation.
 INIT_DEFAULTS = {
     "rad": InitDefaults(n_groups="kv", d_state="half", norm_lr_scale=100.0),
