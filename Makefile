@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.rad-installed
 PRESET  ?= default
 RUN_DIR ?= runs/$(PRESET)
+# pytest-xdist workers (each gets cores/workers torch threads, tests/conftest.py): 2 halves make test here
+TEST_WORKERS ?= 2
 
 .PHONY: setup sandbox-tools run test test-fast lint bench setup-qwen clean
 
@@ -44,13 +46,13 @@ run: $(STAMP) sandbox-tools
 
 test: $(STAMP) sandbox-tools
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The edit loop (under 2 minutes on 2 cores): tiny-model unit tests only. Leaves out the `slow` tier (the real
 # default model, or long tiny-model tests) and the `subprocess` tier (CLI, workers, lm_eval); see tests/conftest.py.
 test-fast: $(STAMP) sandbox-tools
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow and not subprocess"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not subprocess"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets one thread, so the workers
+# do not fight over the cores; a plain `pytest` run keeps two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -45,7 +45,13 @@ def test_smoke_run_offline_writes_every_artifact_names_the_missing_task_and_resu
     results = [EvalResults.load(p.parent) for p in (out / "eval").glob("*/results.json")]
     assert len(results) == 4 and all(r.tasks["gsm8k"].total >= 1 for r in results)
     speed = SpeedResult.load(out)
-    assert speed.contexts == resolved_contexts(out) and len(speed.rows) == 2 * len(speed.contexts)
+    assert speed.contexts == resolved_contexts(out) and len(speed.rows) == 4 * len(speed.contexts)
+    # Cache bytes per token: the draft keeps 26 of the teacher's 30 layers' KV; the RAD student
+    # the same KV plus its mixers' constant state spread over the context.
+    context = speed.contexts[0]
+    per_token = {r.model: r.bytes_per_token for r in speed.rows if r.context == context}
+    assert per_token["draft (searched layers skipped)"] == pytest.approx(per_token["teacher"] * 26 / 30)
+    assert per_token["RAD student"] > per_token["draft (searched layers skipped)"] > 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["search"]["k"] == 4 and resolved["out"] == str(out)
     report = (out / "report.md").read_text()

@@ -8,7 +8,13 @@ import torch
 from scipy.stats import chisquare
 
 from rad.decoding.runner import FastDecoder
-from rad.decoding.speculative import DraftConfig, SamplingConfig, greedy_generate, speculative_generate
+from rad.decoding.speculative import (
+    DraftConfig,
+    SamplingConfig,
+    draft_generate,
+    greedy_generate,
+    speculative_generate,
+)
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, convert_to_hybrid
 from rad.models.layers import uniform_layers
@@ -181,6 +187,25 @@ def test_plain_greedy_matches_generate_and_counts_no_rounds():
     result = greedy_generate(model, ids, 20)
     assert torch.equal(result.tokens, _hf_greedy(model, ids, 20, None))
     assert result.rounds == 0 and result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_draft_alone_matches_generate_with_the_attention_skipped(family):
+    """The draft by itself (the prompt included) is the model under `skip_attention`, decoded by HF generate."""
+    from rad.models.skip import skip_attention
+
+    model = _models(family)["source"]
+    gen = torch.Generator().manual_seed(3)
+    changed = 0
+    for skip, n in itertools.product(([1], [0, 3], [0, 1, 2, 3]), (2, 7, 12)):
+        ids = torch.randint(3, 96, (1, n), generator=gen)
+        result = draft_generate(model, ids, skip, 16)
+        with skip_attention(model, skip):
+            reference = _hf_greedy(model, ids, 16, None)
+        assert torch.equal(result.tokens, reference), (skip, n)
+        assert result.rounds == 0 and result.tokens_per_second > 0
+        changed += not torch.equal(result.tokens, _hf_greedy(model, ids, 16, None))
+    assert changed  # the skip changes the text somewhere: the check above is not the full model twice
 
 
 def _second_token_marginal(model, ids, temperature, second_skip=()):

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from rad.errors import RadError
+from rad.errors import RadError, TimeLimitReached
 
 logger = logging.getLogger("rad")
 
@@ -274,6 +274,19 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"Report: {report}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from rad.sweep import load_sweep_config, run_sweep
+
+    _quiet_optuna(args)
+    overrides = list(args.set or [])
+    if args.max_minutes is not None:
+        overrides.append(f"max_minutes={args.max_minutes}")
+    config = load_sweep_config(args.preset or (None if args.config else "claims"), args.config, overrides)
+    if args.out:
+        config.out = args.out
+    print(f"Report: {run_sweep(config)}")
+
+
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from rad.ablate import load_ablate_config, run_ablation
 
@@ -374,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. distill.steps=10")
     p.add_argument("--out", default=None, help="run folder (default: from the config)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="rad run at several k (layers replaced): accuracy against k and against cache "
+                                     "bytes, paired tests of RAD vs baseline vs teacher")
+    p.add_argument("--preset", default=None, help="claims (Qwen2.5-Coder-0.5B, k = 4, 8, 12: hours on 2 CPU cores; "
+                                                  "docs/results.md) or smoke (minutes)")
+    p.add_argument("--config", default=None, help="a YAML sweep config (on top of --preset, if given)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, e.g. ks=[4,8]")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop before a stage or evaluation batch after this long (exit 75); rerun to continue")
+    p.add_argument("--out", default=None, help="sweep folder (default: from the config)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("ablate", help="the paper's ablation: {searched, uniform} layers x {rad, mil} init x "
                                       "{mixers, all} trained; KL curves, steps to the baseline's KL, scores")
@@ -499,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     except RadError as err:
         logger.error("error: %s", err)
         return 2
+    except TimeLimitReached as stop:
+        logger.warning("%s", stop)
+        return 75
     return 0
 
 

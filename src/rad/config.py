@@ -31,14 +31,15 @@ def settings(cls=None, /, **dataclass_options):
 
 
 def preset_file(name: str, prefix: str = "") -> Path:
-    """The preset `name` among `presets/<prefix><name>.yaml` (`rad run`: no prefix; `rad ablate`: 'ablate')."""
+    """The preset `name` among `presets/<prefix><name>.yaml` (`rad run`: no prefix; `rad ablate`: 'ablate';
+    `rad sweep`: 'sweep')."""
     if prefix:
         known = {("default" if p.stem == prefix else p.stem.removeprefix(f"{prefix}-")): p
                  for p in PRESETS_DIR.glob(f"{prefix}*.yaml")}
         aliases = {prefix: "default", **{p.stem: k for k, p in known.items()}}
         name = aliases.get(name, name)
     else:
-        known = {p.stem: p for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("ablate")}
+        known = {p.stem: p for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith(("ablate", "sweep"))}
     if name not in known:
         kind = "ablation preset" if prefix else "preset"
         raise RadError(f"Unknown {kind} {name!r}; choose one of {', '.join(sorted(known))}.")

@@ -65,6 +65,8 @@ DISTILL = OutputKind("rad distill", "log.jsonl, checkpoints/ or its config.json"
 EVAL = OutputKind("rad eval", "comparison.md or <model>/<task>.meta.json", _eval_folder)
 RUN = OutputKind("rad run", "config.yaml", _mapping_with("config.yaml", {"model", "search", "distill", "eval"},
                                                         yaml.safe_load))
+SWEEP = OutputKind("rad sweep", "sweep.yaml", _mapping_with("sweep.yaml", {"model", "ks", "search", "distill"},
+                                                          yaml.safe_load))
 ABLATE = OutputKind("rad ablate", "config.yaml", _mapping_with("config.yaml", {"model", "baseline", "inits"},
                                                               yaml.safe_load))
 

@@ -22,7 +22,7 @@ import yaml
 
 from rad.config import load_settings, preset_file, read_yaml, settings, to_yaml
 from rad.distill.train import DistillSettings
-from rad.errors import RadError
+from rad.errors import RadError, check_deadline
 from rad.evaluate.runner import EvalSettings
 from rad.outputs import RUN, check_output
 from rad.preflight import TASK_TITLES, InputReport
@@ -110,8 +110,11 @@ class RunPaths:
         return self.root / "eval"
 
 
-def run_pipeline(config: RunConfig) -> Path:
-    """Run (or continue) every stage; returns the path of report.md."""
+def run_pipeline(config: RunConfig, *, teacher_eval: Path | None = None, deadline: float | None = None,
+                 teacher=None) -> Path:
+    """Run (or continue) every stage; returns the path of report.md. `rad sweep` passes `teacher_eval` (score the
+    teacher in that folder, shared by its runs), `deadline` (a time.monotonic() value: stop with TimeLimitReached
+    before a stage, or between evaluation batches, once it has passed) and its already loaded `teacher`."""
     from rad.models.layers import uniform_layers
     from rad.models.loading import load_model
     from rad.preflight import check_inputs
@@ -124,7 +127,7 @@ def run_pipeline(config: RunConfig) -> Path:
     check_same_run(config, paths)
     inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
                           distill_data=config.distill.data)
-    teacher = load_model(config.model, device=config.device)
+    teacher = teacher or load_model(config.model, device=config.device)
     num_layers = teacher.model.config.num_hidden_layers
     check_search_fits(config.search, teacher.model, config.seed)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,7 @@ def run_pipeline(config: RunConfig) -> Path:
     inputs.save(paths.root)
     timings: dict[str, float] = {}
 
+    check_deadline(deadline, f"the search of {paths.root}")
     t0 = time.perf_counter()
     search = search_stage(teacher, config.search, paths.search, seed=config.seed)
     timings["search"] = time.perf_counter() - t0
@@ -142,9 +146,11 @@ def run_pipeline(config: RunConfig) -> Path:
     convert_stage(teacher, config.model, uniform, "mil", paths.baseline_hybrid, seed=config.seed)
     timings["convert"] = time.perf_counter() - t0
 
+    check_deadline(deadline, f"the distillation of {paths.root}")
     t0 = time.perf_counter()
     common = dict(seed=config.seed, device=config.device, sources=inputs.sources)
     rad_student = distill_stage(config.distill, paths.rad_hybrid, paths.rad_distill, RAD_TRAIN, **common)
+    check_deadline(deadline, f"the baseline's distillation in {paths.root}")
     base_student = distill_stage(config.distill, paths.baseline_hybrid, paths.baseline_distill, BASELINE_TRAIN,
                                  **common)
     timings["distill"] = time.perf_counter() - t0
@@ -152,11 +158,12 @@ def run_pipeline(config: RunConfig) -> Path:
     t0 = time.perf_counter()
     models = {"teacher": config.model, "draft (searched layers skipped)": str(paths.rad_hybrid),
               "RAD student": str(rad_student), "baseline student": str(base_student)}
-    table = _stage_eval(config, inputs, paths, teacher, models)
+    table = _stage_eval(config, inputs, paths, teacher, models, teacher_eval, deadline)
     timings["eval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    speed = _stage_speed(config, paths, teacher, rad_student)
+    speed = _stage_speed(config, paths, teacher, {"RAD student": rad_student, "baseline student": base_student},
+                         search.layers)
     timings["speed"] = time.perf_counter() - t0
     report = write_report(config, paths, search, uniform, models, table, speed, timings, inputs)
     logger.info("Report: %s", report)
@@ -202,15 +209,23 @@ class SpeedRow:
     model: str
     tok_s: float
     cache_MiB: float  # noqa: N815 (the JSON field's name)
+    bytes_per_token: float | None = None  # KV + recurrent state at `context`, per token of context (None: older rad)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeedResult:
-    """What speed.json holds (its presence means the speed stage is done): greedy tok/s and cache MiB per
-    context for the teacher and the RAD student, and the contexts asked for."""
+    """What speed.json holds (its presence means the speed stage is done): greedy tok/s, cache MiB and cache
+    bytes per token of context, per context and model (teacher, draft, both students), and the contexts asked for."""
 
     contexts: list[int]
     rows: list[SpeedRow]
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r.model for r in self.rows))
+
+    def row(self, model: str, context: int) -> SpeedRow | None:
+        return next((r for r in self.rows if r.model == model and r.context == context), None)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,47 +246,81 @@ class SpeedResult:
                              "delete it and re-run `rad run` to measure again")
 
 
-def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher, models: dict[str, str]) -> str:
+def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher, models: dict[str, str],
+                teacher_eval: Path | None = None, deadline: float | None = None) -> str:
+    """Every model of the run on the tasks; the teacher into `teacher_eval` when given (a sweep scores it once)."""
     from rad.evaluate.runner import comparison_table, evaluate_model
     from rad.models.loading import load_model
 
     eval_config = config.eval.stage_config(paths.eval, inputs.tasks, teacher=config.model, sources=inputs.sources)
     results = []
     for name, spec in models.items():
-        loaded = teacher if spec == config.model else load_model(spec, device=config.device)
+        is_teacher = spec == config.model
+        loaded = teacher if is_teacher else load_model(spec, device=config.device)
+        where = dataclasses.replace(eval_config, out=str(teacher_eval)) if is_teacher and teacher_eval else eval_config
         # Report under the role's name (the result folder is named after `source`), without touching `teacher`.
-        results.append(evaluate_model(dataclasses.replace(loaded, source=name), eval_config, teacher=teacher))
+        results.append(evaluate_model(dataclasses.replace(loaded, source=name), where, teacher=teacher,
+                                      deadline=deadline))
     table = comparison_table(results)
     atomic_write_text(paths.eval / "comparison.md", table)
     return table
 
 
-def _stage_speed(config: RunConfig, paths: RunPaths, teacher, student: Path) -> SpeedResult:
-    """Greedy decode speed (rad's engine) and cache bytes vs context, teacher vs RAD student: a quick look;
-    `bench/decode_speed.py` is the careful measurement."""
+SPEED_MODELS = ("teacher", "draft (searched layers skipped)", "RAD student", "baseline student")
+
+
+def cache_bytes_per_token(info, context: int) -> float:
+    """A model's decode cache per token of a `context`-token sequence: its KV bytes per token plus its constant
+    recurrent state spread over the context (what a served sequence costs in memory, and what every decode step
+    reads besides the weights)."""
+    return info.kv_bytes_per_token + info.ssm_state_bytes / context
+
+
+def _stage_speed(config: RunConfig, paths: RunPaths, teacher, students: dict[str, Path],
+                 skipped: list[int]) -> SpeedResult:
+    """Greedy decode speed (rad's engine) and cache bytes per token of the teacher, the draft (the teacher with
+    `skipped` attention layers skipped) and the students (`students`: name -> folder) at each context: a quick
+    look; `bench/decode_speed.py` is the careful measurement."""
     import torch
 
-    from rad.decoding.speculative import greedy_generate
+    from rad.decoding.speculative import draft_generate, greedy_generate
     from rad.models.info import model_info
     from rad.models.loading import load_model
 
+    names = ["teacher", SPEED_MODELS[1], *students]
     if (paths.root / SPEED_FILE).is_file():
         done = SpeedResult.load(paths.root)
-        if done.contexts == list(config.speed_contexts):
+        if done.contexts == list(config.speed_contexts) and set(names) <= set(done.models) and all(
+                r.bytes_per_token is not None for r in done.rows):
             return done
-        logger.info("speed: %s measured contexts %s, not %s: measuring again", SPEED_FILE, done.contexts,
-                    config.speed_contexts)
-    hybrid = load_model(str(student), device=config.device)
+        logger.info("speed: %s measured contexts %s and models %s, not %s and %s: measuring again", SPEED_FILE,
+                    done.contexts, done.models, config.speed_contexts, names)
+    teacher_info = model_info(teacher.model)
+    n_attention = teacher_info.layer_map.count("attention")
+    draft_kv = teacher_info.kv_bytes_per_token * (n_attention - len(skipped)) / n_attention
+    loaded = {name: load_model(str(folder), device=config.device).model for name, folder in students.items()}
+
+    def measure(name, ids):
+        if name == "teacher":
+            return greedy_generate(teacher.model, ids, 16)
+        if name == SPEED_MODELS[1]:
+            return draft_generate(teacher.model, ids, skipped, 16)
+        return greedy_generate(loaded[name], ids, 16)
+
     rows = []
     gen = torch.Generator().manual_seed(config.seed)
     for context in config.speed_contexts:
         ids = torch.randint(0, teacher.model.config.vocab_size, (1, context), generator=gen)
-        for name, model in (("teacher", teacher.model), ("RAD student", hybrid.model)):
-            greedy_generate(model, ids[:, :16], 4)  # warm-up
-            r = greedy_generate(model, ids, 16)
-            info = model_info(model)
+        for name in names:
+            measure(name, ids[:, :16])  # warm-up
+            r = measure(name, ids)
+            if name == SPEED_MODELS[1]:
+                per_token = draft_kv
+            else:
+                per_token = cache_bytes_per_token(model_info(teacher.model if name == "teacher" else loaded[name]),
+                                                  context)
             rows.append(SpeedRow(context=context, model=name, tok_s=r.tokens_per_second,
-                                 cache_MiB=(info.kv_bytes_per_token * context + info.ssm_state_bytes) / 2**20))
+                                 cache_MiB=per_token * context / 2**20, bytes_per_token=per_token))
     result = SpeedResult(contexts=list(config.speed_contexts), rows=rows)
     result.save(paths.root)  # atomic: its presence means "stage done"
     return result
@@ -309,9 +358,10 @@ def write_report(config: RunConfig, paths: RunPaths, search: SearchResult, unifo
     for task, why in inputs.dropped_tasks.items():
         lines += [f"**{TASK_TITLES.get(task, task)}: not scored.** {why[0].upper() + why[1:]}.", ""]
     lines += ["## Decoding speed and cache memory (greedy, rad engine, this machine)", "",
-              "| context | model | tok/s | cache MiB |", "|---:|---|---:|---:|"]
+              "| context | model | tok/s | cache MiB | cache bytes per token |", "|---:|---|---:|---:|---:|"]
     for r in speed.rows:
-        lines.append(f"| {r.context} | {r.model} | {r.tok_s:.1f} | {r.cache_MiB:.1f} |")
+        per_token = "" if r.bytes_per_token is None else f"{r.bytes_per_token:,.0f}"
+        lines.append(f"| {r.context} | {r.model} | {r.tok_s:.1f} | {r.cache_MiB:.1f} | {per_token} |")
     lines += ["", "`bench/decode_speed.py` measures this carefully (interleaved, repeated, with the bandwidth bound).",
               "", "## Reproduce", "", "```bash", *_reproduce(config, paths, search, uniform, models, inputs),
               "```", "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",

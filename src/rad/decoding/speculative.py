@@ -293,3 +293,30 @@ def speculative_generate(
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> SpeculativeResult:
     """Plain greedy decoding on the fast path: the engine with no draft."""
     return speculative_generate(model, input_ids, None, max_new_tokens, **kwargs)
+
+
+@torch.no_grad()
+def draft_generate(model, input_ids: torch.Tensor, skip_layers: Iterable[int], max_new_tokens: int, *,
+                   eos_token_id: int | list[int] | None = None) -> SpeculativeResult:
+    """Greedy decoding by the draft alone (the model with `skip_layers`' attention skipped), unverified: what the
+    draft model itself writes and how fast, the attention-free end of the search's trade-off."""
+    decoder, skip = _check_inputs(model, input_ids, skip_layers, max_new_tokens, None)
+    eos = set(token_ids(eos_token_id))
+    clock = _Clock(decoder.device)
+    input_ids = input_ids.to(decoder.device)
+    cache = decoder.new_cache(input_ids.shape[1] + max_new_tokens + 1)
+    result = SpeculativeResult(tokens=torch.empty(0, dtype=torch.long))
+    start = clock()
+    # The prompt goes through the engine too (not the model's forward), so the skipped layers skip it as well.
+    logits, pending = decoder.forward(input_ids, cache, skip)
+    decoder.commit(cache, pending, input_ids.shape[1])
+    out = [int(logits[0, -1].argmax())]
+    result.prefill_seconds = clock() - start
+    decode_start = clock()
+    while len(out) < max_new_tokens and out[-1] not in eos:
+        logits, pending = decoder.forward(torch.tensor([[out[-1]]], device=decoder.device), cache, skip)
+        decoder.commit(cache, pending, 1)
+        out.append(int(logits[0, -1].argmax()))
+    result.seconds = clock() - decode_start
+    result.tokens = torch.tensor(out, dtype=torch.long)
+    return result

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rad.config import settings
 from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
-from rad.errors import RadError
+from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
 from rad.evaluate.sandbox import SandboxLimits
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
@@ -308,7 +308,7 @@ def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int
 
 
 def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folder: Path,
-                  fingerprint: str | None = None) -> TaskResult:
+                  fingerprint: str | None = None, deadline: float | None = None) -> TaskResult:
     """Score `loaded` on the first `config.limit` items of a task, reusing items already in the per-item file
     when they were made by the same model (content `fingerprint`) under the same settings, else refusing."""
     options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources,
@@ -337,6 +337,7 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
                           GenerationConfig(max_new_tokens=max_new, batch_size=config.batch_size, chat=config.chat))
     with items_path.open("a", encoding="utf-8") as fh, tqdm(total=len(pending), desc=f"{task.name}") as bar:
         for start in range(0, len(pending), config.batch_size):
+            check_deadline(deadline, f"the next {task.name} batch of {loaded.source}")  # items so far are saved
             chunk = pending[start : start + config.batch_size]
             prompts = [render_prompt(loaded.tokenizer, item.messages, item.raw, config.chat) for _, item in chunk]
             t0 = time.perf_counter()
@@ -357,16 +358,18 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
 
 
 def evaluate_model(
-    model: str | LoadedModel, config: EvalConfig, teacher: LoadedModel | None = None, **load_kwargs
+    model: str | LoadedModel, config: EvalConfig, teacher: LoadedModel | None = None,
+    deadline: float | None = None, **load_kwargs
 ) -> ModelResult:
-    """Evaluate one model (a spec for `load_model`, or an already loaded one) and write its results.json."""
+    """Evaluate one model (a spec for `load_model`, or an already loaded one) and write its results.json.
+    `deadline` (time.monotonic()): stop with TimeLimitReached between batches once passed; a rerun resumes."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kwargs)
     folder = Path(config.out) / model_slug(loaded.source)
     folder.mkdir(parents=True, exist_ok=True)
     result = ModelResult(loaded.source, folder, {})
     fingerprint = model_fingerprint(loaded) if config.tasks else None
     for name in config.tasks:
-        result.tasks[name] = evaluate_task(loaded, name, config, folder, fingerprint)
+        result.tasks[name] = evaluate_task(loaded, name, config, folder, fingerprint, deadline)
         r = result.tasks[name]
         logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
                     r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])

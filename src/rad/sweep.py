@@ -1,0 +1,246 @@
+"""`rad sweep`: `rad run` at several k (attention layers replaced), and the table that answers "how many layers can
+I replace before accuracy drops, and how much better is RAD than the baseline at each k?".
+
+Each k is a complete `rad run` in OUT/k<K> (search for k layers, both students with the same data, token budget and
+seed, evaluation of teacher / draft / RAD / baseline, speed and cache bytes at the configured contexts), so every
+stage and every evaluation item resumes as `rad run`'s do. The teacher does not depend on k: it is scored once, in
+OUT/teacher-eval. `max_minutes` stops the sweep before a stage or between evaluation batches once that much time has
+passed (exit status 75), so a long sweep runs as invocations of bounded length, each continuing where the last
+stopped; a stage already running finishes first (size distillation so one student fits, docs/results.md). The summary
+(`claims.json`, `report.md`, two plots) pairs every model's per-item results with exact McNemar tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import field
+from pathlib import Path
+
+from rad.config import load_settings, preset_file, settings, to_yaml
+from rad.errors import RadError
+from rad.evaluate.stats import wilson_interval
+from rad.outputs import RUN, SWEEP, check_output
+from rad.pipeline import SPEED_MODELS, RunConfig, RunPaths, SpeedResult, run_pipeline
+from rad.utils.atomic import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+TEACHER_EVAL = "teacher-eval"
+CLAIMS_FILE = "claims.json"
+ROLES = SPEED_MODELS  # teacher, draft (searched layers skipped), RAD student, baseline student
+PAIRS = (("RAD student", "baseline student"), ("RAD student", "teacher"), ("baseline student", "teacher"))
+
+
+@settings
+class SweepConfig(RunConfig):
+    """`rad run`'s settings (each stage's own settings class) plus the k to sweep; `search.k` is set per run."""
+
+    out: str = "runs/sweep"
+    ks: list[int] = field(default_factory=lambda: [4, 8, 12])
+    max_minutes: float | None = None  # stop between stages after this long; run again to continue
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise RadError(f"ks must be distinct positive layer counts, got {self.ks}.")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise RadError(f"max_minutes must be positive, got {self.max_minutes}.")
+
+    def run_config(self, k: int) -> RunConfig:
+        """The `rad run` of one k: the same settings, its own folder, `search.k = k`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)}
+        values.update(out=str(Path(self.out) / f"k{k}"), search=dataclasses.replace(self.search, k=k))
+        return RunConfig(**values)
+
+
+def load_sweep_config(preset: str | None = None, config_path: str | None = None, overrides=()) -> SweepConfig:
+    """Preset (`claims`, `smoke`) and/or a YAML file, then `key.sub=value` overrides."""
+    return load_settings(SweepConfig, preset_file(preset, prefix="sweep") if preset else None, config_path,
+                         overrides, what="sweep config")
+
+
+def run_sweep(config: SweepConfig) -> Path:
+    """Every k's run (each resuming), then the summary; returns report.md. Stops with TimeLimitReached between
+    stages or evaluation batches after `max_minutes`; the same command continues."""
+    from rad.models.loading import load_model
+    from rad.pipeline import check_same_run, check_search_fits
+
+    root = check_output(config.out, SWEEP, inputs=[("model", config.model), ("distillation data", config.distill.data)])
+    runs = {k: config.run_config(k) for k in config.ks}
+    for run in runs.values():  # every run's folder and settings before any work
+        check_output(run.out, RUN, inputs=[("model", run.model), ("distillation data", run.distill.data)])
+        check_same_run(run, RunPaths(Path(run.out)))
+    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
+    teacher = load_model(config.model, device=config.device)
+    for run in runs.values():  # every k fits the model (k < its attention layers, ...)
+        check_search_fits(run.search, teacher.model, run.seed)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "sweep.yaml", to_yaml(config))
+    for k, run in runs.items():
+        logger.info("sweep: k=%d -> %s", k, run.out)
+        run_pipeline(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
+    summary = summarise(config)
+    atomic_write_json(root / CLAIMS_FILE, summary)
+    return write_sweep_report(config, summary)
+
+
+def _role_folder(config: SweepConfig, k: int, role: str) -> Path:
+    from rad.evaluate.runner import model_slug
+
+    base = Path(config.out) / TEACHER_EVAL if role == "teacher" else RunPaths(Path(config.run_config(k).out)).eval
+    return base / model_slug(role)
+
+
+def summarise(config: SweepConfig) -> dict:
+    """Per k and model: accuracy with its Wilson interval per task, teacher metrics, tok/s and cache bytes per
+    token at the largest speed context; per k and task: exact McNemar tests of PAIRS on the paired items."""
+    from rad.evaluate.runner import EvalResults, paired_test
+
+    context = max(config.speed_contexts)
+    out: dict = {"model": config.model, "ks": list(config.ks), "speed_context": context, "runs": {}}
+    for k in config.ks:
+        run = config.run_config(k)
+        speed = SpeedResult.load(run.out)
+        models = {}
+        for role in ROLES:
+            results = EvalResults.load(_role_folder(config, k, role))
+            row = speed.row(role, context)
+            models[role] = {
+                "tasks": {name: {"correct": s.correct, "total": s.total, "accuracy": s.accuracy,
+                                 "ci95": list(wilson_interval(s.correct, s.total))}
+                          for name, s in results.tasks.items()},
+                "teacher_metrics": None if results.teacher is None else {
+                    "kl": results.teacher.kl_teacher_student, "perplexity": results.teacher.perplexity,
+                    "top1_agreement": results.teacher.top1_agreement},
+                "tok_s": None if row is None else row.tok_s,
+                "bytes_per_token": None if row is None else row.bytes_per_token,
+            }
+        tests = {}
+        tasks = sorted(set.intersection(*(set(m["tasks"]) for m in models.values())))
+        for task in tasks:
+            for a, b in PAIRS:
+                r = paired_test(_role_folder(config, k, a), _role_folder(config, k, b), task, config.eval.limit)
+                tests[f"{task}: {a} vs {b}"] = {"a_only": r.b, "b_only": r.c, "n_items": r.n_items,
+                                                "p_value": r.p_value, "better": {"a": a, "b": b}.get(r.better, "tie")}
+        out["runs"][str(k)] = {"layers": _layers(run), "models": models, "mcnemar": tests}
+    return out
+
+
+def _layers(run: RunConfig) -> dict:
+    from rad.models.convert import ConversionRecord
+
+    paths = RunPaths(Path(run.out))
+    return {"searched": ConversionRecord.load(paths.rad_hybrid).converted_layers,
+            "uniform": ConversionRecord.load(paths.baseline_hybrid).converted_layers}
+
+
+def _fmt_acc(m: dict, task: str) -> str:
+    t = m["tasks"].get(task)
+    if t is None:
+        return "-"
+    lo, hi = t["ci95"]
+    return f"{100 * t['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({t['correct']}/{t['total']})"
+
+
+def write_sweep_report(config: SweepConfig, summary: dict) -> Path:
+    root = Path(config.out)
+    tasks = sorted({t for run in summary["runs"].values() for m in run["models"].values() for t in m["tasks"]})
+    context = summary["speed_context"]
+    lines = [f"# RAD sweep: {config.model}, k = {', '.join(map(str, config.ks))}", "",
+             "Accuracy in % with the 95% Wilson interval and correct/total; greedy, the chat template, zero-shot. "
+             f"KL, perplexity and top-1 agreement against the teacher on held-out text; decode tok/s and cache "
+             f"(KV + recurrent state) bytes per token at {context} tokens of context.", "",
+             "![accuracy against k](accuracy_vs_k.png)", "", "![accuracy against bytes per token](accuracy_vs_bytes.png)",
+             "", "| k | model | " + " | ".join(tasks) + " | KL | ppl | top-1 | tok/s | bytes/token |",
+             "|---:|---|" + "---|" * len(tasks) + "---:|---:|---:|---:|---:|"]
+    for k, run in summary["runs"].items():
+        for role, m in run["models"].items():
+            tm = m["teacher_metrics"] or {}
+            cells = [_fmt_acc(m, t) for t in tasks]
+            kl = f"{tm['kl']:.4f}" if "kl" in tm else "-"
+            ppl = f"{tm['perplexity']:.2f}" if "perplexity" in tm else "-"
+            top1 = f"{100 * tm['top1_agreement']:.1f}%" if "top1_agreement" in tm else "-"
+            tok_s = "-" if m["tok_s"] is None else f"{m['tok_s']:.1f}"
+            per_token = "-" if m["bytes_per_token"] is None else f"{m['bytes_per_token']:,.0f}"
+            lines.append(f"| {k} | {role} | " + " | ".join(cells) + f" | {kl} | {ppl} | {top1} | {tok_s} | {per_token} |")
+    lines += ["", "## Paired tests (exact McNemar, two-sided)", "",
+              "| k | comparison | only A right | only B right | items | p |", "|---:|---|---:|---:|---:|---:|"]
+    for k, run in summary["runs"].items():
+        for name, t in run["mcnemar"].items():
+            lines.append(f"| {k} | {name} | {t['a_only']} | {t['b_only']} | {t['n_items']} | {t['p_value']:.3g} |")
+    lines += ["", "## Layers", ""]
+    for k, run in summary["runs"].items():
+        lines.append(f"- k={k}: searched {run['layers']['searched']}, uniform {run['layers']['uniform']}")
+    lines += ["", "Each k's own report: " + ", ".join(f"[k={k}](k{k}/report.md)" for k in summary["runs"]), ""]
+    plot_sweep(summary, root)
+    return atomic_write_text(root / "report.md", "\n".join(lines))
+
+
+def plot_sweep(summary: dict, root: Path) -> None:
+    """accuracy_vs_k.png (teacher as a line, the other models per k with error bars) and accuracy_vs_bytes.png
+    (every model of every k at its cache bytes per token: the Pareto view)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no sweep plots (pip install -e '.[plot]')")
+        return
+    runs = summary["runs"]
+    tasks = sorted({t for run in runs.values() for m in run["models"].values() for t in m["tasks"]})
+    if not tasks:
+        return
+    ks = [int(k) for k in runs]
+    colours = {"draft (searched layers skipped)": "tab:gray", "RAD student": "tab:blue",
+               "baseline student": "tab:orange", "teacher": "black"}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        teacher = runs[str(ks[0])]["models"]["teacher"]["tasks"].get(task)
+        if teacher:
+            ax.axhline(100 * teacher["accuracy"], color="black", label="teacher")
+            ax.axhspan(100 * teacher["ci95"][0], 100 * teacher["ci95"][1], color="black", alpha=0.08)
+        for offset, role in zip((-0.3, 0.0, 0.3), ROLES[1:], strict=True):
+            xs, ys, err = [], [], [[], []]
+            for k in ks:
+                t = runs[str(k)]["models"][role]["tasks"].get(task)
+                if t is None:
+                    continue
+                xs.append(k + offset)
+                ys.append(100 * t["accuracy"])
+                err[0].append(100 * (t["accuracy"] - t["ci95"][0]))
+                err[1].append(100 * (t["ci95"][1] - t["accuracy"]))
+            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color=colours[role], label=role)
+        ax.set_xticks(ks)
+        ax.set_xlabel("attention layers replaced (k)")
+        ax.set_ylabel(f"{task} accuracy (%)")
+        ax.set_title(f"{summary['model']}: {task}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_k.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for role in ROLES:
+            for k in ks:
+                m = runs[str(k)]["models"][role]
+                t = m["tasks"].get(task)
+                if t is None or m["bytes_per_token"] is None or (role == "teacher" and k != ks[0]):
+                    continue
+                x = m["bytes_per_token"] / 1024
+                ax.errorbar([x], [100 * t["accuracy"]], yerr=[[100 * (t["accuracy"] - t["ci95"][0])],
+                                                             [100 * (t["ci95"][1] - t["accuracy"])]],
+                            fmt="s" if role == "teacher" else "o", capsize=3, color=colours[role],
+                            label=role if k == ks[0] else None)
+                ax.annotate("" if role == "teacher" else f"k={k}", (x, 100 * t["accuracy"]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"cache KiB per token at {summary['speed_context']} tokens")
+        ax.set_ylabel(f"{task} accuracy (%)")
+        ax.set_title(f"{summary['model']}: {task} against memory")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
