@@ -363,6 +363,43 @@ def test_a_killed_checkpoint_write_is_removed_by_the_next_checkpoint(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-0000006"]
 
 
+FULL_DISK_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from rad.distill.checkpoint import save_checkpoint
+from rad.errors import RadError
+root = Path(sys.argv[1])
+save_checkpoint(root, 1, {"w": torch.zeros(4)}, {}, {}, [{}], settings={}, data_position=0, train_sequences=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # every file write past 1 MiB fails, as on a full disk
+try:
+    save_checkpoint(root, 2, {"w": torch.zeros(1 << 20)}, {}, {}, [{}], settings={}, data_position=0, train_sequences=1)
+except RadError as err:
+    print("RadError:", err)
+print("left:", sorted(p.name for p in root.iterdir()))
+"""
+
+
+@pytest.mark.parametrize("big", ["weights", "optimizer"])
+def test_a_checkpoint_write_that_runs_out_of_space_is_one_sentence_and_keeps_the_last_checkpoint(tmp_path, big):
+    script = FULL_DISK_SCRIPT if big == "weights" else FULL_DISK_SCRIPT.replace(
+        '{"w": torch.zeros(1 << 20)}, {}', '{"w": torch.zeros(4)}, {"m": torch.zeros(1 << 20)}')
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "checkpoints")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RadError: Could not write" in proc.stdout and "free on its disk" in proc.stdout
+    assert "left: ['step-0000001']" in proc.stdout  # the failed write left nothing behind; the last one stays
+
+
+def test_free_space_is_checked_before_work():
+    from rad.outputs import check_free_space
+
+    check_free_space(Path(__file__).parent, 1, "A tiny job")
+    with pytest.raises(RadError, match="needs about .* free; free some space"):
+        check_free_space(Path(__file__).parent, 1 << 62, "A huge job")
+
+
 def test_a_replacement_killed_between_its_two_renames_restores_the_old_folder(tmp_path):
     from rad.utils.atomic import atomic_write_text, temp_name
 

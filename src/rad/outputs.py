@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -120,6 +121,32 @@ def check_apart(out: Path, inputs: Iterable[tuple[str, str | os.PathLike | None]
         if resolved in where.parents:
             raise RadError(f"{option} {out} contains the {role} {spec}; choose a folder that holds none of the "
                            "inputs.")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start work that will write `needed` bytes into `folder` when its disk has less free: a full disk
+    found hours into a run would end it at a checkpoint write instead."""
+    ancestor = Path(folder).expanduser()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if free < needed:
+        raise RadError(f"{what} needs about {_size(needed)} in {folder}, but its disk has {_size(free)} free; free "
+                       "some space or choose an --out on another disk.")
+
+
+def write_failed(path: str | os.PathLike, err: BaseException, advice: str) -> RadError:
+    """A failed write as one sentence, naming the disk's free space (a full disk is the usual cause)."""
+    ancestor = Path(path).expanduser()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:120]
+    return RadError(f"Could not write {path} ({reason}; {_size(free)} free on its disk); {advice}")
 
 
 def check_output(out: str | os.PathLike, kind: OutputKind, *,

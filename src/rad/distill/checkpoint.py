@@ -108,16 +108,24 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` under `root` atomically and delete all but the newest `keep`."""
+    from safetensors import SafetensorError
+
+    from rad.outputs import write_failed
+
     dest = root / f"step-{step:07d}"
-    with atomic_directory(dest, overwrite=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler_state, tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
-        files = {p.name: file_sha256(p, memo=False) for p in sorted(tmp.iterdir())}
-        state = CheckpointState(step=step, files=files, data_position=data_position,
-                                train_sequences=train_sequences, settings=settings)
-        (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2))
+    try:
+        with atomic_directory(dest, overwrite=True) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS_FILE))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(scheduler_state, tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            files = {p.name: file_sha256(p, memo=False) for p in sorted(tmp.iterdir())}
+            state = CheckpointState(step=step, files=files, data_position=data_position,
+                                    train_sequences=train_sequences, settings=settings)
+            (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2))
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as a RuntimeError
+        raise write_failed(dest, err, "free some space and run the same command again (with --resume for rad "
+                           "distill): it continues from the newest complete checkpoint.") from err
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return dest

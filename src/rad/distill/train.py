@@ -512,10 +512,24 @@ def run_distill(config: DistillConfig, on_step: Callable[[int], None] | None = N
     accelerator = _accelerator(config)
     with _main_process_logs(accelerator.is_main_process):
         run = _setup(config, accelerator)
+        _check_disk(run)
         _resume(run)
         _open_logs(run)
         _train(run, on_step)
         return _finish(run)
+
+
+def _check_disk(run) -> None:
+    """Before the first step: room for the checkpoints kept at once (trainable weights + AdamW's two moments, the
+    newest two plus the one being written) and the final student."""
+    from rad.outputs import check_free_space
+
+    trainable = sum(p.numel() * p.element_size() for p in run.params)
+    student = sum(p.numel() * p.element_size() for p in run.models.student.parameters())
+    needed = 3 * 3 * trainable + student
+    needed -= sum(f.stat().st_size for c in list_checkpoints(Path(run.config.out) / "checkpoints")
+                  for f in c.iterdir())  # already on disk (a resumed run)
+    check_free_space(run.config.out, max(0, needed), "This distillation")
 
 
 def check_distill_out(config: DistillConfig) -> Path:
