@@ -41,7 +41,7 @@ def preset_file(name: str, prefix: str = "") -> Path:
     else:
         known = {p.stem: p for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith(("ablate", "sweep"))}
     if name not in known:
-        kind = "ablation preset" if prefix else "preset"
+        kind = {"ablate": "ablation preset", "sweep": "sweep preset"}.get(prefix, "preset")
         raise RadError(f"Unknown {kind} {name!r}; choose one of {', '.join(sorted(known))}.")
     return known[name]
 

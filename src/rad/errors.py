@@ -1,5 +1,7 @@
 """One exception type for every mistake a user can make, so the CLI can print one sentence and exit."""
 
+import time
+
 
 class RadError(Exception):
     """A user-facing error: the message says what is wrong and what to do about it."""
@@ -12,8 +14,6 @@ class TimeLimitReached(Exception):
 
 def check_deadline(deadline: float | None, what: str) -> None:
     """Raise TimeLimitReached when `deadline` (a time.monotonic() value) has passed, before `what` starts."""
-    import time
-
     if deadline is not None and time.monotonic() > deadline:
         raise TimeLimitReached(f"Stopped at the time limit before {what}; everything finished so far is saved: run "
                                "the same command again to continue.")

@@ -84,13 +84,19 @@ def input_location(spec: str | os.PathLike | None) -> Path | None:
     return path if path.exists() else None
 
 
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists, else its nearest existing parent (what a write there would land in)."""
+    ancestor = Path(path).expanduser()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return ancestor
+
+
 def check_writable(out: Path, option: str = "--out") -> None:
     """`out` is or can become a folder this process writes to; checked by creating and removing an empty one."""
     if out.exists() and not out.is_dir():
         raise RadError(f"{option} {out} is a file, not a folder; give the path of a folder to write to.")
-    ancestor = out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(out)
     if not ancestor.is_dir():
         raise RadError(f"{option} {out} lies inside {ancestor}, which is a file; give a folder path.")
     try:
@@ -130,10 +136,7 @@ def _size(n: float) -> str:
 def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
     """Refuse to start work that will write `needed` bytes into `folder` when its disk has less free: a full disk
     found hours into a run would end it at a checkpoint write instead."""
-    ancestor = Path(folder).expanduser()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    free = shutil.disk_usage(ancestor).free
+    free = shutil.disk_usage(existing_ancestor(folder)).free
     if free < needed:
         raise RadError(f"{what} needs about {_size(needed)} in {folder}, but its disk has {_size(free)} free; free "
                        "some space or choose an --out on another disk.")
@@ -141,10 +144,7 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
 
 def write_failed(path: str | os.PathLike, err: BaseException, advice: str) -> RadError:
     """A failed write as one sentence, naming the disk's free space (a full disk is the usual cause)."""
-    ancestor = Path(path).expanduser()
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    free = shutil.disk_usage(ancestor).free
+    free = shutil.disk_usage(existing_ancestor(path)).free
     reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:120]
     return RadError(f"Could not write {path} ({reason}; {_size(free)} free on its disk); {advice}")
 

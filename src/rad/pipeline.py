@@ -35,6 +35,8 @@ from rad.utils.identity import check_same_settings
 logger = logging.getLogger(__name__)
 
 RAD_TRAIN, BASELINE_TRAIN = "mixers", "all"  # what each student trains (RAD's targeted set; MambaInLlama's)
+# The four models of a run, by the names its eval folders, speed rows and reports use.
+TEACHER, DRAFT, RAD, BASELINE = ROLES = ("teacher", "draft (searched layers skipped)", "RAD student", "baseline student")
 SPEED_FILE = "speed.json"
 # RunConfig settings a continued run may change: they do not change what a finished stage stands for (the
 # evaluation checks its own per-item identity, the speed table is re-measured for other contexts).
@@ -156,14 +158,12 @@ def run_pipeline(config: RunConfig, *, teacher_eval: Path | None = None, deadlin
     timings["distill"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    models = {"teacher": config.model, "draft (searched layers skipped)": str(paths.rad_hybrid),
-              "RAD student": str(rad_student), "baseline student": str(base_student)}
+    models = dict(zip(ROLES, (config.model, str(paths.rad_hybrid), str(rad_student), str(base_student)), strict=True))
     table = _stage_eval(config, inputs, paths, teacher, models, teacher_eval, deadline)
     timings["eval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    speed = _stage_speed(config, paths, teacher, {"RAD student": rad_student, "baseline student": base_student},
-                         search.layers)
+    speed = _stage_speed(config, paths, teacher, {RAD: rad_student, BASELINE: base_student}, search.layers)
     timings["speed"] = time.perf_counter() - t0
     report = write_report(config, paths, search, uniform, models, table, speed, timings, inputs)
     logger.info("Report: %s", report)
@@ -266,7 +266,6 @@ def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher
     return table
 
 
-SPEED_MODELS = ("teacher", "draft (searched layers skipped)", "RAD student", "baseline student")
 
 
 def cache_bytes_per_token(info, context: int) -> float:
@@ -287,7 +286,7 @@ def _stage_speed(config: RunConfig, paths: RunPaths, teacher, students: dict[str
     from rad.models.info import model_info
     from rad.models.loading import load_model
 
-    names = ["teacher", SPEED_MODELS[1], *students]
+    names = [TEACHER, DRAFT, *students]
     if (paths.root / SPEED_FILE).is_file():
         done = SpeedResult.load(paths.root)
         if done.contexts == list(config.speed_contexts) and set(names) <= set(done.models) and all(
@@ -295,15 +294,14 @@ def _stage_speed(config: RunConfig, paths: RunPaths, teacher, students: dict[str
             return done
         logger.info("speed: %s measured contexts %s and models %s, not %s and %s: measuring again", SPEED_FILE,
                     done.contexts, done.models, config.speed_contexts, names)
-    teacher_info = model_info(teacher.model)
-    n_attention = teacher_info.layer_map.count("attention")
-    draft_kv = teacher_info.kv_bytes_per_token * (n_attention - len(skipped)) / n_attention
-    loaded = {name: load_model(str(folder), device=config.device).model for name, folder in students.items()}
+    loaded = {TEACHER: teacher.model,
+              **{name: load_model(str(folder), device=config.device).model for name, folder in students.items()}}
+    infos = {name: model_info(model) for name, model in loaded.items()}
+    n_attention = infos[TEACHER].layer_map.count("attention")
+    draft_kv = infos[TEACHER].kv_bytes_per_token * (n_attention - len(skipped)) / n_attention
 
     def measure(name, ids):
-        if name == "teacher":
-            return greedy_generate(teacher.model, ids, 16)
-        if name == SPEED_MODELS[1]:
+        if name == DRAFT:
             return draft_generate(teacher.model, ids, skipped, 16)
         return greedy_generate(loaded[name], ids, 16)
 
@@ -314,11 +312,7 @@ def _stage_speed(config: RunConfig, paths: RunPaths, teacher, students: dict[str
         for name in names:
             measure(name, ids[:, :16])  # warm-up
             r = measure(name, ids)
-            if name == SPEED_MODELS[1]:
-                per_token = draft_kv
-            else:
-                per_token = cache_bytes_per_token(model_info(teacher.model if name == "teacher" else loaded[name]),
-                                                  context)
+            per_token = draft_kv if name == DRAFT else cache_bytes_per_token(infos[name], context)
             rows.append(SpeedRow(context=context, model=name, tok_s=r.tokens_per_second,
                                  cache_MiB=per_token * context / 2**20, bytes_per_token=per_token))
     result = SpeedResult(contexts=list(config.speed_contexts), rows=rows)

@@ -22,15 +22,14 @@ from rad.config import load_settings, preset_file, settings, to_yaml
 from rad.errors import RadError
 from rad.evaluate.stats import wilson_interval
 from rad.outputs import RUN, SWEEP, check_output
-from rad.pipeline import SPEED_MODELS, RunConfig, RunPaths, SpeedResult, run_pipeline
+from rad.pipeline import BASELINE, RAD, ROLES, TEACHER, RunConfig, RunPaths, SpeedResult, run_pipeline
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 TEACHER_EVAL = "teacher-eval"
 CLAIMS_FILE = "claims.json"
-ROLES = SPEED_MODELS  # teacher, draft (searched layers skipped), RAD student, baseline student
-PAIRS = (("RAD student", "baseline student"), ("RAD student", "teacher"), ("baseline student", "teacher"))
+PAIRS = ((RAD, BASELINE), (RAD, TEACHER), (BASELINE, TEACHER))
 
 
 @settings
@@ -39,7 +38,7 @@ class SweepConfig(RunConfig):
 
     out: str = "runs/sweep"
     ks: list[int] = field(default_factory=lambda: [4, 8, 12])
-    max_minutes: float | None = None  # stop between stages after this long; run again to continue
+    max_minutes: float | None = None  # stop before a stage or evaluation batch after this long; run again to continue
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,7 +88,7 @@ def run_sweep(config: SweepConfig) -> Path:
 def _role_folder(config: SweepConfig, k: int, role: str) -> Path:
     from rad.evaluate.runner import model_slug
 
-    base = Path(config.out) / TEACHER_EVAL if role == "teacher" else RunPaths(Path(config.run_config(k).out)).eval
+    base = Path(config.out) / TEACHER_EVAL if role == TEACHER else RunPaths(Path(config.run_config(k).out)).eval
     return base / model_slug(role)
 
 
@@ -194,11 +193,19 @@ def plot_sweep(summary: dict, root: Path) -> None:
     if not tasks:
         return
     ks = [int(k) for k in runs]
-    colours = {"draft (searched layers skipped)": "tab:gray", "RAD student": "tab:blue",
-               "baseline student": "tab:orange", "teacher": "black"}
+    colours = dict(zip(ROLES, ("black", "tab:gray", "tab:blue", "tab:orange"), strict=True))
+    def percent_and_error(t: dict) -> tuple[float, list[float]]:
+        """Accuracy in % and its Wilson interval as matplotlib's (below, above) error lengths."""
+        return 100 * t["accuracy"], [100 * (t["accuracy"] - t["ci95"][0]), 100 * (t["ci95"][1] - t["accuracy"])]
+
+    def finish(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=120)
+        plt.close(fig)
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        teacher = runs[str(ks[0])]["models"]["teacher"]["tasks"].get(task)
+        teacher = runs[str(ks[0])]["models"][TEACHER]["tasks"].get(task)
         if teacher:
             ax.axhline(100 * teacher["accuracy"], color="black", label="teacher")
             ax.axhspan(100 * teacher["ci95"][0], 100 * teacher["ci95"][1], color="black", alpha=0.08)
@@ -208,19 +215,18 @@ def plot_sweep(summary: dict, root: Path) -> None:
                 t = runs[str(k)]["models"][role]["tasks"].get(task)
                 if t is None:
                     continue
+                y, (below, above) = percent_and_error(t)
                 xs.append(k + offset)
-                ys.append(100 * t["accuracy"])
-                err[0].append(100 * (t["accuracy"] - t["ci95"][0]))
-                err[1].append(100 * (t["ci95"][1] - t["accuracy"]))
+                ys.append(y)
+                err[0].append(below)
+                err[1].append(above)
             ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, color=colours[role], label=role)
         ax.set_xticks(ks)
         ax.set_xlabel("attention layers replaced (k)")
         ax.set_ylabel(f"{task} accuracy (%)")
         ax.set_title(f"{summary['model']}: {task}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_vs_k.png", dpi=120)
-    plt.close(fig)
+    finish(fig, "accuracy_vs_k.png")
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -228,19 +234,16 @@ def plot_sweep(summary: dict, root: Path) -> None:
             for k in ks:
                 m = runs[str(k)]["models"][role]
                 t = m["tasks"].get(task)
-                if t is None or m["bytes_per_token"] is None or (role == "teacher" and k != ks[0]):
+                if t is None or m["bytes_per_token"] is None or (role == TEACHER and k != ks[0]):
                     continue
                 x = m["bytes_per_token"] / 1024
-                ax.errorbar([x], [100 * t["accuracy"]], yerr=[[100 * (t["accuracy"] - t["ci95"][0])],
-                                                             [100 * (t["ci95"][1] - t["accuracy"])]],
-                            fmt="s" if role == "teacher" else "o", capsize=3, color=colours[role],
-                            label=role if k == ks[0] else None)
-                ax.annotate("" if role == "teacher" else f"k={k}", (x, 100 * t["accuracy"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                y, (below, above) = percent_and_error(t)
+                ax.errorbar([x], [y], yerr=[[below], [above]], fmt="s" if role == TEACHER else "o", capsize=3,
+                            color=colours[role], label=role if k == ks[0] else None)
+                ax.annotate("" if role == TEACHER else f"k={k}", (x, y), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
         ax.set_xlabel(f"cache KiB per token at {summary['speed_context']} tokens")
         ax.set_ylabel(f"{task} accuracy (%)")
         ax.set_title(f"{summary['model']}: {task} against memory")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_vs_bytes.png", dpi=120)
-    plt.close(fig)
+    finish(fig, "accuracy_vs_bytes.png")
