@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -483,3 +484,52 @@ def test_eval_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path
         TaskMeta.load(tmp_path / "gsm8k.meta.json")
     with pytest.raises(RadError, match="has no results.json"):
         EvalResults.load(tmp_path / "nothing")
+
+
+# --- generation dtype: answers in bf16 (a cast copy), teacher metrics in the loaded dtype ------------------
+
+
+@needs_data
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_generation_dtype_generates_in_a_cast_copy_and_keeps_the_loaded_model(arch, tiny_hybrid, tiny_tokenizer,
+                                                                               tmp_path):
+    from rad.evaluate.runner import TaskMeta, generation_copy
+
+    model = tiny_hybrid if arch == "hybrid" else make_tiny("llama", seed=0)
+    loaded = LoadedModel(model, tiny_tokenizer, source="m", path=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert generation_copy(loaded, None) is loaded and generation_copy(loaded, "float32") is loaded
+    cast = generation_copy(loaded, "bfloat16")
+    assert cast.model is not model and cast.model.dtype == torch.bfloat16
+    assert cast.model.config._attn_implementation == "eager"  # CPU bf16: eager, not the slow flash kernel
+    assert model.dtype == torch.float32 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    # The answers are those of an independently made bf16 model (the same weights rounded once, eager attention).
+    reference = make_tiny("llama", seed=0) if arch == "llama" else convert_to_hybrid(
+        make_tiny("llama", seed=0), ConversionConfig(layers=[1, 2], init="mil"))
+    reference.load_state_dict(before)
+    reference = reference.to(torch.bfloat16)
+    reference.set_attn_implementation("eager")
+    config = EvalConfig(tasks=["gsm8k"], out=str(tmp_path), limit=3, max_new_tokens=6, chat=False, batch_size=3,
+                        generation_dtype="bfloat16", teacher="m")
+    result = evaluate_model(loaded, config, teacher=loaded)
+    rows = [json.loads(line) for line in (tmp_path / "m" / "gsm8k.jsonl").read_text().splitlines()]
+    expected = Generator(reference, tiny_tokenizer, GenerationConfig(max_new_tokens=6, batch_size=3, chat=False)
+                         ).generate([r["prompt"] for r in rows])
+    assert [r["completion"] for r in rows] == expected
+    assert TaskMeta.load(tmp_path / "m" / "gsm8k.meta.json").dtype == "torch.bfloat16"
+    # Teacher metrics ran on the fp32 model against itself: exactly zero KL, full agreement.
+    assert result.teacher.kl_teacher_student == 0.0 and result.teacher.top1_agreement == 1.0
+    assert model.dtype == torch.float32
+    # Answers generated in another dtype are not mixed in: a resume in fp32 is refused, naming the dtype.
+    with pytest.raises(RadError, match="dtype"):
+        evaluate_model(loaded, dataclasses.replace(config, generation_dtype=None, teacher=None))
+
+
+def test_unknown_generation_dtype_is_refused_before_any_work():
+    from rad.evaluate.runner import EvalSettings
+
+    with pytest.raises(RadError, match="Unknown dtype 'bf17'"):
+        EvalSettings(generation_dtype="bf17")
+    with pytest.raises(RadError, match="Unknown dtype"):
+        EvalConfig(generation_dtype="half-ish")

@@ -224,6 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         teacher=args.teacher,
         teacher_config=TeacherConfig(n_texts=args.teacher_texts),
         overwrite=args.overwrite,
+        generation_dtype=args.generation_dtype,
     )
     results, table = evaluate_models(args.models, config, device=args.device, dtype=args.dtype)
     print(table, end="")
@@ -454,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="also report KL(teacher||model), perplexity, top-1 agreement")
     p.add_argument("--teacher-texts", type=int, default=32, help="held-out texts for the teacher metrics")
     p.add_argument("--overwrite", action="store_true", help="discard earlier per-item results instead of resuming")
+    p.add_argument("--generation-dtype", default=None,
+                   help="generate answers in this dtype (e.g. bfloat16: ~2x faster batched on AVX512-BF16 CPUs); "
+                        "teacher metrics keep the loaded --dtype")
     common(p)
     p.set_defaults(func=_cmd_eval)
 
