@@ -266,8 +266,6 @@ def _stage_eval(config: RunConfig, inputs: InputReport, paths: RunPaths, teacher
     return table
 
 
-
-
 def cache_bytes_per_token(info, context: int) -> float:
     """A model's decode cache per token of a `context`-token sequence: its KV bytes per token plus its constant
     recurrent state spread over the context (what a served sequence costs in memory, and what every decode step
