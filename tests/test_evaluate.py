@@ -176,6 +176,50 @@ def test_left_padded_batches_match_unpadded_prompts(tiny_hybrid, tiny_tokenizer)
     assert tiny_tokenizer.padding_side == "right"  # the shared tokenizer is left as it was
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "hybrid"])  # tiny qwen2 repeats one token
+def test_batched_greedy_drops_finished_rows_and_matches_each_prompt_alone(family, tiny_tokenizer):
+    from rad.evaluate.generation import greedy_batch
+
+    if family == "hybrid":
+        model = convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=[1, 2], init="mil"))
+    else:
+        model = make_tiny(family)
+    prompts = ["w5 w7 w9 w11 w13 w15 w17 w19 w21 w23", "w40 w41", "w60 w61 w62 w63 w64"]
+    alone = []
+    for p in prompts:  # the reference: each prompt alone, no cache, the whole sequence recomputed per token
+        ids = tiny_tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            for _ in range(12):
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=-1)
+        alone.append(ids[0, -12:].tolist())
+
+    def cut(row, eos):
+        return row[: row.index(eos)] if eos in row else row
+
+    # End-of-sequence = the first token that ends the middle prompt early and some other row later, if at all.
+    eos = next(t for t in alone[1][1:8] if max(len(cut(row, t)) for row in alone) > len(cut(alone[1], t)))
+    expected = [cut(row, eos) for row in alone]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        padding_side = tiny_tokenizer.padding_side
+        tiny_tokenizer.padding_side = "left"
+        enc = tiny_tokenizer(prompts, return_tensors="pt", padding=True)
+        tiny_tokenizer.padding_side = padding_side
+        got = greedy_batch(model, enc.input_ids, enc.attention_mask, 12, [eos])
+    finally:
+        hook.remove()
+    assert got == expected
+    assert widths[0] == 3 and widths[-1] < 3  # the batch shrank as rows finished
+    assert len(widths) == min(12, max(len(row) + (len(row) < 12) for row in expected))  # no step after the last
+    with torch.no_grad():  # and HF generate, which keeps finished rows, agrees
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=[eos], pad_token_id=tiny_tokenizer.pad_token_id)
+    hf = [row[: row.index(eos)] if eos in row else row for row in out[:, enc.input_ids.shape[1]:].tolist()]
+    assert hf == expected
+
+
 @needs_data
 def test_interrupted_eval_resumes_where_it_stopped(tiny_hybrid, tiny_tokenizer, tmp_path):
     loaded = LoadedModel(tiny_hybrid, tiny_tokenizer, source="tiny-hybrid", path=None)

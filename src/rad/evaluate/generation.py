@@ -1,8 +1,11 @@
 """Greedy completions for a list of prompts: rad's engine one at a time, or HF generate in left-padded batches.
 
-Batch size 1 on rad's decode engine is the default (fastest on CPU, no padding at all). Batches use
-`model.generate` with left padding and an attention mask; Bamba hybrids mask padded positions in their
-Mamba2 mixers, so a padded prompt gets the same greedy answer as the prompt alone (tests check this).
+Batch size 1 on rad's decode engine is the default (fastest on CPU, no padding at all). Batches run
+the model's own forward on left-padded prompts with an attention mask (`greedy_batch`); Bamba hybrids
+mask padded positions in their Mamba2 mixers, so a padded prompt gets the same greedy answer as the
+prompt alone (tests check this against HF `generate` and against each prompt alone). Unlike `generate`,
+a row that has finished leaves the batch and its caches: a batch no longer costs its longest answer
+times its full width.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from rad.decoding.speculative import greedy_generate
 from rad.models.tokens import chat_add_special_tokens, eos_token_ids, render_chat
@@ -76,20 +80,46 @@ class Generator:
         finally:
             tok.padding_side, tok.pad_token = old_side, old_pad
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        out = self.model.generate(
-            **enc,
-            max_new_tokens=self.config.max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=self.eos,
-            pad_token_id=pad,
-        )
-        new = out[:, enc["input_ids"].shape[1]:]
-        texts = []
-        for row in new.tolist():
-            end = next((i for i, t in enumerate(row) if t in self.eos), len(row))
-            texts.append(tok.decode(row[:end], skip_special_tokens=True))
-        return texts
+        rows = greedy_batch(self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                            self.config.max_new_tokens, self.eos)
+        return [tok.decode(row, skip_special_tokens=True) for row in rows]
+
+
+@torch.no_grad()
+def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_ids: list[int]) -> list[list[int]]:
+    """Greedy new tokens (end-of-sequence excluded) of each left-padded row, dropping rows as they finish.
+
+    The steps are those of HF `generate` with greedy decoding: positions counted over the unpadded
+    tokens, the mask grown by one column per step. A finished row is removed from the batch, the
+    mask and every cache layer (`Cache.reorder_cache`), so the rows still running pay only for themselves.
+    """
+    batch = input_ids.shape[0]
+    results: list[list[int]] = [[] for _ in range(batch)]
+    if max_new_tokens < 1:
+        return results
+    stops = torch.tensor(sorted(set(eos_token_ids)), device=input_ids.device)
+    live = torch.arange(batch, device=input_ids.device)  # original row of each batch row
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    next_position = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tokens = logits.float().argmax(-1)
+        done = torch.isin(tokens, stops)
+        for row, token, stop in zip(live.tolist(), tokens.tolist(), done.tolist(), strict=True):
+            if not stop:
+                results[row].append(token)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.reorder_cache(keep)
+            live, tokens, mask, next_position = live[keep], tokens[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position,
+                       cache=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    return results
