@@ -55,6 +55,14 @@ def test_sweep_stops_at_its_time_limit_resumes_and_summarises_the_per_item_files
     assert "Paired tests" in (out / "report.md").read_text()
     saved = yaml.safe_load((out / "sweep.yaml").read_text())
     assert saved["ks"] == [2, 3] and saved["model"] == "smollm2-135m"
+    assert claims["pending"] == []
+    # k=3 without its speed table is not complete: a sweep stopped at its time limit summarises k=2 alone.
+    speed = out / "k3" / "speed.json"
+    speed.rename(tmp_path / "speed.json")
+    assert main(_args(out, "--max-minutes", "1e-6")) == 75
+    partial = json.loads((out / "claims.json").read_text())
+    assert partial["pending"] == [3] and partial["runs"] == {"2": claims["runs"]["2"]}
+    assert "not yet complete: k = 3" in (out / "report.md").read_text()
 
 
 def test_bad_sweep_settings_are_clear_errors(tmp_path):

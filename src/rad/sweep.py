@@ -7,7 +7,8 @@ stage and every evaluation item resumes as `rad run`'s do. The teacher does not 
 OUT/teacher-eval. `max_minutes` stops the sweep before a stage or between evaluation batches once that much time has
 passed (exit status 75), so a long sweep runs as invocations of bounded length, each continuing where the last
 stopped; a stage already running finishes first (size distillation so one student fits, docs/results.md). The summary
-(`claims.json`, `report.md`, two plots) pairs every model's per-item results with exact McNemar tests.
+(`claims.json`, `report.md`, two plots) pairs every model's per-item results with exact McNemar tests; a sweep that
+stops at its time limit writes it for the k already complete and lists the others as pending.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from dataclasses import field
 from pathlib import Path
 
 from rad.config import load_settings, preset_file, settings, to_yaml
-from rad.errors import RadError
+from rad.errors import RadError, TimeLimitReached
 from rad.evaluate.stats import wilson_interval
 from rad.outputs import RUN, SWEEP, check_output
-from rad.pipeline import BASELINE, RAD, ROLES, TEACHER, RunConfig, RunPaths, SpeedResult, run_pipeline
+from rad.pipeline import (
+    BASELINE,
+    RAD,
+    ROLES,
+    SPEED_FILE,
+    TEACHER,
+    RunConfig,
+    RunPaths,
+    SpeedResult,
+    run_pipeline,
+)
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -77,12 +88,33 @@ def run_sweep(config: SweepConfig) -> Path:
         check_search_fits(run.search, teacher.model, run.seed)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "sweep.yaml", to_yaml(config))
-    for k, run in runs.items():
-        logger.info("sweep: k=%d -> %s", k, run.out)
-        run_pipeline(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
+    try:
+        for k, run in runs.items():
+            logger.info("sweep: k=%d -> %s", k, run.out)
+            run_pipeline(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
+    except TimeLimitReached:
+        if any(is_complete(config, k) for k in config.ks):  # what is finished can be read now
+            summary = summarise(config)
+            atomic_write_json(root / CLAIMS_FILE, summary)
+            logger.info("sweep: partial summary (k pending: %s) in %s", summary["pending"],
+                        write_sweep_report(config, summary))
+        raise
     summary = summarise(config)
     atomic_write_json(root / CLAIMS_FILE, summary)
     return write_sweep_report(config, summary)
+
+
+def is_complete(config: SweepConfig, k: int) -> bool:
+    """Whether k's run has its speed table and every model's results for every task of the sweep."""
+    from rad.evaluate.runner import EvalResults
+
+    if not (Path(config.run_config(k).out) / SPEED_FILE).is_file():
+        return False
+    for role in ROLES:
+        results = EvalResults.load_or_none(_role_folder(config, k, role))
+        if results is None or not set(config.eval.tasks) <= set(results.tasks):
+            return False
+    return True
 
 
 def _role_folder(config: SweepConfig, k: int, role: str) -> Path:
@@ -93,13 +125,18 @@ def _role_folder(config: SweepConfig, k: int, role: str) -> Path:
 
 
 def summarise(config: SweepConfig) -> dict:
-    """Per k and model: accuracy with its Wilson interval per task, teacher metrics, tok/s and cache bytes per
-    token at the largest speed context; per k and task: exact McNemar tests of PAIRS on the paired items."""
+    """Per complete k and model: accuracy with its Wilson interval per task, teacher metrics, tok/s and cache bytes
+    per token at the largest speed context; per k and task: exact McNemar tests of PAIRS on the paired items.
+    The k not yet complete are listed under `pending`."""
     from rad.evaluate.runner import EvalResults, paired_test
 
     context = max(config.speed_contexts)
-    out: dict = {"model": config.model, "ks": list(config.ks), "speed_context": context, "runs": {}}
+    pending = [k for k in config.ks if not is_complete(config, k)]
+    out: dict = {"model": config.model, "ks": list(config.ks), "pending": pending, "speed_context": context,
+                 "runs": {}}
     for k in config.ks:
+        if k in pending:
+            continue
         run = config.run_config(k)
         speed = SpeedResult.load(run.out)
         models = {}
@@ -147,7 +184,10 @@ def write_sweep_report(config: SweepConfig, summary: dict) -> Path:
     root = Path(config.out)
     tasks = sorted({t for run in summary["runs"].values() for m in run["models"].values() for t in m["tasks"]})
     context = summary["speed_context"]
-    lines = [f"# RAD sweep: {config.model}, k = {', '.join(map(str, config.ks))}", "",
+    title = f"# RAD sweep: {config.model}, k = {', '.join(map(str, config.ks))}"
+    if summary["pending"]:
+        title += f" (not yet complete: k = {', '.join(map(str, summary['pending']))}; run the sweep again)"
+    lines = [title, "",
              "Accuracy in % with the 95% Wilson interval and correct/total; greedy, the chat template, zero-shot. "
              f"KL, perplexity and top-1 agreement against the teacher on held-out text; decode tok/s and cache "
              f"(KV + recurrent state) bytes per token at {context} tokens of context.", "",
