@@ -528,6 +528,22 @@ def _save_hybrid_of(src, folder, tokenizer, init="rad", seed=0):
     return folder
 
 
+def test_naming_the_hybrids_own_source_as_teacher_is_self_distillation(tmp_path):
+    """`--teacher SOURCE` gets self-distillation's defaults (alignment on), as leaving --teacher out does; a
+    different teacher has other layers and gets none."""
+    src = make_tiny("llama")
+    src.save_pretrained(tmp_path / "src")
+    hybrid = str(_save_hybrid_of(src, tmp_path / "hybrid", word_tokenizer()))
+    source = str(tmp_path / "src")
+    from rad.distill.train import DEFAULT_ALIGN_WEIGHT
+
+    assert DistillConfig(hybrid=hybrid, out="o").loss.align == DEFAULT_ALIGN_WEIGHT > 0
+    assert DistillConfig(hybrid=hybrid, out="o", teacher=source).loss.align == DEFAULT_ALIGN_WEIGHT
+    assert DistillConfig(hybrid=hybrid, out="o", teacher=str(tmp_path / "." / "src")).loss.align == DEFAULT_ALIGN_WEIGHT
+    assert DistillConfig(hybrid=hybrid, out="o", teacher="smollm2-135m").loss.align == 0.0
+    assert DistillConfig(hybrid=str(tmp_path / "missing"), out="o", teacher=source).loss.align == 0.0
+
+
 @pytest.fixture(scope="module")
 def word_dirs(tmp_path_factory):
     """A tiny Llama with a 96-word tokenizer, its rad hybrid and some data, and a run stopped after step 2 of 4

@@ -163,7 +163,7 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     weights = _given(kl=args.kl_weight, ce=args.ce_weight, align=args.align_weight, temperature=args.temperature,
                      chunk=args.loss_chunk)
     if weights:
-        default = DistillConfig(hybrid="", out="", teacher=args.teacher).loss
+        default = DistillConfig(hybrid=args.hybrid, out="", teacher=args.teacher).loss
         loss = LossWeights(**{**vars(default), **weights})
     config = DistillConfig(
         hybrid=args.hybrid,

@@ -84,6 +84,25 @@ def default_loss(self_distillation: bool) -> LossWeights:
     return LossWeights(align=DEFAULT_ALIGN_WEIGHT if self_distillation else 0.0)
 
 
+def names_hybrid_source(hybrid: str, teacher: str | None) -> bool:
+    """Whether `teacher` is the model the hybrid was converted from, as its rad_conversion.json names it (the same
+    spec, or the same local folder): `--teacher SOURCE` is self-distillation and gets its defaults. Reads one small
+    file; an unreadable hybrid is reported later, where it is loaded."""
+    if teacher is None:
+        return True
+    try:
+        record = ConversionRecord.load(Path(hybrid)) if hybrid and Path(hybrid).is_dir() else None
+    except (RadError, OSError):
+        return False
+    if record is None:
+        return False
+    source = record.source_model
+    if source == teacher:
+        return True
+    a, b = Path(source).expanduser(), Path(teacher).expanduser()
+    return a.is_dir() and b.is_dir() and a.resolve() == b.resolve()
+
+
 @dataclass
 class DistillConfig:
     """Everything a distillation run needs; `rad distill` fills it from its flags, the orchestrators from
@@ -131,7 +150,7 @@ class DistillConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR[self.train]
         if self.loss is None:
-            self.loss = default_loss(self_distillation=self.teacher is None)
+            self.loss = default_loss(self_distillation=names_hybrid_source(self.hybrid, self.teacher))
         positive = {"steps": self.steps, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
                     "eval_every": self.eval_every, "eval_sequences": self.eval_sequences,
                     "save_every": self.save_every}
