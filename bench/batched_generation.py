@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from rad.evaluate.generation import GenerationConfig, Generator, greedy_batch, render_prompt
+from rad.evaluate.generation import greedy_batch, render_prompt
 from rad.evaluate.runner import generation_copy
 from rad.evaluate.tasks import TaskOptions, make_task
 from rad.models.loading import load_model
+from rad.models.tokens import eos_token_ids
 
 logger = logging.getLogger("bench.batched_generation")
 
@@ -51,19 +52,17 @@ def main() -> None:
     task = make_task(args.task, TaskOptions())
     prompts = [render_prompt(loaded.tokenizer, item.messages, item.raw, True) for item in task.items(args.batch)]
     max_new = task.default_max_new_tokens
-    generator = Generator(loaded.model, loaded.tokenizer, GenerationConfig(max_new_tokens=max_new,
-                                                                           batch_size=args.batch))
     tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else generator.eos[0]
+    eos = eos_token_ids(tok, loaded.model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     side = tok.padding_side
     tok.padding_side = "left"
     enc = dict(tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
     tok.padding_side = side
 
     variants = {
-        "hf_generate": lambda: hf_generate(loaded.model, enc, max_new, generator.eos, pad),
-        "greedy_batch": lambda: greedy_batch(loaded.model, enc["input_ids"], enc["attention_mask"], max_new,
-                                             generator.eos),
+        "hf_generate": lambda: hf_generate(loaded.model, enc, max_new, eos, pad),
+        "greedy_batch": lambda: greedy_batch(loaded.model, enc["input_ids"], enc["attention_mask"], max_new, eos),
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     answers: dict[str, list[list[int]]] = {}

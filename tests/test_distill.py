@@ -531,12 +531,12 @@ def _save_hybrid_of(src, folder, tokenizer, init="rad", seed=0):
 def test_naming_the_hybrids_own_source_as_teacher_is_self_distillation(tmp_path):
     """`--teacher SOURCE` gets self-distillation's defaults (alignment on), as leaving --teacher out does; a
     different teacher has other layers and gets none."""
+    from rad.distill.train import DEFAULT_ALIGN_WEIGHT
+
     src = make_tiny("llama")
     src.save_pretrained(tmp_path / "src")
     hybrid = str(_save_hybrid_of(src, tmp_path / "hybrid", word_tokenizer()))
     source = str(tmp_path / "src")
-    from rad.distill.train import DEFAULT_ALIGN_WEIGHT
-
     assert DistillConfig(hybrid=hybrid, out="o").loss.align == DEFAULT_ALIGN_WEIGHT > 0
     assert DistillConfig(hybrid=hybrid, out="o", teacher=source).loss.align == DEFAULT_ALIGN_WEIGHT
     assert DistillConfig(hybrid=hybrid, out="o", teacher=str(tmp_path / "." / "src")).loss.align == DEFAULT_ALIGN_WEIGHT

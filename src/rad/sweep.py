@@ -93,14 +93,17 @@ def run_sweep(config: SweepConfig) -> Path:
             logger.info("sweep: k=%d -> %s", k, run.out)
             run_pipeline(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
     except TimeLimitReached:
-        if any(is_complete(config, k) for k in config.ks):  # what is finished can be read now
-            summary = summarise(config)
-            atomic_write_json(root / CLAIMS_FILE, summary)
+        summary = summarise(config)
+        if summary["runs"]:  # what is finished can be read now
             logger.info("sweep: partial summary (k pending: %s) in %s", summary["pending"],
-                        write_sweep_report(config, summary))
+                        _write_summary(config, summary))
         raise
-    summary = summarise(config)
-    atomic_write_json(root / CLAIMS_FILE, summary)
+    return _write_summary(config, summarise(config))
+
+
+def _write_summary(config: SweepConfig, summary: dict) -> Path:
+    """claims.json, then report.md and the plots; returns report.md."""
+    atomic_write_json(Path(config.out) / CLAIMS_FILE, summary)
     return write_sweep_report(config, summary)
 
 

@@ -1,4 +1,4 @@
-"""Greedy completions for a list of prompts: rad's engine one at a time, or HF generate in left-padded batches.
+"""Greedy completions for a list of prompts: rad's engine one at a time, or `greedy_batch` in left-padded batches.
 
 Batch size 1 on rad's decode engine is the default (fastest on CPU, no padding at all). Batches run
 the model's own forward on left-padded prompts with an attention mask (`greedy_batch`); Bamba hybrids
