@@ -21,7 +21,7 @@ import torch
 
 from rad.cli import main
 from rad.errors import RadError
-from rad.search import SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
+from rad.search import DEFAULT_PROMPTS, SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
 from rad.search.objectives import Evaluation
 from rad.search.optimizer import make_sampler, measured_trials, nearest_new_mask_point, optimise
 from rad.search.storage import STUDY_NAME, StudyStore, mask_key
@@ -400,6 +400,34 @@ def test_an_existing_study_needs_resume_and_the_same_settings(tmp_path):
     assert first.evaluations == 3 and more.evaluations == 5
     kept = [t for t in more.trials if t.measured][:3]
     assert [(t.layers, t.value) for t in kept] == [(t.layers, t.value) for t in first.trials if t.measured]
+
+
+def test_a_finished_search_is_reused_only_under_the_same_settings(tmp_path):
+    """An orchestrator skips a folder's finished search; a changed k, objective or budget must not be ignored."""
+    from rad.models.loading import LoadedModel
+    from rad.search.config import SearchSettings
+    from rad.stages import search_stage
+
+    from .conftest import word_tokenizer
+
+    teacher = LoadedModel(model=_scaled_tiny(6, {}), tokenizer=word_tokenizer(), source="tiny", path=None)
+    out = tmp_path / "search"
+    base = dict(objective="agreement", trials=3, max_new_tokens=4, baselines=False)
+    first = search_stage(teacher, SearchSettings(ratio=0.5, **base), out, seed=0)
+    assert first.k == 3
+    before = (out / "search.json").read_bytes()
+    # The same search, spelled differently: k instead of ratio, all built-in prompts by count instead of None.
+    same = search_stage(teacher, SearchSettings(k=3, prompts=len(DEFAULT_PROMPTS), **base), out, seed=0)
+    assert same.layers == first.layers and (out / "search.json").read_bytes() == before
+    for changed, message in [(dict(k=2), "k: 3 there, 2 now"), (dict(trials=4), "trials: 3 there, 4 now"),
+                             (dict(objective="acceptance"), "objective: agreement there, acceptance now"),
+                             (dict(prompts=2), "prompts_digest")]:
+        settings = SearchSettings(**{"ratio": 0.5, **base, **changed})
+        with pytest.raises(RadError, match=message):
+            search_stage(teacher, settings, out, seed=0)
+    with pytest.raises(RadError, match="seed: 0 there, 1 now"):
+        search_stage(teacher, SearchSettings(ratio=0.5, **base), out, seed=1)
+    assert (out / "search.json").read_bytes() == before  # nothing was rewritten
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # plain ask(), as a killed worker leaves

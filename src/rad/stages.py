@@ -21,12 +21,13 @@ logger = logging.getLogger(__name__)
 
 def search_stage(teacher, settings: SearchSettings, out: Path, *, seed: int) -> SearchResult:
     """RAD step 1 into `out` (resuming its study), or the finished result already there."""
-    from rad.search.run import run_search
+    from rad.search.run import load_matching_search, run_search
 
     out = Path(out)
     if (out / SEARCH_FILE).is_file():
-        logger.info("search: %s exists, skipped", out / SEARCH_FILE)
-        return SearchResult.load(out)
+        result = load_matching_search(teacher, settings.stage_config(seed=seed, out=out), out)
+        logger.info("search: %s exists (same settings), skipped", out / SEARCH_FILE)
+        return result
     run_search(teacher, settings.stage_config(seed=seed, out=out))
     return SearchResult.load(out)
 

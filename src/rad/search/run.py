@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -88,6 +89,44 @@ def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
     if config.objective == "throughput":
         settings.update(repeats=config.repeats, warmup=config.warmup, device=str(next(hf.parameters()).device))
     return settings
+
+
+def _recorded_settings(config: SearchConfig, prepared: _Prepared) -> dict:
+    """The settings search.json records: the config as given plus what it resolved to (k, prompt tokens)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "prompt_ids")}
+    settings.update(k=prepared.space.k, candidates=list(prepared.space.candidates),
+                    num_prompts=len(prepared.prompts), prompts_digest=prompts_digest(prepared.prompts),
+                    model=prepared.loaded.source)
+    return json.loads(json.dumps(settings))  # as search.json holds them (tuples become lists)
+
+
+# What decides a search's answer, compared as resolved: k rather than ratio, the prompts' token ids rather than
+# None or their texts. The throughput-only ones are compared when the objective is throughput.
+_DECISIVE = ("objective", "k", "candidates", "prompts_digest", "max_new_tokens", "trials", "sampler", "seed",
+             "keep", "startup_trials", "neighbour_on_repeat", "stall_patience", "remeasure_top")
+_DECISIVE_SPECULATIVE = ("max_draft", "adaptive")
+_DECISIVE_TIMED = ("repeats", "warmup", "final_repeats")
+
+
+def load_matching_search(model, config: SearchConfig, folder: str | Path) -> SearchResult:
+    """The finished search in `folder`, if it was run with `config`'s settings; a clear RadError if not.
+
+    An orchestrator that finds search.json skips its search; without this check a changed k, objective or
+    budget would be ignored silently and the old layers converted.
+    """
+    result = SearchResult.load(folder)
+    current = _recorded_settings(config, _prepare(model, config, None, None))
+    keys = list(_DECISIVE)
+    if config.objective != "agreement":
+        keys += _DECISIVE_SPECULATIVE
+    if config.objective == "throughput":
+        keys += _DECISIVE_TIMED
+    differ = [f"{key}: {result.settings[key]} there, {current[key]} now" for key in keys
+              if key in result.settings and result.settings[key] != current[key]]
+    if differ:
+        raise RadError(f"{Path(folder)} holds a finished search with other settings ({'; '.join(differ)}); "
+                       f"give a new output folder, or the settings it was run with.")
+    return result
 
 
 @contextlib.contextmanager
@@ -181,15 +220,12 @@ def _finalise(study, store: StudyStore, space: SearchSpace, objective, config: S
     else:
         key, (value, origin) = ranked[0]
         layers = [int(i) for i in key.split(",")]
-    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "prompt_ids")}
-    settings.update(k=space.k, candidates=list(space.candidates), num_prompts=len(prepared.prompts),
-                    prompts_digest=prompts_digest(prepared.prompts), model=prepared.loaded.source)
     return SearchResult(
         layers=layers, value=value, objective=config.objective, chosen_from=origin, k=space.k,
         num_layers=space.num_layers, keep=sorted(set(config.keep)),
         evaluations=sum(t.measured for t in trials), trials=trials, baselines=baselines,
         single_layer_profile=profile, top_frequency=top_frequency(trials, space.num_layers),
-        remeasured=remeasured, settings=settings,
+        remeasured=remeasured, settings=_recorded_settings(config, prepared),
     )
 
 
