@@ -268,6 +268,32 @@ def test_teacher_metrics(tiny_hybrid, tiny_tokenizer):
     assert other["top1_agreement"] == pytest.approx(agree / n)
 
 
+def test_teacher_metrics_are_reused_only_for_the_same_model_teacher_texts_and_settings(tiny_tokenizer, tmp_path):
+    """A resumed run skips the metrics already in results.json (minutes per model on Qwen), and only then."""
+    hybrid = convert_to_hybrid(make_tiny("llama"), ConversionConfig(layers=[1, 2], init="mil"))  # changed below
+    teacher = LoadedModel(make_tiny("llama"), tiny_tokenizer, "teacher", None)
+    student = LoadedModel(hybrid, tiny_tokenizer, "student", None)
+    forwards = []
+    hybrid.register_forward_hook(lambda *_: forwards.append(1))
+    config = EvalConfig(tasks=[], out=str(tmp_path), teacher="teacher", teacher_config=TeacherConfig(n_texts=3))
+
+    def measured_again(cfg, model=student) -> bool:
+        before = len(forwards)
+        evaluate_model(model, cfg, teacher=teacher)
+        return len(forwards) > before
+
+    first = evaluate_model(student, config, teacher=teacher)
+    assert forwards and not measured_again(config)
+    assert EvalResults.load(tmp_path / "student").teacher == first.teacher
+    assert measured_again(dataclasses.replace(config, teacher_config=TeacherConfig(n_texts=2)))
+    assert measured_again(dataclasses.replace(config, teacher_config=TeacherConfig(n_texts=2), overwrite=True))
+    with torch.no_grad():  # other weights under the same name and folder
+        hybrid.lm_head.weight.mul_(1.5)
+    assert measured_again(dataclasses.replace(config, teacher_config=TeacherConfig(n_texts=2)))
+    result = EvalResults.load(tmp_path / "student").teacher
+    assert result.texts == 2 and result.settings["model_fingerprint"] != first.teacher.settings["model_fingerprint"]
+
+
 # --- the real default model and the CLI ---------------------------------------------------------
 
 

@@ -21,12 +21,16 @@ import torch
 
 from rad.cli import main
 from rad.errors import RadError
-from rad.search import DEFAULT_PROMPTS, SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
+from rad.models.loading import LoadedModel
+from rad.search import SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
+from rad.search.config import SearchSettings
 from rad.search.objectives import Evaluation
+from rad.search.prompts import DEFAULT_PROMPTS
 from rad.search.optimizer import make_sampler, measured_trials, nearest_new_mask_point, optimise
 from rad.search.storage import STUDY_NAME, StudyStore, mask_key
+from rad.stages import search_stage
 
-from .conftest import REPO, make_tiny
+from .conftest import REPO, make_tiny, word_tokenizer
 
 # Every test here runs tiny models; on a loaded 2-core machine a second torch thread makes each tiny op
 # wait for a busy core (measured: 0.05 s -> 3.3 s for one 24-token run), so use one.
@@ -404,12 +408,6 @@ def test_an_existing_study_needs_resume_and_the_same_settings(tmp_path):
 
 def test_a_finished_search_is_reused_only_under_the_same_settings(tmp_path):
     """An orchestrator skips a folder's finished search; a changed k, objective or budget must not be ignored."""
-    from rad.models.loading import LoadedModel
-    from rad.search.config import SearchSettings
-    from rad.stages import search_stage
-
-    from .conftest import word_tokenizer
-
     teacher = LoadedModel(model=_scaled_tiny(6, {}), tokenizer=word_tokenizer(), source="tiny", path=None)
     out = tmp_path / "search"
     base = dict(objective="agreement", trials=3, max_new_tokens=4, baselines=False)

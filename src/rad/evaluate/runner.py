@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -400,12 +401,22 @@ def evaluate_model(
         r = result.tasks[name]
         logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
                     r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])
+    previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
     if teacher is not None:
         texts = _heldout_texts(config)
-        metrics = teacher_metrics(loaded, teacher, texts, config.teacher_config)
-        result.teacher = TeacherScores(teacher=teacher.source, **metrics,
-                                       settings=dataclasses.asdict(config.teacher_config))
-    previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
+        # What the metrics depend on besides the settings, so that a resumed run reuses them (32 forwards of
+        # model and teacher each, minutes on a CPU) only when model, teacher and texts are the same.
+        settings = {**dataclasses.asdict(config.teacher_config), "model_fingerprint": fingerprint or
+                    model_fingerprint(loaded), "teacher_fingerprint": model_fingerprint(teacher),
+                    "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
+        saved = None if config.overwrite else previous.teacher
+        if saved is not None and saved.teacher == teacher.source and saved.settings == settings:
+            logger.info("%s: teacher metrics already in %s (same model, teacher, texts and settings)",
+                        loaded.source, folder / RESULTS_FILE)
+            result.teacher = saved
+        else:
+            metrics = teacher_metrics(loaded, teacher, texts, config.teacher_config)
+            result.teacher = TeacherScores(teacher=teacher.source, **metrics, settings=settings)
     EvalResults(
         model=result.model,
         tasks={**previous.tasks, **{n: TaskScore.of(r, config.limit) for n, r in result.tasks.items()}},
