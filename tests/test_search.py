@@ -25,8 +25,8 @@ from rad.models.loading import LoadedModel
 from rad.search import SearchConfig, SearchSpace, make_objective, read_prompt_file, resolve_space, run_search
 from rad.search.config import SearchSettings
 from rad.search.objectives import Evaluation
-from rad.search.prompts import DEFAULT_PROMPTS
 from rad.search.optimizer import make_sampler, measured_trials, nearest_new_mask_point, optimise
+from rad.search.prompts import DEFAULT_PROMPTS
 from rad.search.storage import STUDY_NAME, StudyStore, mask_key
 from rad.stages import search_stage
 
