@@ -43,10 +43,13 @@ def test_sweep_stops_at_its_time_limit_resumes_and_summarises_the_per_item_files
             assert m["tasks"]["gsm8k"]["correct"] == correct and m["tasks"]["gsm8k"]["total"] == 2
             assert m["tasks"]["gsm8k"]["ci95"] == pytest.approx(list(wilson_interval(correct, 2)))
             assert m["bytes_per_token"] > 0 and m["tok_s"] > 0
-        test = run["mcnemar"]["gsm8k: RAD student vs baseline student"]
-        rad, base = items["RAD student"], items["baseline student"]
-        assert test["a_only"] == sum(rad[i]["correct"] and not base[i]["correct"] for i in rad)
-        assert test["b_only"] == sum(base[i]["correct"] and not rad[i]["correct"] for i in rad)
+        pairs = [("RAD student", "baseline student"), ("RAD student", "teacher"), ("baseline student", "teacher"),
+                 ("RAD student", "draft (searched layers skipped)")]
+        assert set(run["mcnemar"]) == {f"gsm8k: {a} vs {b}" for a, b in pairs}
+        for a, b in pairs:
+            test, left, right = run["mcnemar"][f"gsm8k: {a} vs {b}"], items[a], items[b]
+            assert test["a_only"] == sum(left[i]["correct"] and not right[i]["correct"] for i in left)
+            assert test["b_only"] == sum(right[i]["correct"] and not left[i]["correct"] for i in left)
         # Fewer attention layers, less KV per token: the draft holds (30 - k) / 30 of the teacher's.
         per_token = {role: m["bytes_per_token"] for role, m in run["models"].items()}
         assert per_token["draft (searched layers skipped)"] == pytest.approx(per_token["teacher"] * (30 - k) / 30)

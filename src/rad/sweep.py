@@ -25,6 +25,7 @@ from rad.evaluate.stats import wilson_interval
 from rad.outputs import RUN, SWEEP, check_output
 from rad.pipeline import (
     BASELINE,
+    DRAFT,
     RAD,
     ROLES,
     SPEED_FILE,
@@ -40,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 TEACHER_EVAL = "teacher-eval"
 CLAIMS_FILE = "claims.json"
-PAIRS = ((RAD, BASELINE), (RAD, TEACHER), (BASELINE, TEACHER))
+# RAD against the baseline and the teacher (the paper's claims), the baseline against the teacher, and RAD against
+# its own draft (what training the mixers adds over skipping the same layers).
+PAIRS = ((RAD, BASELINE), (RAD, TEACHER), (BASELINE, TEACHER), (RAD, DRAFT))
 
 
 @settings
