@@ -277,9 +277,9 @@ def test_teacher_metrics_are_reused_only_for_the_same_model_teacher_texts_and_se
     hybrid.register_forward_hook(lambda *_: forwards.append(1))
     config = EvalConfig(tasks=[], out=str(tmp_path), teacher="teacher", teacher_config=TeacherConfig(n_texts=3))
 
-    def measured_again(cfg, model=student) -> bool:
+    def measured_again(cfg) -> bool:
         before = len(forwards)
-        evaluate_model(model, cfg, teacher=teacher)
+        evaluate_model(student, cfg, teacher=teacher)
         return len(forwards) > before
 
     first = evaluate_model(student, config, teacher=teacher)
