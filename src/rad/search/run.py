@@ -25,6 +25,7 @@ from rad.search.optimizer import make_sampler, optimise, worker_seed
 from rad.search.prompts import DEFAULT_PROMPTS, encode_prompts, ids_from_lists, prompts_digest
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, top_frequency, write_outputs
 from rad.search.storage import StudyStore, mask_key
+from rad.utils.identity import check_same_settings
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,10 @@ def load_matching_search(model, config: SearchConfig, folder: str | Path) -> Sea
         keys += _DECISIVE_SPECULATIVE
     if config.objective == "throughput":
         keys += _DECISIVE_TIMED
-    differ = [f"{key}: {result.settings[key]} there, {current[key]} now" for key in keys
-              if key in result.settings and result.settings[key] != current[key]]
-    if differ:
-        raise RadError(f"{Path(folder)} holds a finished search with other settings ({'; '.join(differ)}); "
-                       f"give a new output folder, or the settings it was run with.")
+    check_same_settings({key: result.settings[key] for key in keys if key in result.settings},
+                        {key: current[key] for key in keys}, what=f"The finished search in {Path(folder)}",
+                        advice="give a new output folder, or the settings it was run with",
+                        describe=lambda name, old, new: f"{name}: {old} there, {new} now")
     return result
 
 

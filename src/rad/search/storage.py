@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from rad.errors import RadError
 from rad.search.objectives import Evaluation
+from rad.utils.identity import check_same_settings
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,10 @@ class StudyStore:
             if stored is None:
                 study.set_user_attr(SETTINGS_ATTR, settings)
             else:
-                _check_same_settings(stored, settings, self.folder)
+                check_same_settings(
+                    stored, decisive_settings(settings), what=f"The search in {self.folder}",
+                    advice="resume it with the same settings, or choose another --out folder",
+                    describe=lambda name, old, new: f"started with {name} = {old!r}, not {new!r}")
         if existed:
             logger.info("Resuming the search in %s (%d trials so far)", self.folder, len(study.trials))
         return study
@@ -370,12 +374,7 @@ def _begin_immediate(connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _check_same_settings(stored: dict, current: dict, folder: Path) -> None:
-    for name, value in current.items():
-        if name.startswith("info_"):
-            continue
-        if name in stored and stored[name] != value:
-            raise RadError(
-                f"The search in {folder} was started with {name} = {stored[name]!r}, not {value!r}; resume it "
-                "with the same settings, or choose another --out folder."
-            )
+
+def decisive_settings(settings: dict) -> dict:
+    """The settings a resumed or joined study must share: all but the info_ ones (recorded, not checked)."""
+    return {name: value for name, value in settings.items() if not name.startswith("info_")}

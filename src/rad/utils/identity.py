@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -120,21 +120,30 @@ def _show(value) -> str:
     return text if len(text) <= 24 else text[:12] + "…"
 
 
-def describe_changes(saved: Mapping, current: Mapping, names: list[str]) -> str:
+def show_change(name: str, old, new) -> str:
+    """One changed setting as `check_same_settings` names it by default: "name old -> new", values shortened."""
+    return f"{name} {_show(old)} -> {_show(new)}"
+
+
+def describe_changes(saved: Mapping, current: Mapping, names: list[str],
+                     describe: Callable[[str, object, object], str] = show_change) -> str:
     old, new = _flatten(saved), _flatten(current)
-    return ", ".join(f"{k} {_show(old.get(k))} -> {_show(new.get(k))}" for k in names)
+    return "; ".join(describe(k, old.get(k), new.get(k)) for k in names)
 
 
-def check_same_settings(saved: Mapping, current: Mapping, *, what: str, advice: str) -> None:
+def check_same_settings(saved: Mapping, current: Mapping, *, what: str, advice: str,
+                        describe: Callable[[str, object, object], str] = show_change) -> None:
     """Refuse (RadError) when `current` differs from the `saved` settings `what` was made with.
 
-    One sentence names every changed setting with its old and new value, then `advice`. Settings the saved
-    record lacks (made by an older rad) cannot be checked: a warning names them and the run continues.
+    One sentence names every changed setting with its old and new value (worded by `describe`, so a stage
+    may keep the phrasing its users know), then `advice`. Settings the saved record lacks (made by an older
+    rad) cannot be checked: a warning names them and the run continues. This is rad's one refuser: eval,
+    distill, ablate, run and search all continue a saved result only through it.
     """
     differ, unrecorded = changed_settings(saved, current)
     if differ:
-        raise RadError(f"{what} was made with other settings ({describe_changes(saved, current, differ)}); "
-                       f"{advice}.")
+        raise RadError(f"{what} was made with other settings "
+                       f"({describe_changes(saved, current, differ, describe)}); {advice}.")
     if unrecorded:
         logger.warning("%s does not record %s (made by an older rad); continuing without checking them.",
                        what, ", ".join(unrecorded))
