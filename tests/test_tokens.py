@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from rad.decoding.generate import encode_prompt
 from rad.distill.data import DataConfig, render
 from rad.evaluate import generation
-from rad.models.tokens import encode_chat, eos_token_ids, render_chat, token_ids
+from rad.models.tokens import encode_chat, eos_token_ids, padding_token_id, render_chat, token_ids
 from rad.search.prompts import encode_prompts
 
 TEMPLATE = ("{% for m in messages %}<|turn|>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -110,3 +110,17 @@ def test_eos_ids_are_the_tokenizers_then_the_generation_configs_deduplicated(pla
     Model.generation_config = GenerationConfig(eos_token_id=5)
     assert eos_token_ids(plain_tokenizer, Model()) == [2, 5]
     assert token_ids(None) == [] and token_ids(3) == [3] and token_ids((4, 4, 1)) == [4, 1]
+
+
+def test_padding_is_the_pad_token_else_the_first_eos_else_zero(plain_tokenizer):
+    """One rule pads evaluation batches, the search's reference generations and the distillation sequences."""
+    class Model:
+        generation_config = GenerationConfig(eos_token_id=[7, 2])
+
+    tok = copy.deepcopy(plain_tokenizer)
+    tok.pad_token = None
+    assert padding_token_id(tok) == 2  # no pad token: the tokenizer's EOS
+    assert padding_token_id(None, Model()) == 7  # a bare model: its generation config's first EOS
+    assert padding_token_id(None) == 0
+    tok.pad_token = tok.convert_ids_to_tokens(3)
+    assert padding_token_id(tok, Model()) == 3

@@ -335,7 +335,9 @@ def build_data(config: DataConfig, tokenizer) -> DistillData:
         raise RadError("The distillation dataset needs at least two records (one is held out for evaluation).")
     eval_ex = [examples[i] for i in order[:n_eval]]
     train_ex = [examples[i] for i in order[n_eval:]]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    from rad.models.tokens import padding_token_id
+
+    pad = padding_token_id(tokenizer)
     train = to_sequences(train_ex, config.seq_len, config.pack, pad)
     held = to_sequences(eval_ex, config.seq_len, config.pack, pad)
     logger.info("Data %s: %d records -> %d train / %d held-out sequences of %d tokens",

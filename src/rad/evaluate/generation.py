@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from rad.decoding.speculative import greedy_generate
-from rad.models.tokens import chat_add_special_tokens, eos_token_ids, render_chat
+from rad.models.tokens import chat_add_special_tokens, eos_token_ids, padding_token_id, render_chat
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Generator:
     @torch.no_grad()
     def _batch(self, prompts: list[str]) -> list[str]:
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
+        pad = padding_token_id(tok, self.model)
         old_side, old_pad = tok.padding_side, tok.pad_token
         tok.padding_side = "left"
         if tok.pad_token is None:

@@ -1,7 +1,7 @@
 """Chat-template encoding and end-of-sequence ids: the one place that decides both.
 
 Generation, the search prompts, evaluation and distillation data all turn messages into token ids and
-need to know which tokens end a turn. They used to do it four ways; a tokenizer without a chat template
+need to know which tokens end a turn (and which one pads a batch: `padding_token_id`). They used to do it four ways; a tokenizer without a chat template
 made one raise, one warn and use the bare prompt, and one join the turns by newlines. Now every caller
 goes through `render_chat` / `encode_chat` and `eos_token_ids`, so a model is prompted, evaluated and
 distilled on the same token sequences.
@@ -77,3 +77,14 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
     ids = token_ids(getattr(tokenizer, "eos_token_id", None))
     config = getattr(model, "generation_config", None)
     return token_ids([*ids, *token_ids(getattr(config, "eos_token_id", None))])
+
+
+def padding_token_id(tokenizer, model=None) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else the first EOS (`eos_token_ids`),
+    else 0. Padded positions are masked or dropped, so any id works; this decides it one way for
+    evaluation batches, the search's reference generations and the distillation sequences."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    eos = eos_token_ids(tokenizer, model)
+    return eos[0] if eos else 0

@@ -47,12 +47,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _first_eos(eos) -> int | None:
-    if isinstance(eos, (list, tuple)):
-        return int(eos[0]) if eos else None
-    return None if eos is None else int(eos)
-
-
 class AgreementObjective:
     """Fraction of the full model's greedy tokens the draft also ranks first, teacher-forced.
 
@@ -65,7 +59,7 @@ class AgreementObjective:
     deterministic = True
 
     def __init__(self, model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id=None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, pad_token_id: int = 0):
         self.model = model
         self.batch_size = batch_size
         device = _device_of(model)
@@ -79,7 +73,7 @@ class AgreementObjective:
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     eos_token_id=eos_token_id,
-                    pad_token_id=_first_eos(eos_token_id) if eos_token_id is not None else 0,
+                    pad_token_id=pad_token_id,  # one sequence per call: never written, only required
                 )
                 sequences.append(out[0])
                 starts.append(ids.shape[1])
@@ -221,10 +215,11 @@ class ThroughputObjective:
 
 def make_objective(name: str, model: nn.Module, prompts: list[torch.Tensor], *, max_new_tokens: int,
                    eos_token_id=None, max_draft: int = 8, adaptive: bool = True, repeats: int = 3,
-                   warmup: int = 1, agreement_batch: int = 8):
+                   warmup: int = 1, agreement_batch: int = 8, pad_token_id: int = 0):
     """The objective `name`, prepared for `model` and the prompts (agreement generates its references here)."""
     if name == "agreement":
-        return AgreementObjective(model, prompts, max_new_tokens, eos_token_id, batch_size=agreement_batch)
+        return AgreementObjective(model, prompts, max_new_tokens, eos_token_id, batch_size=agreement_batch,
+                                  pad_token_id=pad_token_id)
     runs = _SpeculativeRuns(model, prompts, max_new_tokens, eos_token_id, max_draft, adaptive)
     if name == "acceptance":
         return AcceptanceObjective(runs)

@@ -17,7 +17,7 @@ from torch import nn
 from rad.errors import RadError
 from rad.models.layers import attention_layer_indices, decoder_layers
 from rad.models.loading import LoadedModel, load_model
-from rad.models.tokens import eos_token_ids
+from rad.models.tokens import eos_token_ids, padding_token_id
 from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
 from rad.search.objectives import Evaluation, make_objective
@@ -36,6 +36,7 @@ class _Prepared:
     space: SearchSpace
     prompts: list[torch.Tensor]
     eos_token_id: list[int] | None  # None: no end-of-turn token (tokenised prompts of a bare model)
+    pad_token_id: int
 
 
 def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
@@ -55,7 +56,8 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     else:
         texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
-    return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None)
+    return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None,
+                     padding_token_id(loaded.tokenizer, hf))
 
 
 def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = None):
@@ -63,6 +65,7 @@ def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = Non
         name or config.objective, prepared.loaded.model, prepared.prompts, max_new_tokens=config.max_new_tokens,
         eos_token_id=prepared.eos_token_id, max_draft=config.max_draft, adaptive=config.adaptive,
         repeats=config.repeats, warmup=config.warmup, agreement_batch=config.agreement_batch,
+        pad_token_id=prepared.pad_token_id,
     )
 
 
