@@ -34,6 +34,7 @@ from rad.evaluate.tasks import TASKS, TaskOptions, make_task
 from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
 from rad.models.loading import LoadedModel, load_model
 from rad.preflight import MISSING_TASK_POLICIES, check_model, check_task_data
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.devices import resolve_dtype
 from rad.utils.identity import check_same_settings, model_fingerprint
@@ -181,10 +182,6 @@ class TaskScore:
         return cls(**{**data, "ci95": tuple(data["ci95"])})
 
 
-def _unreadable(path: Path, what: str, err: Exception, advice: str) -> RadError:
-    return RadError(f"{path} is not {what} ({type(err).__name__}: {str(err)[:120]}); {advice}.")
-
-
 @dataclass(frozen=True)
 class EvalResults:
     """What a model folder's results.json holds: the latest score of every task evaluated into it (a later
@@ -212,13 +209,9 @@ class EvalResults:
 
     @classmethod
     def load(cls, folder: str | Path) -> EvalResults:
-        path = Path(folder) / RESULTS_FILE
-        if not path.is_file():
-            raise RadError(f"{folder} has no {RESULTS_FILE}; run `rad eval ... --out {Path(folder).parent}` first.")
-        try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
-            raise _unreadable(path, "a rad evaluation result", err, "re-run `rad eval` into this folder") from None
+        return load_artefact(Path(folder) / RESULTS_FILE, cls.from_json, "a rad evaluation result",
+                             f"re-run `rad eval` into this folder (--out {Path(folder).parent})",
+                             missing=f"{folder} has no {RESULTS_FILE}")
 
     @classmethod
     def load_or_none(cls, folder: str | Path) -> EvalResults | None:
@@ -254,11 +247,8 @@ class TaskMeta:
 
     @classmethod
     def load(cls, path: Path) -> TaskMeta:
-        try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as err:
-            raise _unreadable(Path(path), "a rad task metadata file", err,
-                              "pass --overwrite to start the task again or choose another --out") from None
+        return load_artefact(path, lambda data: cls(**data), "a rad task metadata file",
+                             "pass --overwrite to start the task again or choose another --out")
 
 
 def model_slug(spec: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from rad.errors import RadError
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -113,14 +113,8 @@ class SearchResult:
     @classmethod
     def load(cls, folder: str | Path) -> SearchResult:
         """The finished search in `folder` (its search.json); a clear RadError when there is none."""
-        path = Path(folder) / RESULT_FILE
-        if not path.is_file():
-            raise RadError(f"{folder} has no {RESULT_FILE}; run `rad search ... --out {folder}` to completion first.")
-        try:
-            return cls.from_json(json.loads(path.read_text()), out=Path(folder))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise RadError(f"{path} is not a search result (unreadable or fields missing); re-run the search.") \
-                from None
+        return load_artefact(Path(folder) / RESULT_FILE, lambda data: cls.from_json(data, out=Path(folder)),
+                             "a search result", *_search_result_advice(folder))
 
     def best_so_far(self) -> list[float]:
         curve, best = [], -math.inf
@@ -228,10 +222,10 @@ def _redundancy_png(result: SearchResult) -> bytes:
 def read_chosen_layers(folder: str | Path) -> list[int]:
     """The layers a finished search chose (`search.json` in `folder`), for `rad convert --layers-from`; only
     `chosen_layers` is read, so a hand-written `{"chosen_layers": [...]}` works too."""
-    path = Path(folder) / RESULT_FILE
-    if not path.is_file():
-        raise RadError(f"{folder} has no {RESULT_FILE}; run `rad search ... --out {folder}` to completion first.")
-    try:
-        return [int(i) for i in json.loads(path.read_text())["chosen_layers"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise RadError(f"{path} is not a search result (no list of chosen_layers); re-run the search.") from None
+    return load_artefact(Path(folder) / RESULT_FILE, lambda data: [int(i) for i in data["chosen_layers"]],
+                         "a search result (a list of chosen_layers)", *_search_result_advice(folder))
+
+
+def _search_result_advice(folder: str | Path) -> tuple[str, str]:
+    """(what to do, what a missing search.json means) for `load_artefact`: both search.json readers say it alike."""
+    return f"run `rad search ... --out {folder}` to completion", f"{folder} has no {RESULT_FILE}"
