@@ -603,3 +603,16 @@ def test_unknown_generation_dtype_is_refused_before_any_work():
         EvalSettings(generation_dtype="bf17")
     with pytest.raises(RadError, match="Unknown dtype"):
         EvalConfig(generation_dtype="half-ish")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.limit=0", r"Setting eval.limit in the run config is wrong: input should be greater than 0, got 0\."),
+    ("eval.teacher_texts=-3", "Setting eval.teacher_texts .* greater than 0"),
+    ("eval.on_missing_data=maybe", r"Setting eval.on_missing_data in the run config must be skip or error"),
+])
+def test_eval_settings_fields_are_checked_by_their_types(override, message):
+    """A rule about one field is its pydantic type: one sentence naming the field, before any work."""
+    from rad.pipeline import load_run_config
+
+    with pytest.raises(RadError, match=message):
+        load_run_config("smoke", overrides=[override])

@@ -454,3 +454,16 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_after_the_grace_per
 
 def _started(study: optuna.Study, number: int) -> datetime.datetime:
     return study.get_trials(deepcopy=False)[number].datetime_start
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.prompts=0", r"Setting search.prompts in the run config is wrong: input should be greater than 0, got 0\."),
+    ("search.trials=-1", "Setting search.trials .* greater than 0"),
+    ("search.sampler=cmaes", r"Setting search.sampler in the run config must be gp, tpe or random, got 'cmaes'\."),
+])
+def test_search_settings_fields_are_checked_by_their_types(override, message):
+    """A rule about one field is its pydantic type: one sentence naming the field, before any work."""
+    from rad.pipeline import load_run_config
+
+    with pytest.raises(RadError, match=message):
+        load_run_config("smoke", overrides=[override])

@@ -4,6 +4,9 @@
 default lives in one place. pydantic validates the merged mapping against the dataclass: an unknown key,
 a value of the wrong type (`search.trials=abc`, `search=5`) or a number written as text (YAML reads
 `1e-4` as a string; pydantic converts it) is settled here, before any work, with one sentence.
+
+A rule about one field is its type (`PositiveInt`, `Annotated[float, Gt(0)]`, `Literal[...]` of the
+choices), so pydantic enforces it and names the field; `__post_init__` keeps only rules across fields.
 """
 
 from __future__ import annotations
@@ -103,6 +106,10 @@ def build(cls, data: dict, what: str):
         if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             known = _known_keys(cls, [str(p) for p in first["loc"][:-1]])
             raise RadError(f"Unknown setting {where} in the {what}; known: {', '.join(known)}.") from None
+        if first["type"] == "literal_error":  # the choices, without pydantic's quotes: "must be skip or error"
+            choices = first["ctx"]["expected"].replace("'", "")
+            raise RadError(f"Setting {where} in the {what} must be {choices}, got {first.get('input')!r}.") \
+                from None
         message = first["msg"][:1].lower() + first["msg"][1:]
         raise RadError(f"Setting {where} in the {what} is wrong: {message}, got "
                        f"{first.get('input')!r}.") from None

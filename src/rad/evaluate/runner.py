@@ -20,8 +20,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
 from rad.config import settings
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 META_SUFFIX = ".meta.json"
+MissingDataPolicy = Literal[MISSING_TASK_POLICIES]  # pydantic reads the choices of eval.on_missing_data
 
 @dataclass
 class EvalConfig:
@@ -83,13 +86,13 @@ class EvalSettings:
     is `EvalConfig`'s (and so `rad eval`'s)."""
 
     tasks: list[str] | str = field(default_factory=lambda: list(TASKS))
-    limit: int | None = EvalConfig.limit
-    max_new_tokens: int | None = EvalConfig.max_new_tokens
-    batch_size: int = EvalConfig.batch_size
-    teacher_texts: int = TeacherConfig.n_texts
+    limit: PositiveInt | None = EvalConfig.limit
+    max_new_tokens: PositiveInt | None = EvalConfig.max_new_tokens
+    batch_size: PositiveInt = EvalConfig.batch_size
+    teacher_texts: PositiveInt = TeacherConfig.n_texts
     # A task whose data is nowhere (no data folder, cache or hub): `skip` drops it with a note in the
     # report, `error` stops the run before its first stage.
-    on_missing_data: str = "skip"
+    on_missing_data: MissingDataPolicy = "skip"
     generation_dtype: str | None = EvalConfig.generation_dtype
 
     def __post_init__(self):
@@ -100,13 +103,6 @@ class EvalSettings:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise RadError(f"Unknown task {unknown[0]!r} in eval.tasks; choose from {', '.join(TASKS)}.")
-        if self.on_missing_data not in MISSING_TASK_POLICIES:
-            raise RadError(f"eval.on_missing_data must be {' or '.join(MISSING_TASK_POLICIES)}, got "
-                           f"{self.on_missing_data!r}.")
-        for name in ("limit", "max_new_tokens", "batch_size", "teacher_texts"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise RadError(f"eval.{name} must be at least 1, got {value}.")
 
     def stage_config(self, out, tasks: list[str], *, teacher: str | None, sources: tuple[str, ...]) -> EvalConfig:
         """The `EvalConfig` of this evaluation, scoring `tasks` (those whose data was found)."""

@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import PositiveInt
 
 from rad.config import settings
 from rad.errors import RadError
 
 OBJECTIVES = ("throughput", "acceptance", "agreement")
 SAMPLERS = ("gp", "tpe", "random")
+ObjectiveName = Literal[OBJECTIVES]  # pydantic reads the choices (a YAML settings field's type)
+SamplerName = Literal[SAMPLERS]
 
 
 @dataclass
@@ -78,18 +82,16 @@ class SearchSettings:
     `SearchConfig`'s (and so `rad search`'s), except that a size is always given (half the layers)."""
 
     k: int | None = None
-    ratio: float | None = 0.5  # used when k is None
-    objective: str = SearchConfig.objective
-    trials: int = SearchConfig.trials
-    sampler: str = SearchConfig.sampler
-    max_new_tokens: int = SearchConfig.max_new_tokens
-    prompts: int | None = None  # the first N built-in search prompts (None: all)
+    ratio: float | None = 0.5  # used when k is None (so checked only then, by `SearchConfig.validate`)
+    objective: ObjectiveName = SearchConfig.objective
+    trials: PositiveInt = SearchConfig.trials
+    sampler: SamplerName = SearchConfig.sampler
+    max_new_tokens: PositiveInt = SearchConfig.max_new_tokens
+    prompts: PositiveInt | None = None  # the first N built-in search prompts (None: all)
     baselines: bool = SearchConfig.baselines
 
     def __post_init__(self):
-        if self.prompts is not None and self.prompts < 1:
-            raise RadError(f"search.prompts must be at least 1 (or null for all), got {self.prompts}.")
-        self.stage_config(seed=0, out=None).validate()  # the search's own checks, before any work
+        self.stage_config(seed=0, out=None).validate()  # k or ratio, and what they resolve to, before any work
 
     def stage_config(self, *, seed: int, out: str | Path | None) -> SearchConfig:
         """The `SearchConfig` of this search; resumes the study when `out` already exists."""
