@@ -467,3 +467,16 @@ def test_search_settings_fields_are_checked_by_their_types(override, message):
 
     with pytest.raises(RadError, match=message):
         load_run_config("smoke", overrides=[override])
+
+
+def test_what_the_search_knows_of_an_objective_is_a_property_of_its_class():
+    """run.py reads these properties instead of testing names: an objective is one class plus its registration."""
+    from rad.search.config import OBJECTIVES
+    from rad.search.objectives import OBJECTIVE_CLASSES, objective_class
+
+    assert OBJECTIVES == tuple(OBJECTIVE_CLASSES) == ("throughput", "acceptance", "agreement")
+    flags = {name: (c.deterministic, c.speculative, c.timed, dict(c.carries)) for name, c in OBJECTIVE_CLASSES.items()}
+    assert flags == {"throughput": (False, True, True, {"acceptance": "mean_accepted"}),
+                     "acceptance": (True, True, False, {}), "agreement": (True, False, False, {})}
+    with pytest.raises(RadError, match="Unknown objective 'speed'; choose one of throughput, acceptance, agreement"):
+        objective_class("speed")

@@ -12,8 +12,9 @@ from pydantic import PositiveInt
 
 from rad.config import settings
 from rad.errors import RadError
+from rad.search.objectives import OBJECTIVE_CLASSES
 
-OBJECTIVES = ("throughput", "acceptance", "agreement")
+OBJECTIVES = tuple(OBJECTIVE_CLASSES)  # the registered selection objectives (search/objectives.py)
 SAMPLERS = ("gp", "tpe", "random")
 ObjectiveName = Literal[OBJECTIVES]  # pydantic reads the choices (a YAML settings field's type)
 SamplerName = Literal[SAMPLERS]

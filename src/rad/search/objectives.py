@@ -9,6 +9,10 @@
 
 Higher is better for all three. docs/search.md explains why, with exactly k layers skipped, they rank
 masks alike.
+
+What the search needs to know about an objective (deterministic? timed? run by speculative decoding?)
+is a property of its class (`SearchObjective`), never a test of its name: adding an objective is one
+subclass here plus its entry in `OBJECTIVE_CLASSES`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import inspect
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +44,42 @@ class Evaluation:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """How to measure: the search settings an objective may read when it is prepared (`make_objective`)."""
+
+    max_new_tokens: int
+    eos_token_id: list[int] | int | None = None
+    pad_token_id: int = 0
+    max_draft: int = 8
+    adaptive: bool = True
+    repeats: int = 3
+    warmup: int = 1
+    agreement_batch: int = 8
+
+
+class SearchObjective:
+    """A selection objective: `evaluate(mask)` scores the draft that skips `mask`'s attention, higher is
+    better. The class properties tell the search how to treat it, so run.py never tests a name."""
+
+    name: ClassVar[str]
+    # The same mask always scores the same: measured once, never re-measured, the sampler may trust values.
+    deterministic: ClassVar[bool] = True
+    # Measured by self-speculative decoding: max_draft and adaptive decide its value.
+    speculative: ClassVar[bool] = False
+    # Measured with a clock: repeats, warmup, final_repeats and the device decide its value.
+    timed: ClassVar[bool] = False
+    # Other objectives' values its details carry (objective -> details key): measured along with it for free.
+    carries: ClassVar[Mapping[str, str]] = MappingProxyType({})
+
+    @classmethod
+    def create(cls, model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> SearchObjective:
+        raise NotImplementedError
+
+    def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
+        raise NotImplementedError
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -47,7 +89,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class AgreementObjective:
+class AgreementObjective(SearchObjective):
     """Fraction of the full model's greedy tokens the draft also ranks first, teacher-forced.
 
     The full model generates a continuation of each prompt once (greedy); the reference is the full
@@ -97,6 +139,11 @@ class AgreementObjective:
         if self.positions == 0:
             raise RadError("The full model generated no tokens for the search prompts; raise --max-new-tokens.")
         self.reference = [self._argmax(ids, where) for ids, where in self.batches]
+
+    @classmethod
+    def create(cls, model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> AgreementObjective:
+        return cls(model, prompts, options.max_new_tokens, options.eos_token_id, batch_size=options.agreement_batch,
+                   pad_token_id=options.pad_token_id)
 
     @torch.no_grad()
     def _argmax(self, ids: torch.Tensor, where) -> torch.Tensor:
@@ -172,14 +219,24 @@ def _acceptance_summary(results) -> dict:
     }
 
 
-class AcceptanceObjective:
+def _speculative_runs(model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> _SpeculativeRuns:
+    return _SpeculativeRuns(model, prompts, options.max_new_tokens, options.eos_token_id, options.max_draft,
+                            options.adaptive)
+
+
+class AcceptanceObjective(SearchObjective):
     """Mean over prompts of the accepted draft tokens per verification round (SSD, greedy)."""
 
     name = "acceptance"
     deterministic = True
+    speculative = True
 
     def __init__(self, runs: _SpeculativeRuns):
         self.runs = runs
+
+    @classmethod
+    def create(cls, model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> AcceptanceObjective:
+        return cls(_speculative_runs(model, prompts, options))
 
     def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
         del repeats
@@ -188,16 +245,23 @@ class AcceptanceObjective:
         return Evaluation(summary["mean_accepted"], summary, seconds)
 
 
-class ThroughputObjective:
+class ThroughputObjective(SearchObjective):
     """SSD tokens per second over all prompts: median of `repeats` timed passes after `warmup` runs."""
 
     name = "throughput"
     deterministic = False
+    speculative = True
+    timed = True
+    carries = MappingProxyType({"acceptance": "mean_accepted"})  # the same SSD runs; acceptance has no clock
 
     def __init__(self, runs: _SpeculativeRuns, repeats: int, warmup: int):
         self.runs = runs
         self.repeats = repeats
         self.warmup = warmup
+
+    @classmethod
+    def create(cls, model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> ThroughputObjective:
+        return cls(_speculative_runs(model, prompts, options), repeats=options.repeats, warmup=options.warmup)
 
     def evaluate(self, mask: Sequence[int], repeats: int | None = None) -> Evaluation:
         start = time.perf_counter()
@@ -213,16 +277,23 @@ class ThroughputObjective:
         return Evaluation(value, details, time.perf_counter() - start)
 
 
+# The registry: the objectives the search offers (`OBJECTIVES` in search/config.py is its keys, in this order).
+OBJECTIVE_CLASSES: Mapping[str, type[SearchObjective]] = MappingProxyType(
+    {cls.name: cls for cls in (ThroughputObjective, AcceptanceObjective, AgreementObjective)})
+
+
+def objective_class(name: str) -> type[SearchObjective]:
+    """The objective registered as `name`; a RadError naming the choices otherwise."""
+    if name not in OBJECTIVE_CLASSES:
+        raise RadError(f"Unknown objective {name!r}; choose one of {', '.join(OBJECTIVE_CLASSES)}.")
+    return OBJECTIVE_CLASSES[name]
+
+
 def make_objective(name: str, model: nn.Module, prompts: list[torch.Tensor], *, max_new_tokens: int,
                    eos_token_id=None, max_draft: int = 8, adaptive: bool = True, repeats: int = 3,
-                   warmup: int = 1, agreement_batch: int = 8, pad_token_id: int = 0):
+                   warmup: int = 1, agreement_batch: int = 8, pad_token_id: int = 0) -> SearchObjective:
     """The objective `name`, prepared for `model` and the prompts (agreement generates its references here)."""
-    if name == "agreement":
-        return AgreementObjective(model, prompts, max_new_tokens, eos_token_id, batch_size=agreement_batch,
-                                  pad_token_id=pad_token_id)
-    runs = _SpeculativeRuns(model, prompts, max_new_tokens, eos_token_id, max_draft, adaptive)
-    if name == "acceptance":
-        return AcceptanceObjective(runs)
-    if name == "throughput":
-        return ThroughputObjective(runs, repeats=repeats, warmup=warmup)
-    raise RadError(f"Unknown objective {name!r}; choose throughput, acceptance or agreement.")
+    options = ObjectiveOptions(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               max_draft=max_draft, adaptive=adaptive, repeats=repeats, warmup=warmup,
+                               agreement_batch=agreement_batch)
+    return objective_class(name).create(model, prompts, options)

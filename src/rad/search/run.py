@@ -20,7 +20,7 @@ from rad.models.loading import LoadedModel, load_model
 from rad.models.tokens import eos_token_ids, padding_token_id
 from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
-from rad.search.objectives import Evaluation, make_objective
+from rad.search.objectives import Evaluation, make_objective, objective_class
 from rad.search.optimizer import make_sampler, optimise, worker_seed
 from rad.search.prompts import DEFAULT_PROMPTS, encode_prompts, ids_from_lists, prompts_digest
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, top_frequency, write_outputs
@@ -88,9 +88,10 @@ def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
         "info_sampler": config.sampler,
         "info_seed": config.seed,
     }
-    if config.objective != "agreement":
+    objective = objective_class(config.objective)
+    if objective.speculative:
         settings.update(max_draft=config.max_draft, adaptive=config.adaptive)
-    if config.objective == "throughput":
+    if objective.timed:
         settings.update(repeats=config.repeats, warmup=config.warmup, device=str(next(hf.parameters()).device))
     return settings
 
@@ -105,7 +106,7 @@ def _recorded_settings(config: SearchConfig, prepared: _Prepared) -> dict:
 
 
 # What decides a search's answer, compared as resolved: k rather than ratio, the prompts' token ids rather than
-# None or their texts. The throughput-only ones are compared when the objective is throughput.
+# None or their texts. The speculative and timed ones are compared when the objective is (`SearchObjective`).
 _DECISIVE = ("objective", "k", "candidates", "prompts_digest", "max_new_tokens", "trials", "sampler", "seed",
              "keep", "startup_trials", "neighbour_on_repeat", "stall_patience", "remeasure_top")
 _DECISIVE_SPECULATIVE = ("max_draft", "adaptive")
@@ -120,10 +121,11 @@ def load_matching_search(model, config: SearchConfig, folder: str | Path) -> Sea
     """
     result = SearchResult.load(folder)
     current = _recorded_settings(config, _prepare(model, config, None, None))
+    objective = objective_class(config.objective)
     keys = list(_DECISIVE)
-    if config.objective != "agreement":
+    if objective.speculative:
         keys += _DECISIVE_SPECULATIVE
-    if config.objective == "throughput":
+    if objective.timed:
         keys += _DECISIVE_TIMED
     check_same_settings({key: result.settings[key] for key in keys if key in result.settings},
                         {key: current[key] for key in keys}, what=f"The finished search in {Path(folder)}",
@@ -154,7 +156,7 @@ def run_search(model, config: SearchConfig, *, device=None, dtype=None) -> Searc
                 config.sampler, config.trials)
     with _study_folder(config.out) as folder:
         store = StudyStore(folder, heartbeat_seconds=config.heartbeat_seconds)
-        deterministic = config.objective != "throughput"
+        deterministic = objective_class(config.objective).deterministic
         study = store.open(make_sampler(config.sampler, config.seed, config.startup_trials, deterministic),
                            _settings(config, prepared), resume=config.resume)
         worker = store.register_worker()
@@ -245,8 +247,8 @@ def compare_objectives(model, config: SearchConfig, masks: int = 20, *, objectiv
                        dtype=None) -> ObjectiveComparison:
     """Measure `masks` random k-masks (seeded by config.seed) with each objective; rank-correlate them.
 
-    Acceptance is read from the throughput runs when both are asked for (the same SSD runs, and
-    acceptance has no clock), which saves one pass per mask.
+    An objective another one carries (`SearchObjective.carries`: acceptance in the throughput runs, the same
+    SSD runs and no clock) is read from that one's details when both are asked for: one pass per mask saved.
     """
     from scipy.stats import spearmanr
 
@@ -260,15 +262,16 @@ def compare_objectives(model, config: SearchConfig, masks: int = 20, *, objectiv
     mask_list = list(chosen.values())
     values: dict[str, list[float]] = {}
     for name in objectives:
-        if name == "acceptance" and "throughput" in objectives:
+        if any(name in objective_class(other).carries for other in objectives if other != name):
             continue
         measure = _objective(prepared, config, name)
+        carried = objective_class(name).carries
         values[name] = []
         for i, mask in enumerate(mask_list):
             evaluation = measure.evaluate(mask)
             values[name].append(evaluation.value)
-            if name == "throughput":
-                values.setdefault("acceptance", []).append(evaluation.details["mean_accepted"])
+            for other, key in carried.items():
+                values.setdefault(other, []).append(evaluation.details[key])
             logger.info("%s %d/%d: skip %s -> %.4f", name, i + 1, len(mask_list), mask_key(mask), evaluation.value)
     names = [n for n in objectives if n in values]
     rho = {}
