@@ -325,7 +325,15 @@ def _d_state(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     # The choices come from the modules that own them (importing them costs the torch import, which every
     # command but `rad data` pays anyway).
+    # Defaults and the defaults named in help are read from the settings classes (`default_of`), so changing
+    # a default in its class changes the flag and its help.
+    from rad.config import default_of
+    from rad.decoding.speculative import DraftConfig, SamplingConfig
+    from rad.distill import DEFAULT_LR, DataConfig, DistillConfig, LossWeights
     from rad.distill.modules import TRAIN_CHOICES
+    from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig
+    from rad.evaluate.tasks import TASKS
+    from rad.models.convert import ConversionConfig
     from rad.models.mamba_init import INITS
     from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig
 
@@ -342,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="'3,7,11', 'uniform:K', 'first:K' or 'last:K'")
     p.add_argument("--layers-from", default=None, metavar="DIR",
                    help="take the layers a `rad search` chose (DIR/search.json) instead of --layers")
-    p.add_argument("--init", default="rad", choices=INITS)
+    p.add_argument("--init", default=default_of(ConversionConfig, "init"), choices=INITS)
     p.add_argument("--out", required=True, help="output folder for the hybrid checkpoint")
     p.add_argument("--n-groups", default=None, metavar="{heads,kv,N}",
                    help="SSM groups per mixer: one per attention head (what --init mil needs), one per key/value "
@@ -351,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSM state size per group: the attention head size, half of it, or a number (default: the "
                         "init's with its default groups, half the head size for rad; the head size otherwise)")
     p.add_argument("--chunk-size", type=int, default=None, help="Mamba2 scan chunk (default: 256 cuda, 64 cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=default_of(ConversionConfig, "seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
     p.set_defaults(func=_cmd_convert)
@@ -361,21 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="attention layers to skip (or give --ratio)")
     p.add_argument("--ratio", type=float, default=None, help="skip round(ratio x layers) layers")
     p.add_argument("--objective", default=SearchConfig.objective, choices=OBJECTIVES)
-    p.add_argument("--trials", type=int, default=60, help="distinct masks to measure (shared by all workers)")
+    p.add_argument("--trials", type=int, default=default_of(SearchConfig, "trials"),
+                   help="distinct masks to measure (shared by all workers)")
     p.add_argument("--out", required=True, help="output folder: study.db, search.json, trials.csv, plots")
     p.add_argument("--sampler", default=SearchConfig.sampler, choices=SAMPLERS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=default_of(SearchConfig, "seed"))
     p.add_argument("--keep", default="", help="layers never skipped, e.g. 0,29")
     p.add_argument("--prompts", default=None, help="prompt file: one per line, or jsonl with a \"prompt\" field")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-draft", type=int, default=8, help="draft tokens per speculative round at most")
-    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--max-new-tokens", type=int, default=default_of(SearchConfig, "max_new_tokens"))
+    p.add_argument("--max-draft", type=int, default=default_of(SearchConfig, "max_draft"),
+                   help="draft tokens per speculative round at most")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=default_of(SearchConfig, "adaptive"),
                    help="adaptive draft stop threshold (Draft & Verify)")
-    p.add_argument("--repeats", type=int, default=3, help="throughput: timed repeats per mask (median)")
+    p.add_argument("--repeats", type=int, default=default_of(SearchConfig, "repeats"),
+                   help="throughput: timed repeats per mask (median)")
     p.add_argument("--resume", action="store_true", help="continue the search in --out, or join it as a worker")
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=default_of(SearchConfig, "baselines"),
                    help="also measure uniform, first-k, last-k, random-k and single-layer importance")
-    p.add_argument("--heartbeat", type=int, default=10,
+    p.add_argument("--heartbeat", type=int, default=default_of(SearchConfig, "heartbeat_seconds"),
                    help="seconds between worker heartbeats; a worker silent for twice this is presumed dead")
     p.add_argument("--compare-objectives", type=int, default=0, metavar="N",
                    help="instead of searching: measure N random masks with every objective, report Spearman")
@@ -429,31 +440,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=default_of(SamplingConfig, "temperature"), help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=default_of(SamplingConfig, "top_p"))
+    p.add_argument("--seed", type=int, default=default_of(SamplingConfig, "seed"))
     p.add_argument("--speculative", action="store_true", help="self-speculative decoding; prints the speed-up")
     p.add_argument("--skip", default=None, help="attention layers the draft skips, e.g. 3,7,11 or uniform:8")
-    p.add_argument("--max-draft", type=int, default=8, help="most draft tokens per round")
+    p.add_argument("--max-draft", type=int, default=default_of(DraftConfig, "max_draft"), help="most draft tokens per round")
     p.add_argument("--fixed-draft", action="store_true", help="always draft --max-draft tokens (no adaptive stop)")
     common(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="score models on GSM8K / CRUXEval-O (resumable) and compare them")
     p.add_argument("models", nargs="+", help="one or more models: aliases, folders, .gguf files or hub ids")
-    p.add_argument("--tasks", default="gsm8k,cruxeval", help="comma-separated: gsm8k, cruxeval")
+    p.add_argument("--tasks", default=",".join(default_of(EvalConfig, "tasks")),
+                   help=f"comma-separated: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task (default: all)")
-    p.add_argument("--out", default="runs/eval", help="folder for per-item files, results.json, comparison.md")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 384 for gsm8k, 128 for cruxeval")
+    p.add_argument("--out", default=default_of(EvalConfig, "out"),
+                   help="folder for per-item files, results.json, comparison.md")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: " + ", ".join(f"{t.default_max_new_tokens} for {n}" for n, t in TASKS.items()))
     p.add_argument("--batch-size", type=int, default=None,
-                   help="prompts per left-padded batch (default 8; 1: rad's fast engine, one prompt at a time)")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="use the chat template")
-    p.add_argument("--n-shot", type=int, default=0, help="GSM8K examples from the train split (default 0)")
+                   help=f"prompts per left-padded batch (default {default_of(EvalConfig, 'batch_size')}; 1: rad's "
+                        "fast engine, one prompt at a time)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=default_of(EvalConfig, "chat"),
+                   help="use the chat template")
+    p.add_argument("--n-shot", type=int, default=default_of(EvalConfig, "n_shot"),
+                   help="GSM8K examples from the train split (default %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="folder with gsm8k_test.jsonl, cruxeval.jsonl (default ../shared/data)")
-    p.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per CRUXEval sandboxed check")
+    p.add_argument("--exec-timeout", type=float, default=default_of(SandboxLimits, "timeout_s"),
+                   help="seconds per CRUXEval sandboxed check")
     p.add_argument("--teacher", default=None, help="also report KL(teacher||model), perplexity, top-1 agreement")
-    p.add_argument("--teacher-texts", type=int, default=32, help="held-out texts for the teacher metrics")
+    p.add_argument("--teacher-texts", type=int, default=default_of(TeacherConfig, "n_texts"),
+                   help="held-out texts for the teacher metrics")
     p.add_argument("--overwrite", action="store_true", help="discard earlier per-item results instead of resuming")
     p.add_argument("--generation-dtype", default=None,
                    help="generate answers in this dtype (e.g. bfloat16: 1.3x faster end to end on AVX512-BF16 CPUs); "
@@ -471,33 +490,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default=None)
     p.add_argument("--response-field", default=None)
     p.add_argument("--train", default="mixers", choices=TRAIN_CHOICES)
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1000)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default {default_of(DistillConfig, 'steps')})")
     p.add_argument("--out", required=True, help="output folder: checkpoints, logs, curves, student/")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per training row (default 512)")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training row (default {default_of(DataConfig, 'seq_len')})")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="pack sequences end to end")
     p.add_argument("--mask-prompt", action="store_true", help="count only response tokens in the loss")
-    p.add_argument("--eval-examples", type=int, default=None, help="records held out (default: 2%%)")
+    p.add_argument("--eval-examples", type=int, default=None, help=f"records held out (default: {default_of(DataConfig, 'eval_fraction'):.0%}%)")
     p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per process per forward (default 4)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    p.add_argument("--micro-batch", type=int, default=None, help=f"sequences per process per forward (default {default_of(DistillConfig, 'micro_batch')})")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per step (default {default_of(DistillConfig, 'grad_accum')})")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 3e-4 for mixers and mixers+mlp, 2e-4 for all)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
-    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of the steps (default 0.1)")
-    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0)")
+                   help="peak learning rate (default: " + ", ".join(f"{lr:g} for {train}"
+                                                                    for train, lr in DEFAULT_LR.items()) + ")")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {default_of(DistillConfig, 'weight_decay'):g})")
+    p.add_argument("--warmup-ratio", type=float, default=None, help=f"linear warm-up share of the steps (default {default_of(DistillConfig, 'warmup_ratio'):g})")
+    p.add_argument("--max-grad-norm", type=float, default=None, help=f"gradient clipping (default {default_of(DistillConfig, 'max_grad_norm')})")
     p.add_argument("--mixer-norm-lr-scale", type=float, default=None,
                    help="lr multiplier of the new mixers' gated-norm gains (default: 100 on a hybrid fresh from the "
                         "rad init, whose gains start at 0.1; else 1)")
-    p.add_argument("--kl-weight", type=float, default=None, help="default 1")
-    p.add_argument("--ce-weight", type=float, default=None, help="default 0")
+    p.add_argument("--kl-weight", type=float, default=None, help=f"default {default_of(LossWeights, 'kl'):g}")
+    p.add_argument("--ce-weight", type=float, default=None, help=f"default {default_of(LossWeights, 'ce'):g}")
     p.add_argument("--align-weight", type=float, default=None,
                    help="MSE between each new mixer and the attention it replaced (default 1 in "
                         "self-distillation, 0 with --teacher)")
-    p.add_argument("--temperature", type=float, default=None, help="default 1")
-    p.add_argument("--loss-chunk", type=int, default=None, help="positions per float32 logits chunk (default 128)")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval (default 100)")
-    p.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (default 64)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval (default 100)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"default {default_of(LossWeights, 'temperature'):g}")
+    p.add_argument("--loss-chunk", type=int, default=None, help=f"positions per float32 logits chunk (default {default_of(LossWeights, 'chunk')})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"held-out evaluation interval (default {default_of(DistillConfig, 'eval_every')})")
+    p.add_argument("--eval-sequences", type=int, default=None, help=f"held-out sequences (default {default_of(DistillConfig, 'eval_sequences')})")
+    p.add_argument("--save-every", type=int, default=None, help=f"checkpoint interval (default {default_of(DistillConfig, 'save_every')})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="self-distillation: the teacher uses the student's frozen tensors (one copy)")

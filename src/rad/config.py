@@ -33,6 +33,19 @@ def settings(cls=None, /, **dataclass_options):
     return wrap if cls is None else wrap(cls)
 
 
+def default_of(cls, name: str):
+    """The default of dataclass `cls`'s field `name` (a default factory is called), so a CLI flag or its help
+    reads the one default the settings class holds instead of restating it."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            if f.default is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise TypeError(f"{cls.__name__} has no field {name!r}")
+
+
 def preset_file(name: str, prefix: str = "") -> Path:
     """The preset `name` among `presets/<prefix><name>.yaml` (`rad run`: no prefix; `rad ablate`: 'ablate';
     `rad sweep`: 'sweep')."""
