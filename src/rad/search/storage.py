@@ -374,7 +374,6 @@ def _begin_immediate(connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-
 def decisive_settings(settings: dict) -> dict:
     """The settings a resumed or joined study must share: all but the info_ ones (recorded, not checked)."""
     return {name: value for name, value in settings.items() if not name.startswith("info_")}
