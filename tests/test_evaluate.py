@@ -616,3 +616,20 @@ def test_eval_settings_fields_are_checked_by_their_types(override, message):
 
     with pytest.raises(RadError, match=message):
         load_run_config("smoke", overrides=[override])
+
+
+def test_the_eval_flags_and_help_read_the_eval_config_defaults():
+    """`rad eval` reads its defaults (and the batch size its help names) from EvalConfig and its parts."""
+    from rad.cli import build_parser
+    from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig
+    from rad.evaluate.tasks import TASKS
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "m"])
+    config = EvalConfig()
+    assert args.tasks.split(",") == config.tasks and args.out == config.out and args.chat == config.chat
+    assert args.n_shot == config.n_shot and args.exec_timeout == SandboxLimits().timeout_s
+    assert args.teacher_texts == TeacherConfig().n_texts
+    eval_help = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
+    tokens = ", ".join(f"{task.default_max_new_tokens} for {name}" for name, task in TASKS.items())
+    assert f"(default {config.batch_size}; 1:" in eval_help and f"default: {tokens}" in eval_help

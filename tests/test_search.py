@@ -480,3 +480,18 @@ def test_what_the_search_knows_of_an_objective_is_a_property_of_its_class():
                      "acceptance": (True, True, False, {}), "agreement": (True, False, False, {})}
     with pytest.raises(RadError, match="Unknown objective 'speed'; choose one of throughput, acceptance, agreement"):
         objective_class("speed")
+
+
+def test_the_search_flags_default_to_search_config():
+    """`rad search` reads its defaults from SearchConfig (rad.config.default_of): one place to change each."""
+    from rad.cli import build_parser
+    from rad.config import default_of
+
+    args = build_parser().parse_args(["search", "m", "--out", "o"])
+    for flag, field_name in (("trials", "trials"), ("seed", "seed"), ("max_new_tokens", "max_new_tokens"),
+                             ("max_draft", "max_draft"), ("adaptive", "adaptive"), ("repeats", "repeats"),
+                             ("baselines", "baselines"), ("heartbeat", "heartbeat_seconds"),
+                             ("objective", "objective"), ("sampler", "sampler")):
+        assert getattr(args, flag) == default_of(SearchConfig, field_name) == getattr(SearchConfig(), field_name)
+    with pytest.raises(TypeError, match="no field 'nope'"):
+        default_of(SearchConfig, "nope")
