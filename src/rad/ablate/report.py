@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rad.ablate.config import AblateConfig
 from rad.ablate.results import AblateSummary, ArmResult, ArmSummary
+from rad.evaluate.inputs import TASK_TITLES
 from rad.evaluate.runner import TaskScore
-from rad.preflight import TASK_TITLES
 from rad.utils.atomic import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from rad.preflight import TASK_TITLES, InputReport
+from rad.evaluate.inputs import TASK_TITLES
+from rad.preflight import InputReport
 from rad.search.report import SearchResult
 from rad.stages.run_config import BASELINE_TRAIN, CONFIG_FILE, RAD_TRAIN, RunConfig, RunPaths
 from rad.stages.speed import SpeedResult
