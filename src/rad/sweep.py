@@ -1,8 +1,8 @@
 """`rad sweep`: `rad run` at several k (attention layers replaced), and the table that answers "how many layers can
 I replace before accuracy drops, and how much better is RAD than the baseline at each k?".
 
-Each k is a complete `rad run` in OUT/k<K> (search for k layers, both students with the same data, token budget and
-seed, evaluation of teacher / draft / RAD / baseline, speed and cache bytes at the configured contexts), so every
+Each k is a complete run (`rad.stages.run.run_stages`, what `rad run` is) in OUT/k<K> (search for k layers, both
+students with the same data, token budget and seed, evaluation of teacher / draft / RAD / baseline, speed and cache bytes at the configured contexts), so every
 stage and every evaluation item resumes as `rad run`'s do. The teacher does not depend on k: it is scored once, in
 OUT/teacher-eval. `max_minutes` stops the sweep before a stage or between evaluation batches once that much time has
 passed (exit status 75), so a long sweep runs as invocations of bounded length, each continuing where the last
