@@ -16,7 +16,7 @@ from rad.utils.atomic import atomic_write_text
 COMPARISON_FILE = "comparison.md"
 
 
-def eval_stage(settings: EvalSettings, teacher, model: str, models: dict[str, str], out: Path, *,
+def eval_stage(teacher, settings: EvalSettings, models: dict[str, str], out: Path, *, model: str,
                tasks: list[str], sources: tuple[str, ...], device: str | None, teacher_out: Path | None = None,
                deadline: float | None = None) -> str:
     """Score `models` (report name -> spec; the one whose spec is `model` is the already loaded `teacher`) on

@@ -81,7 +81,7 @@ def _stage_sequence(config: RunConfig, paths: RunPaths, inputs: InputReport, tea
 
     t0 = time.perf_counter()
     models = dict(zip(ROLES, (config.model, str(paths.rad_hybrid), str(rad_student), str(base_student)), strict=True))
-    table = eval_stage(config.eval, teacher, config.model, models, paths.eval, tasks=inputs.tasks,
+    table = eval_stage(teacher, config.eval, models, paths.eval, model=config.model, tasks=inputs.tasks,
                        sources=inputs.sources, device=config.device, teacher_out=teacher_eval, deadline=deadline)
     timings["eval"] = time.perf_counter() - t0
 
