@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rad.ablate.config import BaselineArm
 from rad.ablate.report import draw_kl_curve
-from rad.ablate.run import ArmResult
+from rad.ablate.results import ArmResult
 
 BASELINE = BaselineArm().arm().name  # the ablate presets' baseline: uniform layers, mil init, all trained
 

@@ -23,7 +23,7 @@ from rad.ablate import (
     run_ablation,
     steps_to_reach,
 )
-from rad.ablate.run import AblateSummary, ArmResult
+from rad.ablate.results import AblateSummary, ArmResult
 from rad.cli import main
 from rad.distill import DataConfig, build_data, kl_divergence
 from rad.errors import RadError
@@ -32,8 +32,8 @@ from rad.models.convert import ConversionRecord
 from rad.models.loading import load_model
 from rad.models.mamba_init import RAD_GATE_GAIN
 from rad.models.skip import skip_attention
-from rad.pipeline import RunConfig
 from rad.search.report import SearchResult
+from rad.stages.run_config import RunConfig
 from tests.conftest import make_tiny
 
 
@@ -344,7 +344,7 @@ def test_two_arms_on_the_default_model_through_the_cli(default_model, tmp_path, 
 
 
 def test_ablate_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path):
-    from rad.ablate.run import ArmSummary
+    from rad.ablate.results import ArmSummary
     from rad.distill.train import EvalPoint
     from rad.evaluate.runner import TaskScore
 

@@ -13,7 +13,8 @@ import pytest
 from rad.cli import main
 from rad.data import find_rows, load_rows, probe_hub, usable_sources
 from rad.errors import RadError
-from rad.preflight import InputReport, check_inputs, check_task_data
+from rad.evaluate.inputs import check_task_data
+from rad.preflight import InputReport, check_inputs
 
 CRUX_ROW = {"code": "def f(x):\n    return x + 1", "input": "1", "output": "2", "id": "sample_0"}
 GSM_ROW = {"question": "What is 1 + 1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}

@@ -13,9 +13,11 @@ from rad.distill.train import DistillSummary
 from rad.errors import RadError
 from rad.evaluate.runner import EvalResults
 from rad.models.convert import ConversionRecord
-from rad.pipeline import RunPaths, SpeedResult, SpeedRow, check_same_run, load_run_config
+from rad.pipeline import load_run_config
 from rad.preflight import InputReport
 from rad.search.report import SearchResult
+from rad.stages.run_config import RunPaths, check_same_run
+from rad.stages.speed import SpeedResult, SpeedRow
 
 
 def resolved_contexts(out):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rad.errors import RadError
+from rad.evaluate.inputs import check_task_data
 from rad.evaluate.sandbox import (
     BWRAP_ENV,
     ISOLATION_ENV,
@@ -28,7 +29,6 @@ from rad.evaluate.sandbox import (
     sandbox_problem,
     seccomp_program,
 )
-from rad.preflight import check_task_data
 from tests.conftest import SHARED_DATA
 
 PROBLEM = sandbox_problem()

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from rad.errors import RadError
+from rad.model_aliases import ALIASES, alias_cache_folder
 
 
 def _any_of(*names: str) -> Callable[[Path], bool]:
@@ -76,10 +77,8 @@ def input_location(spec: str | os.PathLike | None) -> Path | None:
     """The file or folder an input spec reads (an alias: its cache folder); None for hub ids and nothing."""
     if spec is None or str(spec) == "":
         return None
-    from rad.models.loading import ALIASES, cache_root
-
     if str(spec) in ALIASES:
-        return cache_root() / "models" / ALIASES[str(spec)].cache_key
+        return alias_cache_folder(str(spec))
     path = Path(spec).expanduser()
     return path if path.exists() else None
 

@@ -1,8 +1,8 @@
 """`rad sweep`: `rad run` at several k (attention layers replaced), and the table that answers "how many layers can
 I replace before accuracy drops, and how much better is RAD than the baseline at each k?".
 
-Each k is a complete `rad run` in OUT/k<K> (search for k layers, both students with the same data, token budget and
-seed, evaluation of teacher / draft / RAD / baseline, speed and cache bytes at the configured contexts), so every
+Each k is a complete run (`rad.stages.run.run_stages`, what `rad run` is) in OUT/k<K> (search for k layers, both
+students with the same data, token budget and seed, evaluation of teacher / draft / RAD / baseline, speed and cache bytes at the configured contexts), so every
 stage and every evaluation item resumes as `rad run`'s do. The teacher does not depend on k: it is scored once, in
 OUT/teacher-eval. `max_minutes` stops the sweep before a stage or between evaluation batches once that much time has
 passed (exit status 75), so a long sweep runs as invocations of bounded length, each continuing where the last
@@ -21,20 +21,16 @@ from pathlib import Path
 
 from rad.config import load_settings, preset_file, settings, to_yaml
 from rad.errors import RadError, TimeLimitReached
+from rad.evaluate.runner import EvalResults, model_slug, paired_test
 from rad.evaluate.stats import wilson_interval
+from rad.models.convert import ConversionRecord
+from rad.models.loading import load_model
 from rad.outputs import RUN, SWEEP, check_output
-from rad.pipeline import (
-    BASELINE,
-    DRAFT,
-    RAD,
-    ROLES,
-    SPEED_FILE,
-    TEACHER,
-    RunConfig,
-    RunPaths,
-    SpeedResult,
-    run_pipeline,
-)
+from rad.stages.roles import BASELINE, DRAFT, RAD, ROLES, TEACHER
+from rad.stages.run import run_stages
+from rad.stages.run_config import RunConfig, RunPaths, check_same_run
+from rad.stages.search import check_search_fits
+from rad.stages.speed import SPEED_FILE, SpeedResult
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -77,9 +73,6 @@ def load_sweep_config(preset: str | None = None, config_path: str | None = None,
 def run_sweep(config: SweepConfig) -> Path:
     """Every k's run (each resuming), then the summary; returns report.md. Stops with TimeLimitReached between
     stages or evaluation batches after `max_minutes`; the same command continues."""
-    from rad.models.loading import load_model
-    from rad.pipeline import check_same_run, check_search_fits
-
     root = check_output(config.out, SWEEP, inputs=[("model", config.model), ("distillation data", config.distill.data)])
     runs = {k: config.run_config(k) for k in config.ks}
     for run in runs.values():  # every run's folder and settings before any work
@@ -94,7 +87,7 @@ def run_sweep(config: SweepConfig) -> Path:
     try:
         for k, run in runs.items():
             logger.info("sweep: k=%d -> %s", k, run.out)
-            run_pipeline(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
+            run_stages(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
     except TimeLimitReached:
         summary = summarise(config)
         if summary["runs"]:  # what is finished can be read now
@@ -112,8 +105,6 @@ def _write_summary(config: SweepConfig, summary: dict) -> Path:
 
 def is_complete(config: SweepConfig, k: int) -> bool:
     """Whether k's run has its speed table and every model's results for every task of the sweep."""
-    from rad.evaluate.runner import EvalResults
-
     if not (Path(config.run_config(k).out) / SPEED_FILE).is_file():
         return False
     for role in ROLES:
@@ -124,8 +115,6 @@ def is_complete(config: SweepConfig, k: int) -> bool:
 
 
 def _role_folder(config: SweepConfig, k: int, role: str) -> Path:
-    from rad.evaluate.runner import model_slug
-
     base = Path(config.out) / TEACHER_EVAL if role == TEACHER else RunPaths(Path(config.run_config(k).out)).eval
     return base / model_slug(role)
 
@@ -134,8 +123,6 @@ def summarise(config: SweepConfig) -> dict:
     """Per complete k and model: accuracy with its Wilson interval per task, teacher metrics, tok/s and cache bytes
     per token at the largest speed context; per k and task: exact McNemar tests of PAIRS on the paired items.
     The k not yet complete are listed under `pending`."""
-    from rad.evaluate.runner import EvalResults, paired_test
-
     context = max(config.speed_contexts)
     pending = [k for k in config.ks if not is_complete(config, k)]
     out: dict = {"model": config.model, "ks": list(config.ks), "pending": pending, "speed_context": context,
@@ -171,8 +158,6 @@ def summarise(config: SweepConfig) -> dict:
 
 
 def _layers(run: RunConfig) -> dict:
-    from rad.models.convert import ConversionRecord
-
     paths = RunPaths(Path(run.out))
     return {"searched": ConversionRecord.load(paths.rad_hybrid).converted_layers,
             "uniform": ConversionRecord.load(paths.baseline_hybrid).converted_layers}

@@ -7,7 +7,8 @@ uniform layers, `mil` init, all parameters), task scores, a plot and a report.
 
 from rad.ablate.config import AblateConfig, AblateDistill, AblateEval, Arm, BaselineArm, load_ablate_config
 from rad.ablate.metrics import convergence, read_curve, steps_to_reach
-from rad.ablate.run import AblateResult, run_ablation
+from rad.ablate.results import AblateResult
+from rad.ablate.run import run_ablation
 
 __all__ = [
     "AblateConfig",

@@ -16,6 +16,7 @@ from rad.errors import RadError
 from rad.evaluate.runner import EvalSettings
 from rad.models.mamba_init import INITS as INIT_CHOICES
 from rad.search.config import SearchSettings
+from rad.stages.settings import check_run_settings
 
 LAYER_SETS = ("searched", "uniform")
 
@@ -101,8 +102,6 @@ class AblateConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from rad.pipeline import check_run_settings
-
         check_run_settings(self)
         self.layers = _choices(self.layers, LAYER_SETS, "layers", "layer set")
         self.inits = _choices(self.inits, INIT_CHOICES, "inits", "init")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from rad.preflight import TASK_TITLES
+from rad.ablate.config import AblateConfig
+from rad.ablate.results import AblateSummary, ArmResult, ArmSummary
+from rad.evaluate.inputs import TASK_TITLES
+from rad.evaluate.runner import TaskScore
 from rad.utils.atomic import atomic_write_bytes, atomic_write_text
-
-if TYPE_CHECKING:
-    from rad.ablate.config import AblateConfig
-    from rad.ablate.run import AblateSummary, ArmResult, ArmSummary
-    from rad.evaluate.runner import TaskScore
 
 logger = logging.getLogger(__name__)
 

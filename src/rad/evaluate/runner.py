@@ -30,12 +30,12 @@ from rad.config import settings
 from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
 from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
+from rad.evaluate.inputs import MISSING_TASK_POLICIES, check_model, check_task_data
 from rad.evaluate.sandbox import SandboxLimits
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
 from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
 from rad.models.loading import LoadedModel, load_model
-from rad.preflight import MISSING_TASK_POLICIES, check_model, check_task_data
 from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.devices import resolve_dtype
