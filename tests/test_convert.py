@@ -6,7 +6,7 @@ from transformers import BambaForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, convert_to_hybrid
-from rad.models.mamba_init import RAD_GATE_GAIN
+from rad.models.mixers.mamba2 import RAD_GATE_GAIN
 from rad.models.naming import bamba_name
 from rad.models.skip import skip_attention
 

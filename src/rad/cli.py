@@ -314,7 +314,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 def _d_state(text: str) -> int | str:
     """--d-state as models.geometry reads it; a bad value is a usage error (exit 2, before any work)."""
-    from rad.models.geometry import parse_d_state
+    from rad.models.mixers.mamba2 import parse_d_state
 
     try:
         return parse_d_state(text)
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The choices come from the modules that own them (importing them costs the torch import, which every
     # command but `rad data` pays anyway).
     from rad.distill.modules import TRAIN_CHOICES
-    from rad.models.mamba_init import INITS
+    from rad.models.mixers import INITS
     from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig
 
     parser = argparse.ArgumentParser(prog="rad", description="Redundancy-Aware Distillation toolkit.")

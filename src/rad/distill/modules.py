@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from rad.errors import RadError
-from rad.models.layers import decoder_layers, mamba_layer_indices
-from rad.models.naming import bamba_name
+from rad.models.layers import decoder_layers
+from rad.models.mixers import converted_layers, is_mixer_parameter
+from rad.models.naming import bamba_name, hybrid_mlp_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +29,18 @@ def select_trainable(student: nn.Module, train: str) -> list[str]:
     """Freeze everything but `train` ('mixers', 'mixers+mlp' or 'all'); return the trainable names."""
     if train not in TRAIN_CHOICES:
         raise RadError(f"Unknown --train {train!r}; choose one of {', '.join(TRAIN_CHOICES)}.")
-    mixers = set(mamba_layer_indices(student))
+    mixers = converted_layers(student)
     if not mixers and train != "all":
-        raise RadError("The student has no Mamba2 mixers to train; convert some layers first or use --train all.")
+        raise RadError("The student has no mixers to train; convert some layers first or use --train all.")
+    mixer_mlps = tuple(hybrid_mlp_prefix(i) for i in mixers)
     names = []
     for name, param in student.named_parameters():
-        parts = name.split(".")
-        in_mixer_layer = name.startswith("model.layers.") and int(parts[2]) in mixers
         if train == "all":
             keep = True
         elif train == "mixers":
-            keep = in_mixer_layer and parts[3] == "mamba"
+            keep = is_mixer_parameter(name)
         else:
-            keep = in_mixer_layer and parts[3] in ("mamba", "feed_forward")
+            keep = is_mixer_parameter(name) or name.startswith(mixer_mlps)
         param.requires_grad_(keep)
         if keep:
             names.append(name)
@@ -96,9 +96,9 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module) -> SharingRepor
 
 
 def replaced_attention_layers(teacher: nn.Module, student: nn.Module) -> list[int]:
-    """Indices where the student has a Mamba2 mixer and the teacher an attention layer."""
+    """Indices where the student has a mixer and the teacher an attention layer."""
     t_layers = decoder_layers(teacher)
-    return [i for i in mamba_layer_indices(student) if i < len(t_layers) and hasattr(t_layers[i], "self_attn")]
+    return [i for i in converted_layers(student) if i < len(t_layers) and hasattr(t_layers[i], "self_attn")]
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> None:

@@ -22,3 +22,8 @@ def bamba_name(name: str) -> str:
     for old, new in RENAMES:
         name = name.replace(old, new)
     return name
+
+
+def hybrid_mlp_prefix(layer: int) -> str:
+    """The state-dict prefix of layer `layer`'s MLP in a hybrid, e.g. 'model.layers.3.feed_forward.'."""
+    return bamba_name(f"model.layers.{layer}.mlp.")
