@@ -3,7 +3,7 @@
 In RAD self-distillation the teacher is the source Transformer, and the student is that same network
 with a few attention layers replaced. Every other weight is identical and frozen, so the teacher can
 point at the student's tensors instead of holding a second copy: only the replaced attention layers
-(and whatever trains) keep teacher-owned tensors. Twins are found by `rad.models.naming.bamba_name`, the
+(and whatever trains) keep teacher-owned tensors. Twins are found by `rad.models.naming.hybrid_name`, the
 map the conversion itself copies by.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 from rad.errors import RadError
 from rad.models.layers import decoder_layers
 from rad.models.mixers import converted_layers, is_mixer_parameter
-from rad.models.naming import bamba_name, hybrid_mlp_prefix
+from rad.models.naming import hybrid_mlp_prefix, hybrid_name
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module) -> SharingRepor
     shared = shared_bytes = own = 0
     owned_ids: set[int] = set()
     for name, param in list(teacher.named_parameters(remove_duplicate=False)):
-        twin = student_params.get(bamba_name(name))
+        twin = student_params.get(hybrid_name(name))
         module_name, _, leaf = name.rpartition(".")
         module = teacher.get_submodule(module_name)
         if (

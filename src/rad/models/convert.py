@@ -30,7 +30,7 @@ from rad.models.mixers import (
     layer_mixer,
     mixer_kind,
 )
-from rad.models.naming import bamba_name
+from rad.models.naming import hybrid_name
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size
 
@@ -210,7 +210,7 @@ def _check_supported(model: PreTrainedModel) -> None:
 
 @torch.no_grad()
 def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, converted: set[int]) -> None:
-    """Copy every source weight to its `bamba_name` twin; fail if any hybrid weight but a mixer is left unset."""
+    """Copy every source weight to its `hybrid_name` twin; fail if any hybrid weight but a mixer is left unset."""
     source = model.state_dict()
     target = hybrid.state_dict()
     copied: set[str] = set()
@@ -218,7 +218,7 @@ def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, conve
         parts = key.split(".")
         if key.startswith("model.layers.") and parts[3] == "self_attn" and int(parts[2]) in converted:
             continue  # read by the mixer init instead
-        new_key = bamba_name(key)
+        new_key = hybrid_name(key)
         if new_key not in target:
             raise RadError(f"Conversion bug: source weight {key} has no place ({new_key}) in the hybrid.")
         target[new_key].copy_(value)
