@@ -313,7 +313,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _d_state(text: str) -> int | str:
-    """--d-state as models.geometry reads it; a bad value is a usage error (exit 2, before any work)."""
+    """--d-state as models/mixers/mamba2.py reads it; a bad value is a usage error (exit 2, before any work)."""
     from rad.models.mixers.mamba2 import parse_d_state
 
     try:

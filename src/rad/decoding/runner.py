@@ -21,7 +21,7 @@ from rad.decoding.cache import DecodeCache, allocate_cache
 from rad.errors import RadError
 from rad.models.convert import HYBRID_MODEL_TYPE, SUPPORTED_FAMILIES
 from rad.models.layers import decoder_layers
-from rad.models.mixers import MixerKind, mixer_kind_of, mixer_layers
+from rad.models.mixers import MixerKind, StateSpec, mixer_kind_of, mixer_layers
 
 SUPPORTED = (*SUPPORTED_FAMILIES, HYBRID_MODEL_TYPE)
 
@@ -80,9 +80,10 @@ class FastDecoder:
         self.device, self.dtype = param.device, param.dtype
         # Every mixer of a hybrid has one kind and one geometry: the cache stacks their states.
         self.mixer_kind: MixerKind | None = None
-        self.state_specs = ()
+        self.state_specs: tuple[StateSpec, ...] = ()
         for i, mixer in self.mixers.items():
-            kind, specs = mixer_kind_of(mixer), mixer_kind_of(mixer).state_specs(mixer)
+            kind = mixer_kind_of(mixer)
+            specs = kind.state_specs(mixer)
             if self.mixer_kind is not None and (kind is not self.mixer_kind or specs != self.state_specs):
                 raise RadError(f"Layer {i}'s mixer differs in kind or shape from the others; the fast decoder "
                                "needs one mixer geometry per model.")
