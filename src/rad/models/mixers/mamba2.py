@@ -32,7 +32,7 @@ from rad.utils.devices import default_chunk_size
 
 
 @dataclass(frozen=True)
-class MixerGeometry:
+class Mamba2Geometry:
     """Sizes of one Bamba Mamba2 mixer (names as in BambaConfig / mamba_ssm)."""
 
     hidden: int
@@ -98,7 +98,7 @@ def parse_d_state(value: int | str | None) -> int | str | None:
 
 
 def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int | str | None = None,
-                     d_conv: int = 4) -> MixerGeometry:
+                     d_conv: int = 4) -> Mamba2Geometry:
     """The mixer shape for a source model `config`: groups from `heads` / `kv` / a number, d_state a number,
     `head_dim` (the default) or `half`."""
     heads, hd = config.num_attention_heads, head_dim_of(config)
@@ -109,7 +109,7 @@ def resolve_geometry(config, n_groups: int | str | None = "heads", d_state: int 
                        "'heads' or 'kv'.")
     state = parse_d_state(d_state)
     state = {None: hd, "head_dim": hd, "half": hd // 2}.get(state, state)
-    return MixerGeometry(hidden=config.hidden_size, heads=heads, head_dim=hd, n_groups=groups, d_state=state,
+    return Mamba2Geometry(hidden=config.hidden_size, heads=heads, head_dim=hd, n_groups=groups, d_state=state,
                          d_conv=d_conv)
 
 
@@ -257,16 +257,16 @@ class Mamba2(MixerKind):
         return parse_groups(n_groups), parse_d_state(d_state)
 
     def resolve_geometry(self, source_config, n_groups: int | str | None, d_state: int | str | None,
-                         d_conv: int) -> MixerGeometry:
+                         d_conv: int) -> Mamba2Geometry:
         return resolve_geometry(source_config, n_groups, d_state, d_conv)
 
-    def check_init(self, init: str, geometry: MixerGeometry) -> None:
+    def check_init(self, init: str, geometry: Mamba2Geometry) -> None:
         if init == "mil" and (geometry.n_groups != geometry.heads or geometry.d_state != geometry.head_dim):
             raise RadError(f"The 'mil' init copies k and q into B and C, so it needs n_groups = heads "
                            f"({geometry.heads}) and d_state = head_dim ({geometry.head_dim}); got {geometry.n_groups} "
                            f"and {geometry.d_state}. Use --n-groups heads without --d-state, or another init.")
 
-    def hf_config_fields(self, geometry: MixerGeometry, chunk_size: int) -> dict:
+    def hf_config_fields(self, geometry: Mamba2Geometry, chunk_size: int) -> dict:
         if geometry.d_inner % geometry.hidden != 0:
             raise RadError(
                 f"heads x head_dim = {geometry.d_inner} is not a multiple of hidden_size = {geometry.hidden}; "
@@ -285,7 +285,7 @@ class Mamba2(MixerKind):
             mamba_proj_bias=False,
         )
 
-    def initialise(self, mixer: nn.Module, attention: nn.Module, geometry: MixerGeometry, init: str,
+    def initialise(self, mixer: nn.Module, attention: nn.Module, geometry: Mamba2Geometry, init: str,
                    generator: torch.Generator) -> None:
         if init == "mil":
             kv_heads = attention.k_proj.weight.shape[0] // geometry.head_dim
