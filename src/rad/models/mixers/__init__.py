@@ -77,7 +77,9 @@ def mixer_output(layer_or_mixer: nn.Module, normed_hidden: torch.Tensor,
     `attention_mask` (B, T), 1 for real tokens, zeroes padded positions as the model's forward does. The
     same full-sequence code path the Hugging Face forward runs, not the decode-time recurrence.
     """
-    mixer = layer_mixer(layer_or_mixer) or layer_or_mixer
+    mixer = layer_mixer(layer_or_mixer)
+    if mixer is None:  # given the mixer itself
+        mixer = layer_or_mixer
     return mixer_kind_of(mixer).output(mixer, normed_hidden, attention_mask)
 
 
