@@ -178,7 +178,7 @@ def cache_tensor_bytes(cache) -> dict:
     """Bytes of the tensors a cache object holds: attention keys/values, Mamba2 conv and SSM states."""
     if isinstance(cache, DecodeCache):  # rad's cache is preallocated for the whole context
         kv = cache.keys.nbytes + cache.values.nbytes if cache.keys.shape[0] else 0
-        ssm = cache.conv.nbytes + cache.ssm.nbytes if cache.conv.shape[0] else 0
+        ssm = cache.state_bytes()
         return {"kv": kv, "ssm": ssm, "total": kv + ssm}
     seen: set[int] = set()
     out = {"kv": 0, "ssm": 0}

@@ -23,7 +23,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rad.models.geometry import attention_parameters, head_dim_of, resolve_geometry
+from rad.models.attention import attention_parameters, head_dim_of
+from rad.models.mixers.mamba2 import resolve_geometry
 
 logger = logging.getLogger("bench.mixer_geometry")
 GEOMETRIES = {"heads/head_dim": ("heads", None), "kv/head_dim": ("kv", None), "kv/half": ("kv", "half"),

@@ -30,7 +30,7 @@ from rad.errors import RadError
 from rad.evaluate.runner import EvalResults
 from rad.models.convert import ConversionRecord
 from rad.models.loading import load_model
-from rad.models.mamba_init import RAD_GATE_GAIN
+from rad.models.mixers.mamba2 import RAD_GATE_GAIN
 from rad.models.skip import skip_attention
 from rad.search.report import SearchResult
 from rad.stages.run_config import RunConfig

@@ -6,8 +6,8 @@ from transformers import BambaForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, convert_to_hybrid
-from rad.models.mamba_init import RAD_GATE_GAIN
-from rad.models.naming import bamba_name
+from rad.models.mixers.mamba2 import RAD_GATE_GAIN
+from rad.models.naming import hybrid_name
 from rad.models.skip import skip_attention
 
 from .conftest import FAMILIES, make_tiny
@@ -38,7 +38,7 @@ def test_zero_layers_converted_is_the_same_model(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_name_map_covers_every_parameter_of_a_hybrid(family):
-    """`bamba_name` is what both conversion and the teacher's weight sharing go by: every source parameter
+    """`hybrid_name` is what both conversion and the teacher's weight sharing go by: every source parameter
     (but a replaced attention) has a twin of equal value, and only the new mixers lack a source."""
     from rad.distill.modules import select_trainable, share_frozen_weights
 
@@ -52,7 +52,7 @@ def test_name_map_covers_every_parameter_of_a_hybrid(family):
         parts = name.split(".")
         return name.startswith("model.layers.") and int(parts[2]) in converted and parts[3] == "self_attn"
 
-    twins = {name: bamba_name(name) for name in source if not replaced(name)}
+    twins = {name: hybrid_name(name) for name in source if not replaced(name)}
     for name, twin in twins.items():
         assert twin in target, f"{name} -> {twin} is not a hybrid parameter"
         assert torch.equal(target[twin], source[name]), twin
@@ -68,7 +68,7 @@ def test_name_map_covers_every_parameter_of_a_hybrid(family):
     share_frozen_weights(teacher, hybrid)
     for name, param in teacher.named_parameters(remove_duplicate=False):
         if not replaced(name):
-            assert param.data_ptr() == target[bamba_name(name)].data_ptr(), name
+            assert param.data_ptr() == target[hybrid_name(name)].data_ptr(), name
 
 
 GEOMETRIES = [("heads", None), ("kv", None), ("kv", 4), (3, 5)]  # tiny models: 6 heads, 2 KV heads, head_dim 8

@@ -27,7 +27,7 @@ from rad.distill.modules import check_same_vocabulary, select_trainable, share_f
 from rad.distill.objective import DistillObjective
 from rad.errors import RadError
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
-from rad.models.mamba_init import RAD_GATE_GAIN
+from rad.models.mixers.mamba2 import RAD_GATE_GAIN
 from tests.conftest import REPO, SHARED_DATA, make_tiny, word_tokenizer
 
 PY = sys.executable

@@ -313,8 +313,8 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _d_state(text: str) -> int | str:
-    """--d-state as models.geometry reads it; a bad value is a usage error (exit 2, before any work)."""
-    from rad.models.geometry import parse_d_state
+    """--d-state as models/mixers/mamba2.py reads it; a bad value is a usage error (exit 2, before any work)."""
+    from rad.models.mixers.mamba2 import parse_d_state
 
     try:
         return parse_d_state(text)
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig
     from rad.evaluate.tasks import TASKS
     from rad.models.convert import ConversionConfig
-    from rad.models.mamba_init import INITS
+    from rad.models.mixers import INITS
     from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig
 
     parser = argparse.ArgumentParser(prog="rad", description="Redundancy-Aware Distillation toolkit.")

@@ -14,7 +14,7 @@ from rad.distill.modules import TRAIN_CHOICES as TRAIN_SETS
 from rad.distill.train import DistillSettings
 from rad.errors import RadError
 from rad.evaluate.runner import EvalSettings
-from rad.models.mamba_init import INITS as INIT_CHOICES
+from rad.models.mixers import INITS as INIT_CHOICES
 from rad.search.config import SearchSettings
 from rad.stages.settings import check_run_settings
 

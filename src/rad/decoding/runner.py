@@ -3,8 +3,8 @@
 Why not the model's own forward: at decode time a step moves few bytes of activations, so Python
 and dispatch overhead (mask building, cache bookkeeping, concatenating caches) decide the speed.
 This path reads each weight once per step, attends over the valid KV prefix in place (grouped-query
-heads without repeating K/V), and runs Mamba2 mixers as an exact few-token recurrence
-(`rad.ops.ssd`). Prefill uses the model's own forward (compute-bound, already good) and imports its
+heads without repeating K/V), and runs each mixer's exact few-token step (`MixerKind.decode_step`, for
+Mamba2 a recurrence in `rad.ops.ssd`). Prefill uses the model's own forward (compute-bound, already good) and imports its
 caches. The model's forward is the reference twin this path is tested against.
 """
 
@@ -19,10 +19,11 @@ from transformers import DynamicCache
 
 from rad.decoding.cache import DecodeCache, allocate_cache
 from rad.errors import RadError
+from rad.models.convert import HYBRID_MODEL_TYPE, SUPPORTED_FAMILIES
 from rad.models.layers import decoder_layers
-from rad.ops.ssd import ssd_scan_with_states
+from rad.models.mixers import MixerKind, StateSpec, mixer_kind_of, mixer_layers
 
-SUPPORTED = ("llama", "qwen2", "mistral", "bamba")
+SUPPORTED = (*SUPPORTED_FAMILIES, HYBRID_MODEL_TYPE)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,14 +38,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
 
 @dataclass
 class PendingStates:
-    """Mamba2 states after each token of one forward, per mamba layer, until `commit` picks one."""
+    """What each mixer layer's `decode_step` left for `commit`, in mixer-layer order (Mamba2: the conv inputs
+    (b, conv_dim, d_conv + t) and the SSM states after every token (b, t, heads, head_dim, d_state))."""
 
-    conv_inputs: list[torch.Tensor]  # (b, conv_dim, d_conv + t): old window then the new inputs
-    ssm_states: list[torch.Tensor]  # (b, t, heads, head_dim, d_state)
+    per_layer: list[tuple[torch.Tensor, ...]]
 
 
 class FastDecoder:
-    """Decode-time forward of a Llama / Qwen2 / Mistral model or a Bamba hybrid."""
+    """Decode-time forward of a Llama / Qwen2 / Mistral model or a rad hybrid of it."""
 
     def __init__(self, model: nn.Module):
         config = model.config
@@ -55,13 +56,14 @@ class FastDecoder:
         self.model = model
         self.config = config
         self.blocks = decoder_layers(model)
-        self.is_mamba = [hasattr(b, "mamba") for b in self.blocks]
-        self.slot: list[int] = []  # index into the cache's attention or mamba stack
-        n_attn = n_mamba = 0
-        for m in self.is_mamba:
-            self.slot.append(n_mamba if m else n_attn)
-            n_mamba, n_attn = n_mamba + m, n_attn + (not m)
-        self.n_attn, self.n_mamba = n_attn, n_mamba
+        self.mixers = mixer_layers(model)  # {layer: mixer module}
+        self.is_mixer = [i in self.mixers for i in range(len(self.blocks))]
+        self.slot: list[int] = []  # index into the cache's attention or mixer-state stacks
+        n_attn = n_mixer = 0
+        for m in self.is_mixer:
+            self.slot.append(n_mixer if m else n_attn)
+            n_mixer, n_attn = n_mixer + m, n_attn + (not m)
+        self.n_attn, self.n_mixer = n_attn, n_mixer
         self.num_heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -69,23 +71,23 @@ class FastDecoder:
         self.eps = config.rms_norm_eps
         base = model.model
         self.embed = base.embed_tokens
-        self.final_norm = base.final_layernorm if config.model_type == "bamba" else base.norm
+        self.final_norm = base.final_layernorm if hasattr(base, "final_layernorm") else base.norm
         self.lm_head = model.lm_head
         self.rotary = base.rotary_emb
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        mixer = next((b.mamba for b in self.blocks if hasattr(b, "mamba")), None)
-        self.mixer_dims = None
-        if mixer is not None:
-            self.mixer_dims = dict(
-                conv_dim=mixer.conv_dim,
-                d_conv=mixer.conv_kernel_size,
-                ssm_heads=mixer.num_heads,
-                ssm_head_dim=mixer.head_dim,
-                d_state=mixer.ssm_state_size,
-            )
+        # Every mixer of a hybrid has one kind and one geometry: the cache stacks their states.
+        self.mixer_kind: MixerKind | None = None
+        self.state_specs: tuple[StateSpec, ...] = ()
+        for i, mixer in self.mixers.items():
+            kind = mixer_kind_of(mixer)
+            specs = kind.state_specs(mixer)
+            if self.mixer_kind is not None and (kind is not self.mixer_kind or specs != self.state_specs):
+                raise RadError(f"Layer {i}'s mixer differs in kind or shape from the others; the fast decoder "
+                               "needs one mixer geometry per model.")
+            self.mixer_kind, self.state_specs = kind, specs
 
     # ----------------------------------------------------------------- caches
 
@@ -96,17 +98,16 @@ class FastDecoder:
                 "or max_new_tokens."
             )
         self._ensure_rope(max_len)
-        dims = self.mixer_dims or dict(conv_dim=1, d_conv=1, ssm_heads=1, ssm_head_dim=1, d_state=1)
         return allocate_cache(
             attn_layers=self.n_attn,
-            mamba_layers=self.n_mamba,
             batch=batch,
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             max_len=max_len,
+            mixer_layers=self.n_mixer,
+            state_specs=self.state_specs,
             dtype=self.dtype,
             device=self.device,
-            **dims,
         )
 
     def _ensure_rope(self, max_len: int) -> None:
@@ -131,9 +132,8 @@ class FastDecoder:
         out = self.model(input_ids=input_ids, cache=hf_cache, use_cache=True, logits_to_keep=1)
         for i, layer in enumerate(hf_cache.layers):
             j = self.slot[i]
-            if self.is_mamba[i]:
-                cache.conv[j].copy_(layer.conv_states[0][..., -cache.conv.shape[-1] :])
-                cache.ssm[j].copy_(layer.recurrent_states[0])
+            if self.is_mixer[i]:
+                self.mixer_kind.import_prefill_states(layer, cache.layer_states(j))
             else:
                 cache.keys[j, :, :, :t].copy_(layer.keys)
                 cache.values[j, :, :, :t].copy_(layer.values)
@@ -149,7 +149,7 @@ class FastDecoder:
         """Logits (b, t, V) for `input_ids` at positions [cache.length, +t).
 
         Keys and values are written in place (positions past `length` are overwritten later if
-        rejected); Mamba2 states are returned, not applied: `commit` keeps the state after the n-th token.
+        rejected); mixer states are returned, not applied: `commit` keeps the state after the n-th token.
         `skip` lists layers whose attention is skipped (the draft model); they read and write nothing.
         """
         b, t = input_ids.shape
@@ -164,12 +164,14 @@ class FastDecoder:
             k_pos = torch.arange(pos + t, device=self.device)
             mask = torch.zeros(t, pos + t, device=self.device, dtype=self.dtype)
             mask.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        pending = PendingStates([], [])
+        pending = PendingStates([])
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            if self.is_mamba[i]:
+            if self.is_mixer[i]:
                 h = _rms_norm(x, block.input_layernorm.weight, self.eps)
-                x = x + self._mamba(block.mamba, h, cache, self.slot[i], pending)
+                out, layer_pending = self.mixer_kind.decode_step(self.mixers[i], h, cache.layer_states(self.slot[i]))
+                pending.per_layer.append(layer_pending)
+                x = x + out
             elif i not in skip:
                 h = _rms_norm(x, block.input_layernorm.weight, self.eps)
                 x = x + self._attention(block.self_attn, h, cache, self.slot[i], pos, cos, sin, mask)
@@ -181,11 +183,9 @@ class FastDecoder:
         return self.lm_head(x).float(), pending
 
     def commit(self, cache: DecodeCache, pending: PendingStates, n: int) -> None:
-        """Keep the first `n` tokens of the last forward: advance `length`, set the Mamba2 states after token n."""
-        d_conv = cache.conv.shape[-1]
-        for j, (inputs, states) in enumerate(zip(pending.conv_inputs, pending.ssm_states, strict=True)):
-            cache.conv[j].copy_(inputs[..., n : n + d_conv])
-            cache.ssm[j].copy_(states[:, n - 1])
+        """Keep the first `n` tokens of the last forward: advance `length`, set the mixer states after token n."""
+        for j, layer_pending in enumerate(pending.per_layer):
+            self.mixer_kind.commit(cache.layer_states(j), layer_pending, n)
         cache.length += n
 
     def _attention(self, attn, h, cache: DecodeCache, j: int, pos: int, cos, sin, mask) -> torch.Tensor:
@@ -210,38 +210,3 @@ class FastDecoder:
         probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         out = torch.matmul(probs, values).view(b, self.num_heads, t, hd).transpose(1, 2).reshape(b, t, -1)
         return attn.o_proj(out)
-
-    def _mamba(self, mixer, h, cache: DecodeCache, j: int, pending: PendingStates) -> torch.Tensor:
-        b, t, _ = h.shape
-        heads, p, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
-        d_inner = mixer.intermediate_size
-        zxbcdt = mixer.in_proj(h)
-        z, xbc, dt = zxbcdt.split([d_inner, mixer.conv_dim, heads], dim=-1)
-        inputs = torch.cat([cache.conv[j], xbc.transpose(1, 2)], dim=-1)  # (b, conv_dim, d_conv + t)
-        # Depthwise causal conv as a windowed multiply-add: for a few tokens this is far cheaper than
-        # F.conv1d's oneDNN path (~0.3 ms per call here for 4 taps).
-        windows = inputs[..., 1:].unfold(-1, mixer.conv_kernel_size, 1)  # (b, conv_dim, t, d_conv)
-        conv = (windows * mixer.conv1d.weight[:, 0, None, :]).sum(-1)
-        if mixer.conv1d.bias is not None:
-            conv = conv + mixer.conv1d.bias[:, None]
-        xbc = F.silu(conv).transpose(1, 2)  # (b, t, conv_dim)
-        x, B, C = xbc.split([d_inner, groups * n, groups * n], dim=-1)
-        dt = F.softplus(dt.float() + mixer.dt_bias.float())
-        low, high = mixer.time_step_limit
-        if low > 0.0 or high != float("inf"):
-            dt = dt.clamp(low, high)
-        B = B.reshape(b, t, groups, n)
-        C = C.reshape(b, t, groups, n)
-        if groups != heads:
-            B = B.repeat_interleave(heads // groups, dim=2)
-            C = C.repeat_interleave(heads // groups, dim=2)
-        A = -torch.exp(mixer.A_log.float())
-        y, states = ssd_scan_with_states(cache.ssm[j], x.reshape(b, t, heads, p), dt, A, B, C, mixer.D.float())
-        pending.conv_inputs.append(inputs)
-        pending.ssm_states.append(states)
-        y = y.reshape(b, t, d_inner) * F.silu(z.float())
-        norm = mixer.norm
-        yg = y.view(b, t, groups, d_inner // groups) if norm.group_size != d_inner else y[..., None, :]
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        y = norm.weight * yg.reshape(b, t, d_inner)
-        return mixer.out_proj(y.to(h.dtype))

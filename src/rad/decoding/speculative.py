@@ -151,9 +151,10 @@ def _check_inputs(model, input_ids: torch.Tensor, skip_layers, max_new_tokens: i
     bad = [i for i in skip if not 0 <= i < n]
     if bad:
         raise RadError(f"Cannot skip layer {bad[0]}: the model has layers 0..{n - 1}.")
-    mamba = [i for i in skip if decoder.is_mamba[i]]
-    if mamba:
-        raise RadError(f"Cannot skip layer {mamba[0]}: it is a Mamba2 mixer; only attention can be skipped.")
+    mixers = [i for i in skip if decoder.is_mixer[i]]
+    if mixers:
+        raise RadError(f"Cannot skip layer {mixers[0]}: it is a {decoder.mixer_kind.title} mixer; only attention "
+                       "can be skipped.")
     return decoder, skip
 
 
@@ -161,10 +162,10 @@ def _draft(run: _Run, token: int, steps: int, stop_below: float | None) -> tuple
     """Up to `steps` draft tokens after `token`, and (sampling) the draft distribution of each.
 
     Stops early once the draft's probability of its own token falls below `stop_below`. The cache is left
-    as it was: the KV length is reset and a hybrid's Mamba2 states are restored from a snapshot.
+    as it was: the KV length is reset and a hybrid's mixer states are restored from a snapshot.
     """
     decoder, cache = run.decoder, run.cache
-    snapshot = cache.snapshot_recurrent() if decoder.n_mamba else None
+    snapshot = cache.snapshot_recurrent() if decoder.n_mixer else None
     base = cache.length
     proposals: list[int] = []
     draft_probs: list[torch.Tensor] = []

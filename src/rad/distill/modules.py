@@ -3,7 +3,7 @@
 In RAD self-distillation the teacher is the source Transformer, and the student is that same network
 with a few attention layers replaced. Every other weight is identical and frozen, so the teacher can
 point at the student's tensors instead of holding a second copy: only the replaced attention layers
-(and whatever trains) keep teacher-owned tensors. Twins are found by `rad.models.naming.bamba_name`, the
+(and whatever trains) keep teacher-owned tensors. Twins are found by `rad.models.naming.hybrid_name`, the
 map the conversion itself copies by.
 """
 
@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from rad.errors import RadError
-from rad.models.layers import decoder_layers, mamba_layer_indices
-from rad.models.naming import bamba_name
+from rad.models.layers import decoder_layers
+from rad.models.mixers import converted_layers, is_mixer_parameter
+from rad.models.naming import hybrid_mlp_prefix, hybrid_name
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +29,18 @@ def select_trainable(student: nn.Module, train: str) -> list[str]:
     """Freeze everything but `train` ('mixers', 'mixers+mlp' or 'all'); return the trainable names."""
     if train not in TRAIN_CHOICES:
         raise RadError(f"Unknown --train {train!r}; choose one of {', '.join(TRAIN_CHOICES)}.")
-    mixers = set(mamba_layer_indices(student))
+    mixers = converted_layers(student)
     if not mixers and train != "all":
-        raise RadError("The student has no Mamba2 mixers to train; convert some layers first or use --train all.")
+        raise RadError("The student has no mixers to train; convert some layers first or use --train all.")
+    mixer_mlps = tuple(hybrid_mlp_prefix(i) for i in mixers)
     names = []
     for name, param in student.named_parameters():
-        parts = name.split(".")
-        in_mixer_layer = name.startswith("model.layers.") and int(parts[2]) in mixers
         if train == "all":
             keep = True
         elif train == "mixers":
-            keep = in_mixer_layer and parts[3] == "mamba"
+            keep = is_mixer_parameter(name)
         else:
-            keep = in_mixer_layer and parts[3] in ("mamba", "feed_forward")
+            keep = is_mixer_parameter(name) or name.startswith(mixer_mlps)
         param.requires_grad_(keep)
         if keep:
             names.append(name)
@@ -71,7 +71,7 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module) -> SharingRepor
     shared = shared_bytes = own = 0
     owned_ids: set[int] = set()
     for name, param in list(teacher.named_parameters(remove_duplicate=False)):
-        twin = student_params.get(bamba_name(name))
+        twin = student_params.get(hybrid_name(name))
         module_name, _, leaf = name.rpartition(".")
         module = teacher.get_submodule(module_name)
         if (
@@ -96,9 +96,9 @@ def share_frozen_weights(teacher: nn.Module, student: nn.Module) -> SharingRepor
 
 
 def replaced_attention_layers(teacher: nn.Module, student: nn.Module) -> list[int]:
-    """Indices where the student has a Mamba2 mixer and the teacher an attention layer."""
+    """Indices where the student has a mixer and the teacher an attention layer."""
     t_layers = decoder_layers(teacher)
-    return [i for i in mamba_layer_indices(student) if i < len(t_layers) and hasattr(t_layers[i], "self_attn")]
+    return [i for i in converted_layers(student) if i < len(t_layers) and hasattr(t_layers[i], "self_attn")]
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> None:

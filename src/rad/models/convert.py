@@ -1,8 +1,10 @@
-"""Turn a Llama / Qwen2 / Mistral model into a stock transformers `BambaForCausalLM` hybrid.
+"""Turn a Llama / Qwen2 / Mistral model into a stock transformers `BambaForCausalLM` hybrid: the HF-format writer.
 
-Converted layers keep their MLP and both RMSNorms; their attention becomes a Mamba2 mixer with one SSM
+Converted layers keep their MLP and both RMSNorms; their attention becomes a mixer (today Mamba2, with one SSM
 head per attention head and head_dim channels each, so the attention's `o_proj` fits the mixer's
-`out_proj`. The result loads with plain `AutoModelForCausalLM.from_pretrained`, without rad.
+`out_proj`). This module knows the Bamba checkpoint format; how a mixer is shaped, configured and
+initialised it asks the mixer seam (`rad.models.mixers`). The result loads with plain
+`AutoModelForCausalLM.from_pretrained`, without rad.
 """
 
 from __future__ import annotations
@@ -18,32 +20,34 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 from rad.errors import RadError
-from rad.models.geometry import (
-    MixerGeometry,
-    attention_parameters,
-    parse_d_state,
-    parse_groups,
-    resolve_geometry,
-)
+from rad.models.attention import attention_parameters, head_dim_of
 from rad.models.layers import decoder_layers, validate_layers
-from rad.models.mamba_init import INIT_DEFAULTS, INITS, mil_init, rad_init, rad_zero_in_proj_init, random_init
-from rad.models.naming import bamba_name
+from rad.models.mixers import (
+    DEFAULT_MIXER,
+    MixerGeometry,
+    MixerKind,
+    is_mixer_parameter,
+    layer_mixer,
+    mixer_kind,
+)
+from rad.models.naming import hybrid_name
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+HYBRID_MODEL_TYPE = "bamba"  # the `model_type` of every hybrid rad writes
 CONVERSION_FILE = "rad_conversion.json"
 
 
 @dataclass
 class ConversionConfig:
-    """Which layers to convert and how to initialise their Mamba2 mixers.
+    """Which layers to convert and how to initialise their mixers (of the seam's `DEFAULT_MIXER` kind).
 
-    `n_groups` ("heads", "kv" or a number; None: the init's default in `INIT_DEFAULTS`) and `d_state`
-    (None: the attention head_dim) set the mixer's size (see models/geometry.py); `mil` needs a group per
-    head and d_state = head_dim.
+    `n_groups` ("heads", "kv" or a number; None: the init's default in the kind's `init_defaults`) and
+    `d_state` (None: the attention head_dim) set the mixer's size (see models/mixers/mamba2.py); `mil` needs a
+    group per head and d_state = head_dim.
     """
 
     layers: list[int] = field(default_factory=list)
@@ -55,14 +59,10 @@ class ConversionConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.init not in INITS:
-            raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(INITS)}.")
-        if self.n_groups is None:
-            self.n_groups = INIT_DEFAULTS[self.init].n_groups
-            if self.d_state is None:
-                self.d_state = INIT_DEFAULTS[self.init].d_state
-        self.n_groups = parse_groups(self.n_groups)
-        self.d_state = parse_d_state(self.d_state)
+        kind = mixer_kind(DEFAULT_MIXER)
+        if self.init not in kind.inits:
+            raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(kind.inits)}.")
+        self.n_groups, self.d_state = kind.settings(self.init, self.n_groups, self.d_state)
         for name in ("chunk_size", "d_conv"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -70,19 +70,17 @@ class ConversionConfig:
 
 
 def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> BambaForCausalLM:
-    """A new Bamba hybrid computing what `model` computes, with `config.layers` turned into Mamba2 mixers."""
+    """A new Bamba hybrid computing what `model` computes, with `config.layers` turned into mixers."""
     src = model.config
     _check_supported(model)
     num_layers = src.num_hidden_layers
     layers = validate_layers(list(config.layers), num_layers)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    geometry = resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
-    if config.init == "mil" and (geometry.n_groups != geometry.heads or geometry.d_state != geometry.head_dim):
-        raise RadError(f"The 'mil' init copies k and q into B and C, so it needs n_groups = heads ({geometry.heads}) "
-                       f"and d_state = head_dim ({geometry.head_dim}); got {geometry.n_groups} and "
-                       f"{geometry.d_state}. Use --n-groups heads without --d-state, or another init.")
-    hybrid_config = hybrid_config_from(src, layers, config, device, geometry)
+    kind = mixer_kind(DEFAULT_MIXER)
+    geometry = kind.resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
+    kind.check_init(config.init, geometry)
+    hybrid_config = hybrid_config_from(src, layers, config, device, geometry, kind)
 
     with torch.device(device):
         hybrid = BambaForCausalLM._from_config(
@@ -92,29 +90,18 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
     generator = torch.Generator(device=device).manual_seed(config.seed)
     src_blocks, dst_blocks = decoder_layers(model), decoder_layers(hybrid)
     for i in layers:
-        attention, mixer = src_blocks[i].self_attn, dst_blocks[i].mamba
-        if config.init == "rad":
-            rad_init(mixer, attention, generator)
-        elif config.init == "rad-zero-in-proj":
-            rad_zero_in_proj_init(mixer, attention, generator)
-        elif config.init == "mil":
-            mil_init(mixer, attention, generator, num_kv_heads=src.num_key_value_heads)
-        else:
-            random_init(mixer, attention, generator)
+        kind.initialise(layer_mixer(dst_blocks[i]), src_blocks[i].self_attn, geometry, config.init, generator)
     hybrid.generation_config = model.generation_config
     hybrid.eval()
     return hybrid
 
 
 def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device: torch.device,
-                       geometry: MixerGeometry) -> BambaConfig:
-    heads, head_dim, hidden = src.num_attention_heads, _head_dim(src), src.hidden_size
-    d_inner = heads * head_dim
-    if d_inner % hidden != 0:
-        raise RadError(
-            f"heads x head_dim = {d_inner} is not a multiple of hidden_size = {hidden}; Bamba's Mamba2 mixer "
-            "needs d_inner = expand x hidden_size with an integer expand, so o_proj cannot be reused here."
-        )
+                       geometry: MixerGeometry, kind: MixerKind | None = None) -> BambaConfig:
+    """The hybrid's BambaConfig: the source's shapes, `layers` as mixers whose keys the mixer kind adds."""
+    kind = kind or mixer_kind(DEFAULT_MIXER)
+    mixer_fields = kind.hf_config_fields(geometry, config.chunk_size or default_chunk_size(device))
+    heads, head_dim, hidden = src.num_attention_heads, head_dim_of(src), src.hidden_size
     rope = dict(src.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     rope["partial_rotary_factor"] = 1.0  # Bamba rotates half of each head by default; the source rotates all
     kept = [i for i in range(src.num_hidden_layers) if i not in set(layers)]
@@ -139,15 +126,7 @@ def hybrid_config_from(src, layers: list[int], config: ConversionConfig, device:
         mlp_bias=bool(getattr(src, "mlp_bias", False)),
         rope_parameters=rope,
         attn_layer_indices=kept,
-        mamba_n_heads=heads,
-        mamba_d_head=head_dim,
-        mamba_n_groups=geometry.n_groups,
-        mamba_d_state=geometry.d_state,
-        mamba_d_conv=config.d_conv,
-        mamba_expand=d_inner // hidden,
-        mamba_chunk_size=config.chunk_size or default_chunk_size(device),
-        mamba_conv_bias=True,
-        mamba_proj_bias=False,
+        **mixer_fields,
     )
 
 
@@ -200,8 +179,9 @@ def _has_qkv_bias(src) -> bool:
     return src.model_type == "qwen2" or bool(getattr(src, "attention_bias", False))
 
 
-def _head_dim(src) -> int:
-    return getattr(src, "head_dim", None) or src.hidden_size // src.num_attention_heads
+def is_hybrid_config(config) -> bool:
+    """Whether a (loaded) config is a hybrid of the kind rad writes."""
+    return getattr(config, "model_type", None) == HYBRID_MODEL_TYPE
 
 
 def _check_supported(model: PreTrainedModel) -> None:
@@ -230,7 +210,7 @@ def _check_supported(model: PreTrainedModel) -> None:
 
 @torch.no_grad()
 def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, converted: set[int]) -> None:
-    """Copy every source weight to its `bamba_name` twin; fail if any hybrid weight but a mixer is left unset."""
+    """Copy every source weight to its `hybrid_name` twin; fail if any hybrid weight but a mixer is left unset."""
     source = model.state_dict()
     target = hybrid.state_dict()
     copied: set[str] = set()
@@ -238,7 +218,7 @@ def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, conve
         parts = key.split(".")
         if key.startswith("model.layers.") and parts[3] == "self_attn" and int(parts[2]) in converted:
             continue  # read by the mixer init instead
-        new_key = bamba_name(key)
+        new_key = hybrid_name(key)
         if new_key not in target:
             raise RadError(f"Conversion bug: source weight {key} has no place ({new_key}) in the hybrid.")
         target[new_key].copy_(value)
@@ -246,8 +226,7 @@ def _copy_shared_weights(model: PreTrainedModel, hybrid: BambaForCausalLM, conve
     for key, value in target.items():
         if key in copied:
             continue
-        parts = key.split(".")
-        if key.startswith("model.layers.") and parts[3] == "mamba":
+        if is_mixer_parameter(key):
             continue  # initialised by the chosen init
         if key.endswith("self_attn.o_proj.bias"):
             value.zero_()  # Qwen2 has q/k/v biases only; Bamba's attention_bias adds one to o_proj too
@@ -308,7 +287,8 @@ def package_versions() -> dict:
 def conversion_record(source_model: str, model: PreTrainedModel, config: ConversionConfig) -> ConversionRecord:
     layers = sorted(config.layers)
     n = model.config.num_hidden_layers
-    geometry = resolve_geometry(model.config, config.n_groups, config.d_state, config.d_conv)
+    geometry = mixer_kind(DEFAULT_MIXER).resolve_geometry(model.config, config.n_groups, config.d_state,
+                                                          config.d_conv)
     return ConversionRecord(
         source_model=source_model,
         source_family=model.config.model_type,
@@ -318,8 +298,7 @@ def conversion_record(source_model: str, model: PreTrainedModel, config: Convers
         init=config.init,
         config=asdict(config),
         versions=package_versions(),
-        geometry={"n_groups": geometry.n_groups, "d_state": geometry.d_state, "d_conv": geometry.d_conv,
-                  "mixer_parameters": geometry.parameters(),
+        geometry={**geometry.record(), "mixer_parameters": geometry.parameters(),
                   "attention_parameters": attention_parameters(model.config, _has_qkv_bias(model.config))},
     )
 

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rad.models.geometry import attention_parameters
+from rad.models.attention import attention_parameters, head_dim_of
 from rad.models.layers import decoder_layers
+from rad.models.mixers import MIXER_KINDS, mixer_kind, mixer_kind_of, mixer_layers
 
 
 @dataclass
 class ModelInfo:
     family: str
     num_layers: int
-    layer_map: list[str]  # "attention" or "mamba2", per layer
-    parameters: dict[str, int]  # total, embeddings, attention, mamba2, mlp, norms
+    layer_map: list[str]  # "attention" or the mixer kind's name ("mamba2"), per layer
+    parameters: dict[str, int]  # total, embeddings, attention, one per mixer kind (mamba2), mlp, norms
     dtype: str
     kv_bytes_per_token: int  # grows with context
     ssm_state_bytes: int  # per sequence, constant in context length
     all_attention_kv_bytes_per_token: int  # the same model with every layer attention (the source)
-    # One Mamba2 mixer's geometry and parameters next to one attention layer's (None on a plain Transformer)
+    # One mixer's geometry and parameters next to one attention layer's (None on a plain Transformer)
     mixer: dict | None = None
     loader_notes: list[str] = field(default_factory=list)  # what loaders other than transformers >= 5 get wrong
 
@@ -37,8 +39,11 @@ class ModelInfo:
 def model_info(model: nn.Module) -> ModelInfo:
     config = model.config
     blocks = decoder_layers(model)
-    layer_map = ["mamba2" if hasattr(b, "mamba") else "attention" for b in blocks]
-    counts = {"embeddings": 0, "attention": 0, "mamba2": 0, "mlp": 0, "norms": 0, "lm_head": 0}
+    mixers = mixer_layers(model)
+    kinds = {i: mixer_kind_of(mixer) for i, mixer in mixers.items()}
+    layer_map = [kinds[i].name if i in kinds else "attention" for i in range(len(blocks))]
+    counts = {"embeddings": 0, "attention": 0, **{name: 0 for name in MIXER_KINDS}, "mlp": 0, "norms": 0,
+              "lm_head": 0}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=True):
         if id(p) in seen:
@@ -48,8 +53,8 @@ def model_info(model: nn.Module) -> ModelInfo:
             counts["embeddings"] += p.numel()
         elif ".self_attn." in name:
             counts["attention"] += p.numel()
-        elif ".mamba." in name:
-            counts["mamba2"] += p.numel()
+        elif (kind := next((k for k in MIXER_KINDS.values() if k.is_mixer_parameter(name)), None)) is not None:
+            counts[kind.name] += p.numel()
         elif ".mlp." in name or ".feed_forward." in name:
             counts["mlp"] += p.numel()
         elif name.startswith("lm_head"):
@@ -59,16 +64,13 @@ def model_info(model: nn.Module) -> ModelInfo:
     counts["total"] = sum(counts.values())
     dtype = next(model.parameters()).dtype
     elem = torch.empty((), dtype=dtype).element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_layer = 2 * config.num_key_value_heads * head_dim * elem
+    kv_per_layer = 2 * config.num_key_value_heads * head_dim_of(config) * elem
     n_attn = layer_map.count("attention")
     ssm_bytes = 0
-    for block in blocks:
-        mixer = getattr(block, "mamba", None)
-        if mixer is not None:
-            # Recurrent state is kept in float32 by the chunked scan; the conv window in the model dtype.
-            ssm_bytes += mixer.num_heads * mixer.head_dim * mixer.ssm_state_size * 4
-            ssm_bytes += mixer.conv_dim * mixer.conv_kernel_size * elem
+    for i, mixer in mixers.items():
+        for spec in kinds[i].state_specs(mixer):  # each state in its own dtype, else the model's
+            size = torch.empty((), dtype=spec.dtype).element_size() if spec.dtype is not None else elem
+            ssm_bytes += math.prod(spec.shape) * size
     return ModelInfo(
         mixer=_mixer_summary(model),
         family=config.model_type,
@@ -85,13 +87,12 @@ def model_info(model: nn.Module) -> ModelInfo:
 
 def _mixer_summary(model: nn.Module) -> dict | None:
     """Measured on the first mixer (all mixers of a hybrid share one geometry), against the formula's attention."""
-    mixers = [b.mamba for b in decoder_layers(model) if hasattr(b, "mamba")]
+    mixers = list(mixer_layers(model).values())
     if not mixers:
         return None
     mixer, config = mixers[0], model.config
     return {
-        "n_groups": mixer.n_groups,
-        "d_state": mixer.ssm_state_size,
+        **mixer_kind_of(mixer).describe(mixer),
         "parameters": sum(p.numel() for p in mixer.parameters()),
         "attention_parameters": attention_parameters(config, bias=bool(getattr(config, "attention_bias", False))),
     }
@@ -100,9 +101,10 @@ def _mixer_summary(model: nn.Module) -> dict | None:
 def _loader_notes(config) -> list[str]:
     """For a Bamba hybrid: `convert.loader_warnings`, plus whether the folder it was loaded from lacks the
     top-level RoPE keys older loaders read (a folder re-saved by plain transformers 5 drops them)."""
-    if config.model_type != "bamba":
+    from rad.models.convert import LOADER_KEYS, is_hybrid_config, loader_keys, loader_warnings
+
+    if not is_hybrid_config(config):
         return []
-    from rad.models.convert import LOADER_KEYS, loader_keys, loader_warnings
 
     notes = loader_warnings(config)
     path = Path(str(getattr(config, "_name_or_path", "") or "")) / "config.json"
@@ -119,20 +121,22 @@ def _loader_notes(config) -> list[str]:
 
 
 def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a ConversionRecord
-    marks = "".join("A" if kind == "attention" else "M" for kind in info.layer_map)
+    kinds = [mixer_kind(name) for name in MIXER_KINDS if name in info.layer_map]
+    marks = "".join("A" if name == "attention" else mixer_kind(name).title[0] for name in info.layer_map)
+    legend = ", ".join(f"{kind.title[0]} = {kind.title}" for kind in kinds or [mixer_kind()])
     lines = [
         f"family       {info.family}  ({info.num_layers} layers, {info.dtype})",
-        f"layer map    {marks}   (A = attention, M = Mamba2)",
+        f"layer map    {marks}   (A = attention, {legend})",
     ]
-    mamba = [i for i, k in enumerate(info.layer_map) if k == "mamba2"]
-    if mamba:
-        lines.append(f"mamba2       layers {','.join(map(str, mamba))}")
+    for kind in kinds:
+        converted = [i for i, name in enumerate(info.layer_map) if name == kind.name]
+        lines.append(f"{kind.name:<12} layers {','.join(map(str, converted))}")
     if conversion:
         lines.append(f"converted    from {conversion.source_model} with init '{conversion.init}'")
     if info.mixer:
         m = info.mixer
         lines.append(
-            f"mixer        {m['n_groups']} SSM groups, d_state {m['d_state']}: {m['parameters'] / 1e6:.3f}M parameters "
+            f"mixer        {(kinds or [mixer_kind()])[0].describe_text(m)}: {m['parameters'] / 1e6:.3f}M parameters "
             f"each vs {m['attention_parameters'] / 1e6:.3f}M in the attention it replaces "
             f"({m['parameters'] / m['attention_parameters']:.2f}x)"
         )
@@ -140,7 +144,7 @@ def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a Conve
     lines.append(
         "parameters   "
         + f"{p['total'] / 1e6:.2f}M total: "
-        + ", ".join(f"{k} {p[k] / 1e6:.2f}M" for k in ("embeddings", "attention", "mamba2", "mlp", "norms", "lm_head"))
+        + ", ".join(f"{k} {p[k] / 1e6:.2f}M" for k in ("embeddings", "attention", *MIXER_KINDS, "mlp", "norms", "lm_head"))
     )
     lines.append(
         f"KV cache     {info.kv_bytes_per_token:,} B/token "

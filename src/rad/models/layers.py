@@ -23,10 +23,6 @@ def attention_layer_indices(model: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "self_attn")]
 
 
-def mamba_layer_indices(model: nn.Module) -> list[int]:
-    return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(layer, "mamba")]
-
-
 def parse_layers(spec: str | list[int] | tuple[int, ...], num_layers: int, *, allow_empty: bool = True) -> list[int]:
     """Layer indices from '3,7,11', 'uniform:K', 'first:K', 'last:K', or a list; validated and sorted.
 

@@ -19,8 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from rad.errors import RadError
 from rad.model_aliases import ALIASES, cache_root
+from rad.models.mixers import load_overrides
 from rad.utils.atomic import atomic_directory
-from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
+from rad.utils.devices import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,7 @@ def _load_hub(
 
 
 def _config_overrides(config, chunk_size: int | None, device: torch.device) -> dict:
-    if getattr(config, "model_type", None) == "bamba":
-        return {"mamba_chunk_size": chunk_size or default_chunk_size(device)}
-    return {}
+    return load_overrides(config, chunk_size, device)
 
 
 def _check_loading_info(info: dict, model: PreTrainedModel, where: str) -> None:

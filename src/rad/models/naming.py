@@ -17,8 +17,13 @@ RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def bamba_name(name: str) -> str:
-    """The Bamba name of a Llama / Qwen2 / Mistral parameter or state-dict key."""
+def hybrid_name(name: str) -> str:
+    """The hybrid's (Bamba's) name of a Llama / Qwen2 / Mistral parameter or state-dict key."""
     for old, new in RENAMES:
         name = name.replace(old, new)
     return name
+
+
+def hybrid_mlp_prefix(layer: int) -> str:
+    """The state-dict prefix of layer `layer`'s MLP in a hybrid, e.g. 'model.layers.3.feed_forward.'."""
+    return hybrid_name(f"model.layers.{layer}.mlp.")
