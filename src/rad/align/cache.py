@@ -2,7 +2,8 @@
 
 Epoch 1 computes the pairs of each step with the teacher and writes them as one safetensors shard per step
 (bf16, written to a temporary name and renamed, so a killed run leaves whole shards or none); later epochs read
-the shards in a reshuffled order. `align_cache.json` records what the pairs were made from (teacher, data,
+the shards in a reshuffled order. A bf16 teacher's pairs round-trip exactly, so with a bf16 pass a shard already
+there (another run's with the same identity, or before a resume) also replaces the teacher in epoch 1. `align_cache.json` records what the pairs were made from (teacher, data,
 layers, batch, precision); a cache made with anything else is refused, never silently reused. The space it
 needs is computed and checked before anything is written.
 """
