@@ -322,6 +322,66 @@ def _d_state(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+# ---------------------------------------------------------------- rad align (one block: command and its flags)
+
+
+def _cmd_align(args: argparse.Namespace) -> None:
+    from rad.align import AlignConfig, run_align
+    from rad.align.train import DEFAULT_DATA, DEFAULT_SEQ_LEN
+    from rad.distill import DataConfig
+
+    config = AlignConfig(
+        hybrid=args.hybrid, out=args.out, teacher=args.teacher, cache=args.cache, precision=args.precision,
+        resume=args.resume, device=args.device, seed=args.seed, progress=not args.no_progress,
+        kl_eval=not args.no_kl, tensorboard=not args.no_tensorboard,
+        data=DataConfig(spec=args.data or DEFAULT_DATA, seq_len=args.seq_len or DEFAULT_SEQ_LEN,
+                        eval_examples=args.eval_examples, max_examples=args.max_examples, seed=args.seed),
+        **_given(steps=args.steps, epochs=args.epochs, batch=args.batch, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                 min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
+                 eval_sequences=args.eval_sequences, save_every=args.save_every),
+    )
+    result = run_align(config)
+    first, final = result.summary.first_eval, result.summary.final_eval
+    if first is not None and final is not None:
+        kl = f"; held-out KL {first.eval_kl:.4f} -> {final.eval_kl:.4f}" if final.eval_kl is not None \
+            and first.eval_kl is not None else ""
+        print(f"Aligned {len(result.summary.layers)} mixers in {result.steps} steps: held-out relative error "
+              f"{first.mean_relative_error:.4f} -> {final.mean_relative_error:.4f}{kl}")
+    print(f"Aligned hybrid saved to {result.student_dir} (continue with `rad distill {result.student_dir}`)")
+
+
+def _add_align_parser(sub) -> None:
+    p = sub.add_parser("align", help="train each new mixer to reproduce the attention it replaced, layer-locally "
+                                     "(before distillation)")
+    p.add_argument("hybrid", help="a hybrid folder written by `rad convert`")
+    p.add_argument("--out", required=True, help="output folder: checkpoints, logs, summary.json, student/")
+    p.add_argument("--teacher", default=None, help="teacher model (default: the hybrid's source model)")
+    p.add_argument("--data", default=None, help="as rad distill's --data (default: gsm8k+mbpp)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per epoch (default 32)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the first epoch's rows (default 1)")
+    p.add_argument("--cache", default=None, help="folder for the teacher's pairs, read by epochs after the first")
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of the steps (default 0)")
+    p.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a share of --lr (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping per mixer (default 1.0)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="teacher pass precision (auto: bf16 on CUDA or a CPU with AVX512-BF16/AMX)")
+    p.add_argument("--eval-examples", type=int, default=None, help="records held out (default: 2%%)")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="held-out relative error every N steps too")
+    p.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (default 16)")
+    p.add_argument("--no-kl", action="store_true", help="skip the held-out KL at the start and the end")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval (default 16)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="JSONL log only")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_align, dtype=None)  # the hybrid trains in float32; the teacher follows --precision
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The choices come from the modules that own them (importing them costs the torch import, which every
     # command but `rad data` pays anyway).
@@ -528,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=_cmd_distill)
+    _add_align_parser(sub)
     return parser
 
 

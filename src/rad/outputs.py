@@ -64,6 +64,7 @@ SEARCH = OutputKind("rad search", "search.json or study.db",
 DISTILL = OutputKind("rad distill", "log.jsonl, checkpoints/ or its config.json",
                      lambda f: _any_of("log.jsonl", "checkpoints", "summary.json")(f)
                      or _mapping_with("config.json", {"hybrid", "out", "train", "steps"}, json.loads)(f))
+ALIGN = OutputKind("rad align", "align_config.json", _any_of("align_config.json"))
 EVAL = OutputKind("rad eval", "comparison.md or <model>/<task>.meta.json", _eval_folder)
 RUN = OutputKind("rad run", "config.yaml", _mapping_with("config.yaml", {"model", "search", "distill", "eval"},
                                                         yaml.safe_load))

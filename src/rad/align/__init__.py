@@ -1,0 +1,13 @@
+"""Layer-local alignment of a rad hybrid's mixers to the attention they replaced (`rad align`), before KD."""
+
+from rad.align.train import (
+    DEFAULT_LR,
+    AlignConfig,
+    AlignEval,
+    AlignResult,
+    AlignSettings,
+    AlignSummary,
+    run_align,
+)
+
+__all__ = ["DEFAULT_LR", "AlignConfig", "AlignEval", "AlignResult", "AlignSettings", "AlignSummary", "run_align"]
