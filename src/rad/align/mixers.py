@@ -1,9 +1,8 @@
-"""The one adapter between alignment and a hybrid's mixers: which layers were converted, and a mixer run alone.
+"""What alignment asks of a hybrid's mixers, answered by the mixer seam (`rad.models.mixers`).
 
-Alignment needs two things from a hybrid and nothing else: the indices of its converted layers, and the output of
-one layer's mixer for a given (already normalised) input. Both live here so that a general mixer seam in
-`rad.models` can replace these bodies without touching the training loop. Today they read a stock
-`BambaForCausalLM`: a converted layer holds `layer.mamba`, called the way Bamba's own decoder layer calls it.
+Alignment needs three things: the indices of the converted layers, the output of one layer's mixer for a given
+(already normalised) input, and which parameters are that mixer's. The seam owns all three; these thin names keep
+the training loop's vocabulary (a layer index) and add the teacher's side: its token mixer at a layer.
 """
 
 from __future__ import annotations
@@ -11,42 +10,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rad.models.layers import decoder_layers, mamba_layer_indices
+from rad.errors import RadError
+from rad.models.layers import decoder_layers
+from rad.models.mixers import converted_layers, layer_mixer
+from rad.models.mixers import mixer_output as seam_mixer_output
 
-
-def converted_layers(hybrid: nn.Module) -> list[int]:
-    """Indices of the layers whose attention was replaced by a mixer (ascending)."""
-    return mamba_layer_indices(hybrid)
+__all__ = ["converted_layers", "mixer_module", "mixer_output", "mixer_parameter_prefix", "token_mixer_of"]
 
 
 def mixer_module(hybrid: nn.Module, layer: int) -> nn.Module:
     """The mixer of converted layer `layer`: the module whose parameters alignment trains."""
-    return decoder_layers(hybrid)[layer].mamba
+    mixer = layer_mixer(decoder_layers(hybrid)[layer])
+    if mixer is None:
+        raise RadError(f"Layer {layer} of the hybrid has no mixer; align only converted layers.")
+    return mixer
 
 
-def mixer_parameter_prefix(layer: int) -> str:
+def mixer_parameter_prefix(hybrid: nn.Module, layer: int) -> str:
     """The name prefix of layer `layer`'s mixer parameters in the hybrid's state dict."""
-    return f"model.layers.{layer}.mamba."
+    mixer = mixer_module(hybrid, layer)
+    return next(name for name, module in hybrid.named_modules() if module is mixer) + "."
 
 
 def mixer_output(hybrid: nn.Module, layer: int, normed_hidden: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The mixer of `layer` applied to `normed_hidden` (= input_layernorm(h), [B, T, H]), before the residual add.
-
-    `attention_mask` is the 2-D padding mask (1 = real token) or None for an unpadded batch, as Bamba's model
-    passes it to its linear-attention layers (`create_recurrent_attention_mask`: None when all ones)."""
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    return mixer_module(hybrid, layer)(hidden_states=normed_hidden, attention_mask=attention_mask)
+    """The mixer of `layer` applied to `normed_hidden` (= input_layernorm(h), [B, T, H]), before the residual add."""
+    return seam_mixer_output(mixer_module(hybrid, layer), normed_hidden, attention_mask)
 
 
 def token_mixer_of(model: nn.Module, layer: int) -> nn.Module:
     """The token mixer of a teacher's layer: its attention, or its mixer when the teacher is itself a hybrid.
     Its input is the layer's normalised hidden state; its output is what the residual adds."""
     block = decoder_layers(model)[layer]
-    mixer = getattr(block, "self_attn", None) or getattr(block, "mamba", None)
+    mixer = getattr(block, "self_attn", None) or layer_mixer(block)
     if mixer is None:
-        from rad.errors import RadError
-
         raise RadError(f"Layer {layer} of the teacher has neither attention nor a mixer; is it a decoder model?")
     return mixer

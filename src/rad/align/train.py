@@ -376,7 +376,7 @@ def load_models(config: AlignConfig, device: torch.device, precision: str) -> Al
     teacher_spec = config.teacher or (record.source_model if record else None)
     if teacher_spec is None:
         raise RadError(f"{config.hybrid} has no rad_conversion.json naming its source; pass --teacher MODEL.")
-    prefixes = tuple(mixer_parameter_prefix(i) for i in layers)
+    prefixes = tuple(mixer_parameter_prefix(student, i) for i in layers)
     for name, param in student.named_parameters():
         param.requires_grad_(name.startswith(prefixes))
     self_teacher = record is not None and _same_model(teacher_spec, record.source_model)
@@ -518,7 +518,7 @@ def run_align(config: AlignConfig, on_step: Callable[[int], None] | None = None)
     models.student.train()
     data = build_data(config.data, models.tokenizer)
     mixer_params = {layer: [p for n, p in models.student.named_parameters()
-                            if n.startswith(mixer_parameter_prefix(layer))] for layer in models.layers}
+                            if n.startswith(mixer_parameter_prefix(models.student, layer))] for layer in models.layers}
     params = [p for layer in models.layers for p in mixer_params[layer]]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     total = config.total_steps
