@@ -405,3 +405,55 @@ def test_a_few_align_steps_lower_held_out_error_on_the_default_model(default_mod
     assert first.mean_relative_error == pytest.approx(1.0)
     assert final.mean_relative_error < 0.9 * first.mean_relative_error, (first, final)
     assert final.eval_kl < first.eval_kl, (first, final)
+
+
+# ---------------------------------------------------------------- the stage, as `rad run` composes it
+
+
+def test_the_align_stage_hands_its_aligned_mixers_to_distillation_and_is_skipped_when_done(tiny, tmp_path, caplog):
+    import logging
+
+    from rad.config import build
+    from rad.distill.train import DistillSettings
+    from rad.stages import align_stage, distill_stage
+
+    data = str(tiny / "data.jsonl")
+    align = build(AlignSettings, {"steps": 3, "batch": 2, "seq_len": 16, "data": data, "eval_examples": 4,
+                                  "eval_sequences": 2, "kl_eval": False, "tensorboard": False, "lr": 1e-2,
+                                  "precision": "fp32"}, "run config")
+    common = dict(seed=0, device="cpu", sources=("data-dir",), progress=False)
+    aligned = align_stage(align, tiny / "hybrid", tmp_path / "align", **common)
+    assert aligned == tmp_path / "align" / "student"
+    aligned_weights = load_file(str(aligned / "model.safetensors"))
+    hybrid_weights = load_file(str(tiny / "hybrid" / "model.safetensors"))
+    mixer_keys = [k for k in aligned_weights if ".mamba." in k]
+    assert any(not torch.equal(aligned_weights[k], hybrid_weights[k]) for k in mixer_keys)
+
+    distill = build(DistillSettings, {"steps": 1, "seq_len": 16, "micro_batch": 2, "data": data,
+                                      "eval_examples": 4, "eval_sequences": 2, "tensorboard": False},
+                    "run config")
+    student = distill_stage(distill, aligned, tmp_path / "distill", "mixers", **common)
+    config = json.loads((tmp_path / "distill" / "config.json").read_text())
+    assert Path(config["hybrid"]) == aligned  # KD continues from the aligned mixers, not the fresh hybrid
+    assert (student / "model.safetensors").is_file()
+
+    caplog.set_level(logging.INFO, logger="rad")
+    stamp = (aligned / "model.safetensors").stat().st_mtime_ns
+    assert align_stage(align, tiny / "hybrid", tmp_path / "align", **common) == aligned
+    assert (aligned / "model.safetensors").stat().st_mtime_ns == stamp
+    assert any("align:" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_aligns_only_when_its_config_has_an_align_group(tmp_path):
+    from rad.pipeline import load_run_config
+    from rad.stages.run_config import RunPaths
+    from rad.stages.run_report import _align_lines
+
+    kd_only = load_run_config("smoke")
+    assert kd_only.align is None and _align_lines(kd_only, RunPaths(tmp_path)) == []
+    aligned = load_run_config("smoke", overrides=["align.steps=8"])
+    assert aligned.align.steps == 8 and aligned.align.lr == AlignSettings().lr
+    (line,) = _align_lines(aligned, RunPaths(tmp_path))
+    assert line.startswith(f"rad align {tmp_path / 'convert' / 'rad'} --steps 8") and str(tmp_path / "align") in line
+    with pytest.raises(RadError, match="learning rate"):
+        load_run_config("smoke", overrides=["align.lr=0"])

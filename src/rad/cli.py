@@ -351,29 +351,36 @@ def _cmd_align(args: argparse.Namespace) -> None:
 
 
 def _add_align_parser(sub) -> None:
+    from rad.align.precision import PRECISIONS
+    from rad.align.train import AlignSettings
+    from rad.config import default_of
+
+    def d(name):
+        return default_of(AlignSettings, name)
+
     p = sub.add_parser("align", help="train each new mixer to reproduce the attention it replaced, layer-locally "
                                      "(before distillation)")
     p.add_argument("hybrid", help="a hybrid folder written by `rad convert`")
     p.add_argument("--out", required=True, help="output folder: checkpoints, logs, summary.json, student/")
     p.add_argument("--teacher", default=None, help="teacher model (default: the hybrid's source model)")
-    p.add_argument("--data", default=None, help="as rad distill's --data (default: gsm8k+mbpp)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per epoch (default 32)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the first epoch's rows (default 1)")
+    p.add_argument("--data", default=None, help=f"as rad distill's --data (default: {d('data')})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps per epoch (default {d('steps')})")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the first epoch's rows (default {d('epochs')})")
     p.add_argument("--cache", default=None, help="folder for the teacher's pairs, read by epochs after the first")
-    p.add_argument("--batch", type=int, default=None, help="rows per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of the steps (default 0)")
-    p.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor as a share of --lr (default 0)")
+    p.add_argument("--batch", type=int, default=None, help=f"rows per step (default {d('batch')})")
+    p.add_argument("--seq-len", type=int, default=None, help=f"tokens per row (default {d('seq_len')})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d('lr')})")
+    p.add_argument("--warmup-ratio", type=float, default=None, help=f"linear warm-up share of the steps (default {d('warmup_ratio')})")
+    p.add_argument("--min-lr-ratio", type=float, default=None, help=f"cosine floor as a share of --lr (default {d('min_lr_ratio')})")
     p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping per mixer (default 1.0)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", default=d("precision"), choices=list(PRECISIONS),
                    help="teacher pass precision (auto: bf16 on CUDA or a CPU with AVX512-BF16/AMX)")
     p.add_argument("--eval-examples", type=int, default=None, help="records held out (default: 2%%)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None, help="held-out relative error every N steps too")
-    p.add_argument("--eval-sequences", type=int, default=None, help="held-out sequences (default 16)")
+    p.add_argument("--eval-sequences", type=int, default=None, help=f"held-out sequences (default {d('eval_sequences')})")
     p.add_argument("--no-kl", action="store_true", help="skip the held-out KL at the start and the end")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint interval (default 16)")
+    p.add_argument("--save-every", type=int, default=None, help=f"checkpoint interval (default {d('save_every')})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

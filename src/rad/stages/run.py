@@ -19,6 +19,7 @@ from rad.models.layers import uniform_layers
 from rad.models.loading import load_model
 from rad.outputs import RUN, check_output
 from rad.preflight import InputReport, check_inputs
+from rad.stages.align import align_stage
 from rad.stages.convert import convert_stage
 from rad.stages.distill import distill_stage
 from rad.stages.evaluate import eval_stage
@@ -57,7 +58,7 @@ def run_stages(config: RunConfig, *, teacher=None, teacher_eval: Path | None = N
 
 def _stage_sequence(config: RunConfig, paths: RunPaths, inputs: InputReport, teacher, teacher_eval: Path | None,
                     deadline: float | None) -> Path:
-    """search → convert → distil → evaluate → speed → report, each stage timed."""
+    """search → convert → (align →) distil → evaluate → speed → report, each stage timed."""
     timings: dict[str, float] = {}
     check_deadline(deadline, f"the search of {paths.root}")
     t0 = time.perf_counter()
@@ -70,10 +71,17 @@ def _stage_sequence(config: RunConfig, paths: RunPaths, inputs: InputReport, tea
     convert_stage(teacher, config.model, uniform, "mil", paths.baseline_hybrid, seed=config.seed)
     timings["convert"] = time.perf_counter() - t0
 
+    common = dict(seed=config.seed, device=config.device, sources=inputs.sources)
+    rad_start = paths.rad_hybrid
+    if config.align is not None:
+        check_deadline(deadline, f"the alignment of {paths.root}")
+        t0 = time.perf_counter()
+        rad_start = align_stage(config.align, paths.rad_hybrid, paths.rad_align, **common)
+        timings["align"] = time.perf_counter() - t0
+
     check_deadline(deadline, f"the distillation of {paths.root}")
     t0 = time.perf_counter()
-    common = dict(seed=config.seed, device=config.device, sources=inputs.sources)
-    rad_student = distill_stage(config.distill, paths.rad_hybrid, paths.rad_distill, RAD_TRAIN, **common)
+    rad_student = distill_stage(config.distill, rad_start, paths.rad_distill, RAD_TRAIN, **common)
     check_deadline(deadline, f"the baseline's distillation in {paths.root}")
     base_student = distill_stage(config.distill, paths.baseline_hybrid, paths.baseline_distill, BASELINE_TRAIN,
                                  **common)

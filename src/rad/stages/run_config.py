@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from rad.align.train import AlignSettings
 from rad.config import read_yaml, settings, to_yaml
 from rad.distill.train import DistillSettings
 from rad.evaluate.runner import EvalSettings
@@ -37,6 +38,10 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     search: SearchSettings = field(default_factory=SearchSettings)
+    # The layer-local stage before the RAD student's KD (RAD_METHOD §3, beyond the paper): None keeps the paper's
+    # KD-only recipe; `align: {}` (or any of its settings) aligns the RAD hybrid's mixers first. The baseline keeps
+    # MambaInLlama's recipe (KD only) either way.
+    align: AlignSettings | None = None
     distill: DistillSettings = field(default_factory=DistillSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     speed_contexts: list[int] = field(default_factory=lambda: [256, 1024])
@@ -62,6 +67,10 @@ class RunPaths:
     @property
     def baseline_hybrid(self) -> Path:
         return self.root / "convert" / "baseline"
+
+    @property
+    def rad_align(self) -> Path:
+        return self.root / "align" / "rad"
 
     @property
     def rad_distill(self) -> Path:

@@ -80,10 +80,23 @@ def _reproduce(config: RunConfig, paths: RunPaths, search: SearchResult, uniform
         f"--trials {config.search.trials} --out {paths.search}",
         f"rad convert {config.model} --layers-from {paths.search} --init rad --out {paths.rad_hybrid}",
         f"rad convert {config.model} --layers {','.join(map(str, uniform))} --init mil --out {paths.baseline_hybrid}",
-        f"rad distill {paths.rad_hybrid} --train {RAD_TRAIN} --lr {d.lr[RAD_TRAIN]} {data} --out {paths.rad_distill}",
+        *_align_lines(config, paths),
+        f"rad distill {paths.rad_align / 'student' if config.align is not None else paths.rad_hybrid} "
+        f"--train {RAD_TRAIN} --lr {d.lr[RAD_TRAIN]} {data} --out {paths.rad_distill}",
         f"rad distill {paths.baseline_hybrid} --train {BASELINE_TRAIN} --lr {d.lr[BASELINE_TRAIN]} {data} "
         f"--out {paths.baseline_distill}",
         f"rad eval {specs} --tasks {','.join(inputs.tasks or e.tasks)} "
         + _flags(limit=e.limit, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, teacher_texts=e.teacher_texts,
                  teacher=config.model, out=paths.eval),
     ]
+
+
+def _align_lines(config: RunConfig, paths: RunPaths) -> list[str]:
+    """The `rad align` command of a run that aligns before KD (none for the KD-only recipe)."""
+    a = config.align
+    if a is None:
+        return []
+    flags = _flags(steps=a.steps, epochs=a.epochs, batch=a.batch, seq_len=a.seq_len, lr=a.lr,
+                   warmup_ratio=a.warmup_ratio, min_lr_ratio=a.min_lr_ratio, precision=a.precision, data=a.data,
+                   max_examples=a.max_examples, eval_examples=a.eval_examples, cache=a.cache, seed=config.seed)
+    return [f"rad align {paths.rad_hybrid} {flags} --out {paths.rad_align}"]
