@@ -123,7 +123,8 @@ def _config(tiny_dirs, out, **kw):
 def test_the_gated_norm_lr_follows_the_init_of_a_fresh_hybrid():
     import dataclasses
 
-    from rad.distill.train import _param_groups, resolve_norm_lr_scale
+    from rad.distill.config import resolve_norm_lr_scale
+    from rad.distill.train import _param_groups
 
     src = make_tiny("llama", vocab_size=96)
     config = DistillConfig(hybrid="h", out="o")
@@ -531,7 +532,7 @@ def _save_hybrid_of(src, folder, tokenizer, init="rad", seed=0):
 def test_naming_the_hybrids_own_source_as_teacher_is_self_distillation(tmp_path):
     """`--teacher SOURCE` gets self-distillation's defaults (alignment on), as leaving --teacher out does; a
     different teacher has other layers and gets none."""
-    from rad.distill.train import DEFAULT_ALIGN_WEIGHT
+    from rad.distill.config import DEFAULT_ALIGN_WEIGHT
 
     src = make_tiny("llama")
     src.save_pretrained(tmp_path / "src")
@@ -711,7 +712,7 @@ def test_every_distill_setting_is_either_checked_or_allowed_on_resume():
     """A new DistillConfig field must be classified: checked on resume, or explicitly allowed to change."""
     from dataclasses import fields
 
-    from rad.distill.train import ALLOWED_ON_RESUME
+    from rad.distill.config import ALLOWED_ON_RESUME
 
     checked = {"train", "steps", "data", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_ratio",
                "max_grad_norm", "mixer_norm_lr_scale", "loss", "eval_sequences", "mixed_precision", "dtype", "teacher_dtype", "seed"}

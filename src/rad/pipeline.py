@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from rad.config import load_settings, preset_file, read_yaml, settings, to_yaml
-from rad.distill.train import DistillSettings
+from rad.distill.config import DistillSettings
 from rad.errors import RadError, check_deadline
 from rad.evaluate.runner import EvalSettings
 from rad.outputs import RUN, check_output

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rad.distill.train import SUMMARY_FILE, DistillSettings
+from rad.distill.config import DistillSettings
+from rad.distill.summary import SUMMARY_FILE
 from rad.models.convert import CONVERSION_FILE
 from rad.search.config import SearchSettings
 from rad.search.report import RESULT_FILE as SEARCH_FILE

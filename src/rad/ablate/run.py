@@ -26,7 +26,7 @@ import yaml
 
 from rad.ablate.config import AblateConfig, Arm
 from rad.ablate.metrics import convergence, read_curve
-from rad.distill.train import SUMMARY_FILE, DistillSummary, EvalPoint
+from rad.distill.summary import SUMMARY_FILE, DistillSummary, EvalPoint
 from rad.errors import RadError
 from rad.evaluate.runner import TaskScore
 from rad.models.convert import CONVERSION_FILE
