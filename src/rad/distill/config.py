@@ -26,6 +26,7 @@ from rad.distill.objective import LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
 from rad.utils.identity import tensor_sha256
+from rad.utils.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from rad.distill.models import Models
@@ -43,7 +44,7 @@ Fraction = Annotated[float, Ge(0), Le(1), Says("between 0 and 1")]
 Ratio = Annotated[float, Ge(0), Lt(1), Says("in [0, 1)")]
 Beta = Annotated[float, Ge(0), Lt(1), Says("two numbers in [0, 1)")]
 TrainSet = Literal[TRAIN_CHOICES]
-MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Precision = Literal[PRECISIONS]
 # How a field is named in its error, where the field's name alone would not say it.
 LABELS = {"lr": "The learning rate"}
 
@@ -157,7 +158,8 @@ class DistillConfig:
     resume: bool = False
     share_weights: bool = True  # self-distillation: the teacher points at the student's frozen tensors
     gradient_checkpointing: bool = False
-    mixed_precision: MixedPrecision = "auto"  # auto: bf16 on CUDA
+    # auto: bf16 compute where the device multiplies bf16 fast (rad.utils.precision), else fp32
+    precision: Precision = "auto"
     device: str | None = None  # None: accelerate's choice; "cpu" forces CPU
     dtype: str | None = None  # student weights; None: float32 (AdamW wants float32 master weights)
     teacher_dtype: str | None = None  # a separate teacher; None: like the student
@@ -201,6 +203,7 @@ class DistillSettings:
     ce_weight: float = 0.0
     align_weight: float = DEFAULT_ALIGN_WEIGHT
     tensorboard: bool = DistillConfig.tensorboard
+    precision: Precision = DistillConfig.precision
 
     def __post_init__(self):
         given = self.lr if isinstance(self.lr, dict) else {t: self.lr for t in TRAIN_CHOICES}
@@ -222,7 +225,7 @@ class DistillSettings:
             micro_batch=self.micro_batch, grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio,
             eval_every=self.eval_every, eval_sequences=self.eval_sequences, save_every=self.save_every,
             seed=seed, device=device, resume=Path(out).exists(), progress=progress, plots=plots,
-            tensorboard=self.tensorboard,
+            tensorboard=self.tensorboard, precision=self.precision,
             data=DataConfig(spec=self.data, seq_len=self.seq_len, max_examples=self.max_examples,
                             eval_examples=self.eval_examples, seed=seed, sources=tuple(sources)),
             loss=LossWeights(kl=self.kl_weight, ce=self.ce_weight, align=self.align_weight),
@@ -251,7 +254,8 @@ def resume_settings(config: DistillConfig, models: Models, data: DistillData, ac
                       "max_grad_norm": config.max_grad_norm, "mixer_norm_lr_scale": config.mixer_norm_lr_scale},
         # `chunk` only splits the same sum into pieces.
         "loss": {k: v for k, v in asdict(config.loss).items() if k != "chunk"},
-        "precision": {"mixed_precision": str(accelerator.mixed_precision), "student": str(models.student.dtype),
+        # compute: the resolved precision (bf16 | fp32), before frozen weights are stored in it
+        "precision": {"compute": config.precision, "student": str(models.student.dtype),
                       "teacher": str(models.teacher.dtype)},
         "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
     }

@@ -48,6 +48,13 @@ from rad.errors import RadError
 from rad.models.convert import ConversionRecord
 from rad.utils.atomic import atomic_write_json
 from rad.utils.identity import check_same_settings
+from rad.utils.precision import (
+    compute_dtype,
+    describe_precision,
+    precision_name,
+    resolve_precision,
+    store_frozen,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +92,7 @@ class _Run:
     params: list[torch.nn.Parameter]
     checkpoints: list[Path]  # on disk when the run started, oldest first
     settings: dict  # resume_settings: what a checkpoint of this run records and a resume must match
+    compute: torch.dtype  # the forward passes' dtype (rad.utils.precision); trainable weights keep theirs
     step: int = 0  # optimiser steps done
     logs: Logs | None = None
     started: float = 0.0  # time.perf_counter() when the loop began
@@ -111,23 +119,23 @@ class _Run:
 
 
 def _accelerator(config: DistillConfig):
-    """An `Accelerator` for `config.device` and `config.mixed_precision` (auto: bf16 on CUDA)."""
+    """An `Accelerator` for `config.device`; precision is rad's own (`compute_dtype`), not accelerate's, so the
+    frozen weights can be stored in bf16 once and CPUs with bf16 matmuls get it too."""
     from accelerate import Accelerator
 
-    precision = config.mixed_precision
     cpu = config.device is not None and torch.device(config.device).type == "cpu"
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    return Accelerator(cpu=cpu, mixed_precision="no")
 
 
 def _check_disk(run) -> None:
     """Before the first step: room for the checkpoints kept at once (trainable weights + AdamW's two moments, the
     newest two plus the one being written) and the final student."""
     from rad.outputs import check_free_space
+    from rad.utils.devices import resolve_dtype
 
     trainable = sum(p.numel() * p.element_size() for p in run.params)
-    student = sum(p.numel() * p.element_size() for p in run.models.student.parameters())
+    saved_size = torch.empty((), dtype=resolve_dtype(run.config.dtype or "float32", "cpu")).element_size()
+    student = sum(p.numel() * saved_size for p in run.models.student.parameters())  # as loaded, not as stored
     needed = 3 * 3 * trainable + student
     needed -= sum(f.stat().st_size for c in list_checkpoints(Path(run.config.out) / "checkpoints")
                   for f in c.iterdir())  # already on disk (a resumed run)
@@ -173,13 +181,20 @@ def _setup(config: DistillConfig, accelerator) -> _Run:
     if checkpoints and not config.resume:
         raise RadError(f"{config.out} already holds checkpoints; pass --resume to continue or choose a new --out.")
     set_seed(config.seed)
+    compute = resolve_precision(config.precision, accelerator.device)
+    logger.info(describe_precision(config.precision, compute, accelerator.device))
     models = load_models(config, accelerator.device)
-    config = dataclasses.replace(config, mixer_norm_lr_scale=resolve_norm_lr_scale(config, models.record))
+    config = dataclasses.replace(config, mixer_norm_lr_scale=resolve_norm_lr_scale(config, models.record),
+                                 precision=precision_name(compute))  # config.json records what ran
     student, teacher = models.student, models.teacher
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
     data = build_data(config.data, models.tokenizer)
+    settings = resume_settings(config, models, data, accelerator)
+    if compute != torch.float32:  # frozen weights never change: one cast now instead of one per matmul
+        saved = store_frozen([student, teacher], compute)
+        logger.info("Frozen weights stored in %s: %.1f MB less", precision_name(compute), saved / 1e6)
     objective = DistillObjective(student, teacher, config.loss, replaced_attention_layers(teacher, student))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(student, config), lr=config.lr, betas=config.betas,
@@ -188,8 +203,8 @@ def _setup(config: DistillConfig, accelerator) -> _Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(config.steps, warmup, config.min_lr_ratio))
     objective, optimizer = accelerator.prepare(objective, optimizer)
     teacher.to(accelerator.device)
-    settings = resume_settings(config, models, data, accelerator)
-    return _Run(config, accelerator, models, data, objective, optimizer, scheduler, params, checkpoints, settings)
+    return _Run(config, accelerator, models, data, objective, optimizer, scheduler, params, checkpoints, settings,
+                compute)
 
 
 def _param_groups(student, config: DistillConfig) -> list[dict]:
@@ -309,7 +324,7 @@ def _accumulate_gradients(run: _Run, mine: list[int], total_tokens: float) -> to
         ids, att, lm = _to(rows, accelerator.device)
         last = j == cfg.grad_accum - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.objective):
-            with accelerator.autocast():
+            with compute_dtype(run.compute, accelerator.device):
                 terms = run.objective(ids, att, lm)
             accelerator.backward(terms["loss_sum"] * (run.world / total_tokens))
         sums += torch.stack([terms["loss_sum"], terms["kl_sum"], terms["ce_sum"], terms["align_sum"]]
@@ -335,13 +350,13 @@ def _evaluate(run: _Run) -> None:
     """Held-out metrics of the first `eval_sequences` held-out rows, logged at the current step."""
     cfg = run.config
     rows = run.data.eval.rows(list(range(min(cfg.eval_sequences, len(run.data.eval)))))
-    metrics = evaluate(run.objective, rows, cfg.micro_batch, run.accelerator)
+    metrics = evaluate(run.objective, rows, cfg.micro_batch, run.accelerator, run.compute)
     run.logs.write({"kind": "eval", "step": run.step, **metrics})
     logger.debug("step %d: %s", run.step, metrics)
 
 
 @torch.no_grad()
-def evaluate(objective, rows: Sequences, micro_batch: int, accelerator) -> dict:
+def evaluate(objective, rows: Sequences, micro_batch: int, accelerator, compute: torch.dtype = torch.float32) -> dict:
     """Held-out KL to the teacher, student and teacher perplexity, top-1 agreement (summed over ranks)."""
     n = len(rows)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -353,7 +368,7 @@ def evaluate(objective, rows: Sequences, micro_batch: int, accelerator) -> dict:
     objective.eval()
     for start in range(0, len(mine), micro_batch):
         ids, att, lm = _to(rows.rows(mine[start:start + micro_batch]), accelerator.device)
-        with accelerator.autocast():
+        with compute_dtype(compute, accelerator.device):
             terms = objective(ids, att, lm, labels=True)
         sums += torch.stack([terms["kl_sum"], terms["ce_sum"], terms["teacher_ce_sum"], terms["agree_sum"],
                              lm[:, 1:].sum().float()]).double()
@@ -377,6 +392,8 @@ def _finish(run: _Run) -> DistillResult:
     student_dir = None
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(run.objective).student
+        if run.compute != torch.float32:
+            _restore_frozen(run, student)
         student_dir = save_student(student, run.models.tokenizer, run.out / "student", run.models.record, cfg)
         summary = build_summary(cfg, run.models, run.data, run.settings, history, evals, student_dir)
         summary.save(run.out)
@@ -404,3 +421,20 @@ def _save(run: _Run) -> None:
                         states, settings=run.settings, data_position=run.step * run.global_batch,
                         train_sequences=len(run.data.train), keep=cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _restore_frozen(run: _Run, student: torch.nn.Module) -> None:
+    """The frozen weights as the hybrid holds them (they ran in bf16, stored once): the saved student is the
+    hybrid plus what trained, whatever the precision. Reads the hybrid again rather than keeping a copy."""
+    from rad.models.loading import load_model
+    from rad.utils.identity import model_fingerprint
+
+    loaded = load_model(run.config.hybrid, device="cpu", dtype=run.config.dtype or "float32")
+    if model_fingerprint(loaded) != run.models.student_fingerprint:
+        raise RadError(f"{run.config.hybrid} changed during the run; its frozen weights cannot be restored "
+                       "for the final student (the checkpoints hold what trained).")
+    original = dict(loaded.model.named_parameters())
+    for name, p in student.named_parameters():
+        if not p.requires_grad and p.dtype != original[name].dtype:
+            p.data = original[name].to(p.device)
