@@ -29,7 +29,7 @@ import torch
 from rad.distill.config import DistillConfig
 from rad.distill.models import load_models
 from rad.distill.modules import replaced_attention_layers
-from rad.distill.objective import DistillObjective, LossWeights
+from rad.distill.objective import DistillObjective
 from rad.utils.precision import bf16_features, compute_dtype, store_frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +63,7 @@ class Variant:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import AllowInfNan, Strict, TypeAdapter, ValidationError
+from pydantic import AllowInfNan, TypeAdapter, ValidationError
 
 from rad.config import settings
 from rad.data import SOURCES
@@ -36,8 +36,8 @@ class Says(str):
     """What a constrained field must be, in words: the end of its one-sentence error."""
 
 
-PositiveInt = Annotated[int, Strict(), Gt(0), Says("a whole number of at least 1")]
-NonNegativeInt = Annotated[int, Strict(), Ge(0), Says("a whole number of at least 0")]
+PositiveInt = Annotated[int, Gt(0), Says("a whole number of at least 1")]
+NonNegativeInt = Annotated[int, Ge(0), Says("a whole number of at least 0")]
 PositiveFloat = Annotated[float, Gt(0), AllowInfNan(False), Says("a positive number")]
 NonNegativeFloat = Annotated[float, Ge(0), AllowInfNan(False), Says("a number of at least 0")]
 Fraction = Annotated[float, Ge(0), Le(1), Says("between 0 and 1")]
@@ -51,10 +51,9 @@ LABELS = {"lr": "The learning rate"}
 
 @functools.cache
 def _adapters(cls) -> dict[str, TypeAdapter]:
-    """A validator per field of the dataclass `cls` (nested settings check themselves)."""
+    """A validator per constrained field of the dataclass `cls` (the others are taken as given)."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(cls)
-            if not dataclasses.is_dataclass(hints[f.name])}
+    return {f.name: TypeAdapter(hints[f.name]) for f in dataclasses.fields(cls) if _says(hints[f.name])}
 
 
 def _says(hint) -> str | None:
@@ -171,6 +170,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.lr is None and self.train in TRAIN_CHOICES:
             self.lr = DEFAULT_LR[self.train]
+        if isinstance(self.betas, list):  # from JSON
+            self.betas = tuple(self.betas)
         check_fields(self, strict=True)
         if self.loss is None:
             self.loss = default_loss(self_distillation=names_hybrid_source(self.hybrid, self.teacher))
