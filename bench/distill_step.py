@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from rad.distill.config import DistillConfig
 from rad.distill.data import DataConfig
+from rad.distill.models import load_models
 from rad.distill.modules import count_parameters, replaced_attention_layers
 from rad.distill.objective import DistillObjective, LossWeights
-from rad.distill.train import DistillConfig, load_models
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
 from rad.models.layers import parse_layers
 from rad.models.loading import load_model

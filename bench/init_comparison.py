@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rad.distill import DistillConfig, run_distill
 from rad.distill.data import DataConfig
 from rad.distill.objective import LossWeights
-from rad.distill.train import DistillConfig, run_distill
 from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
 from rad.models.layers import decoder_layers, parse_layers
 from rad.models.loading import load_model

@@ -69,9 +69,9 @@ def sizes(config, k: int, contexts=(256, 2048, 8192), element_bytes: int = 4) ->
 
 
 def kl_curve(config_args, name: str, steps: list[int], seed: int, loaded, layers: list[int], work: Path) -> dict:
+    from rad.distill import DistillConfig, run_distill
     from rad.distill.data import DataConfig
     from rad.distill.objective import LossWeights
-    from rad.distill.train import DistillConfig, run_distill
     from rad.models.convert import ConversionConfig, conversion_record, convert_to_hybrid, save_hybrid
 
     groups, state = GEOMETRIES[name]

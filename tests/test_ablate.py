@@ -345,7 +345,7 @@ def test_two_arms_on_the_default_model_through_the_cli(default_model, tmp_path, 
 
 def test_ablate_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path):
     from rad.ablate.results import ArmSummary
-    from rad.distill.train import EvalPoint
+    from rad.distill.summary import EvalPoint
     from rad.evaluate.runner import TaskScore
 
     curve = [EvalPoint(0, 0.5, 9.0, 8.0, 0.7, 100), EvalPoint(2, 0.3, 8.5, 8.0, 0.8, 100)]

@@ -414,7 +414,7 @@ def test_the_align_stage_hands_its_aligned_mixers_to_distillation_and_is_skipped
     import logging
 
     from rad.config import build
-    from rad.distill.train import DistillSettings
+    from rad.distill.config import DistillSettings
     from rad.stages import align_stage, distill_stage
 
     data = str(tiny / "data.jsonl")

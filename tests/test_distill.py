@@ -123,7 +123,8 @@ def _config(tiny_dirs, out, **kw):
 def test_the_gated_norm_lr_follows_the_init_of_a_fresh_hybrid():
     import dataclasses
 
-    from rad.distill.train import _param_groups, resolve_norm_lr_scale
+    from rad.distill.config import resolve_norm_lr_scale
+    from rad.distill.train import _param_groups
 
     src = make_tiny("llama", vocab_size=96)
     config = DistillConfig(hybrid="h", out="o")
@@ -531,7 +532,7 @@ def _save_hybrid_of(src, folder, tokenizer, init="rad", seed=0):
 def test_naming_the_hybrids_own_source_as_teacher_is_self_distillation(tmp_path):
     """`--teacher SOURCE` gets self-distillation's defaults (alignment on), as leaving --teacher out does; a
     different teacher has other layers and gets none."""
-    from rad.distill.train import DEFAULT_ALIGN_WEIGHT
+    from rad.distill.config import DEFAULT_ALIGN_WEIGHT
 
     src = make_tiny("llama")
     src.save_pretrained(tmp_path / "src")
@@ -711,9 +712,75 @@ def test_every_distill_setting_is_either_checked_or_allowed_on_resume():
     """A new DistillConfig field must be classified: checked on resume, or explicitly allowed to change."""
     from dataclasses import fields
 
-    from rad.distill.train import ALLOWED_ON_RESUME
+    from rad.distill.config import ALLOWED_ON_RESUME
 
     checked = {"train", "steps", "data", "lr", "min_lr_ratio", "weight_decay", "betas", "warmup_ratio",
-               "max_grad_norm", "mixer_norm_lr_scale", "loss", "eval_sequences", "mixed_precision", "dtype", "teacher_dtype", "seed"}
+               "max_grad_norm", "mixer_norm_lr_scale", "loss", "eval_sequences", "precision", "dtype", "teacher_dtype", "seed"}
     names = {f.name for f in fields(DistillConfig)}
     assert names == checked | set(ALLOWED_ON_RESUME), names ^ (checked | set(ALLOWED_ON_RESUME))
+
+
+# ---------------------------------------------------------------- precision (bf16 compute, fp32 masters)
+
+needs_cpu_bf16 = pytest.mark.skipif(not __import__("rad.utils.precision").utils.precision.bf16_features("cpu"),
+                                    reason="this CPU has no fast bf16 (AVX512-BF16 or AMX)")
+
+
+@needs_cpu_bf16
+def test_bf16_stores_frozen_weights_once_and_trains_fp32_masters():
+    from rad.utils.precision import compute_dtype, store_frozen
+
+    src, student, _ = _tiny_pair()
+    teacher = make_tiny("llama", vocab_size=96)
+    names = set(select_trainable(student, "mixers"))
+    share_frozen_weights(teacher, student)
+    saved = store_frozen([student, teacher], torch.bfloat16)
+    assert saved > 0
+    for name, p in student.named_parameters():
+        assert p.dtype == (torch.float32 if name in names else torch.bfloat16), name
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())  # its own and the shared ones
+    frozen = {k: v.detach().clone() for k, v in student.state_dict().items() if k not in names}
+    objective = DistillObjective(student, teacher, LossWeights(align=0.1), [1, 3])
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 96, (2, 12))
+    with compute_dtype(torch.bfloat16, "cpu"):
+        terms = objective(ids, torch.ones_like(ids), torch.ones_like(ids))
+    assert terms["kl_sum"].dtype == terms["align_sum"].dtype == torch.float32  # the reductions stay fp32
+    terms["loss_sum"].backward()
+    opt.step()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in trainable)
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values() if v.dim() > 0)
+    after = student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # the frozen weights never move
+
+
+@needs_cpu_bf16
+def test_bf16_distillation_matches_fp32_and_another_precision_is_refused_on_resume(word_dirs, tmp_path):
+    from safetensors.torch import load_file as load_tensors
+
+    from rad.distill.checkpoint import load_checkpoint
+
+    results = {p: run_distill(_word_config(word_dirs, tmp_path / p, precision=p, steps=6, eval_every=6))
+               for p in ("fp32", "bf16")}
+    kl = {p: r.summary.final_eval.eval_kl for p, r in results.items()}
+    first = {p: r.summary.first_eval.eval_kl for p, r in results.items()}
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05)  # the same init, measured in bf16 and fp32
+    assert kl["bf16"] == pytest.approx(kl["fp32"], rel=0.05)  # the same run, within 5%
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["precision"] == "bf16" and results["bf16"].summary.settings["precision"]["compute"] == "bf16"
+    # The checkpoint's trainable weights and AdamW moments are fp32; the saved student is the hybrid's fp32
+    # frozen weights, bitwise, plus what trained.
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "bf16" / "checkpoints")[-1], torch.device("cpu"))
+    assert all(v.dtype == torch.float32 for v in ckpt.weights.values())
+    assert all(v.dtype == torch.float32 for st in ckpt.optimizer["state"].values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+    hybrid = load_tensors(word_dirs / "hybrid" / "model.safetensors")
+    saved = load_tensors(tmp_path / "bf16" / "student" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    for name, value in hybrid.items():
+        if name not in ckpt.weights:
+            assert torch.equal(saved[name], value), name
+    with pytest.raises(RadError, match=r"was made with other settings \(.*precision.compute bf16 -> fp32"):
+        run_distill(_word_config(word_dirs, tmp_path / "bf16", precision="fp32", steps=6, eval_every=6,
+                                 resume=True))

@@ -418,7 +418,7 @@ def test_a_replacement_killed_between_its_two_renames_restores_the_old_folder(tm
 
 def test_a_torn_last_log_line_is_dropped_and_real_corruption_named(tmp_path):
     from rad.ablate.metrics import read_curve
-    from rad.distill.train import _Logs
+    from rad.distill.summary import Logs
     from rad.utils.jsonl import read_log
 
     log = tmp_path / "log.jsonl"
@@ -426,10 +426,10 @@ def test_a_torn_last_log_line_is_dropped_and_real_corruption_named(tmp_path):
     log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
     assert [r["step"] for r in read_log(log)] == [0, 1, 2, 3]
     assert [p["step"] for p in read_curve(log)] == [0, 1, 2, 3]
-    _Logs(tmp_path, enabled=True, tensorboard=False, start_step=2)  # a resume from the step-2 checkpoint
+    Logs(tmp_path, enabled=True, tensorboard=False, start_step=2)  # a resume from the step-2 checkpoint
     assert log.read_text().splitlines() == lines[:3]  # cut back to step 2, the torn line gone
     log.write_text(lines[0] + "\n{garbage\n" + lines[1] + "\n")
-    for read in (read_log, read_curve, lambda p: _Logs(tmp_path, enabled=True, tensorboard=False, start_step=1)):
+    for read in (read_log, read_curve, lambda p: Logs(tmp_path, enabled=True, tensorboard=False, start_step=1)):
         with pytest.raises(RadError, match="line 2 is corrupt"):
             read(log)
     log.write_text(lines[0] + "\n{garbage\n")  # a bad last line that did end with its newline: not a torn write

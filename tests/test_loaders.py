@@ -159,7 +159,8 @@ def test_rad_convert_logs_the_loader_warning(tmp_path, caplog):
 
 
 def test_distilled_student_keeps_the_loader_keys(tmp_path):
-    from rad.distill.train import DistillConfig, save_student
+    from rad.distill.config import DistillConfig
+    from rad.distill.summary import save_student
 
     _, hybrid, _, written = _saved("llama3-scaling", tmp_path)
     dest = save_student(hybrid, word_tokenizer(), tmp_path / "student", None, DistillConfig(hybrid="h", out="o"))

@@ -9,7 +9,7 @@ import yaml
 
 from rad.cli import main
 from rad.config import to_yaml
-from rad.distill.train import DistillSummary
+from rad.distill.summary import DistillSummary
 from rad.errors import RadError
 from rad.evaluate.runner import EvalResults
 from rad.models.convert import ConversionRecord
@@ -93,7 +93,7 @@ def test_one_source_of_distillation_defaults():
     `rad distill` defaulted to lr 1e-3, 1% warm-up and no alignment while `rad run` used 3e-4, 10% and 1.0."""
     from rad.ablate.config import load_ablate_config
     from rad.cli import build_parser
-    from rad.distill.train import DEFAULT_LR, DistillConfig
+    from rad.distill.config import DEFAULT_LR, DistillConfig
 
     run = load_run_config("smoke").distill
     ablate = load_ablate_config("smoke").distill

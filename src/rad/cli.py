@@ -179,7 +179,7 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         resume=args.resume,
         share_weights=args.share_weights,
         gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision=args.mixed_precision,
+        precision=args.precision,
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
@@ -590,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="self-distillation: the teacher uses the student's frozen tensors (one copy)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="compute precision; auto: bf16 where the device multiplies bf16 fast (CUDA with bf16, a CPU "
+                        "with AVX512-BF16 or AMX), else fp32. What trains keeps fp32 weights and optimiser state")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import field
 
 from rad.config import load_settings, preset_file, settings
+from rad.distill.config import DistillSettings
 from rad.distill.modules import TRAIN_CHOICES as TRAIN_SETS
-from rad.distill.train import DistillSettings
 from rad.errors import RadError
 from rad.evaluate.runner import EvalSettings
 from rad.models.mixers import INITS as INIT_CHOICES

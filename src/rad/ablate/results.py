@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rad.distill.train import EvalPoint
+from rad.distill.summary import EvalPoint
 from rad.evaluate.runner import TaskScore
 from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json

@@ -40,7 +40,7 @@ from rad.ablate.plan import (
 )
 from rad.ablate.report import plot_kl_curves, write_report
 from rad.ablate.results import ARM_RESULT_FILE, AblateResult, AblateSummary, ArmResult, ArmSummary
-from rad.distill.train import SUMMARY_FILE, DistillSummary, EvalPoint
+from rad.distill.summary import SUMMARY_FILE, DistillSummary, EvalPoint
 from rad.errors import RadError
 from rad.evaluate.runner import EvalConfig, TaskScore, evaluate_model
 from rad.models.convert import CONVERSION_FILE, package_versions

@@ -473,7 +473,7 @@ class _Run:
 def resume_settings(config: AlignConfig, models: AlignModels, data: DistillData, precision: str,
                     mixer_autocast: bool) -> dict:
     """Everything that determines the aligned weights and the held-out numbers: what a resume must match."""
-    from rad.distill.train import data_fingerprint
+    from rad.distill.config import data_fingerprint
 
     return {
         "student": models.student_fingerprint,

@@ -144,8 +144,18 @@ class _FusedHeadKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_hidden, t_hidden, mask, labels, s_weight, t_weight, temperature, chunk, with_ce):
+    def forward(ctx, s_hidden, t_hidden, mask, labels, s_weight, t_weight, temperature, chunk, with_ce, compute):
+        with torch.autocast(s_hidden.device.type, enabled=False):  # the dtypes below are explicit
+            return _FusedHeadKL._forward(ctx, s_hidden, t_hidden, mask, labels, s_weight, t_weight, temperature,
+                                         chunk, with_ce, compute)
+
+    @staticmethod
+    def _forward(ctx, s_hidden, t_hidden, mask, labels, s_weight, t_weight, temperature, chunk, with_ce, compute):
+        """Logits and gradient products in `compute` (bf16; None: each weight's own dtype); softmax, KL, CE
+        and every sum in float32."""
         t = float(temperature)
+        s_w, t_w = s_weight.to(compute or s_weight.dtype), t_weight.to(compute or t_weight.dtype)  # once per call
+        compute = s_w.dtype
         need_h = s_hidden.requires_grad
         need_w = s_weight.requires_grad
         sums = torch.zeros(4, dtype=torch.float32, device=s_hidden.device)
@@ -154,8 +164,8 @@ class _FusedHeadKL(torch.autograd.Function):
         for start in range(0, s_hidden.shape[1], chunk):
             sl = slice(start, start + chunk)
             hs, m, lab = s_hidden[:, sl], mask[:, sl].float(), labels[:, sl]
-            s_logits = (hs.to(s_weight.dtype) @ s_weight.t()).float()
-            t_logits = (t_hidden[:, sl].to(t_weight.dtype) @ t_weight.t()).float()
+            s_logits = (hs.to(compute) @ s_w.t()).float()
+            t_logits = (t_hidden[:, sl].to(t_w.dtype) @ t_w.t()).float()
             s_logp = F.log_softmax(s_logits / t, dim=-1)
             t_logp = F.log_softmax(t_logits / t, dim=-1)
             t_p = t_logp.exp()
@@ -175,11 +185,11 @@ class _FusedHeadKL(torch.autograd.Function):
                     g_ce.scatter_add_(-1, safe[..., None], -torch.ones_like(g_ce[..., :1]))
                     grads.append(g_ce * valid[..., None])
                 for k, g in enumerate(grads):
-                    g = g.to(s_weight.dtype)
+                    g = g.to(compute)
                     if need_h:
-                        g_h[k][:, sl] = (g @ s_weight).float()
+                        g_h[k][:, sl] = (g @ s_w).float()
                     if need_w:
-                        g_w[k] += (g.flatten(0, 1).t() @ hs.flatten(0, 1).to(s_weight.dtype)).float()
+                        g_w[k] += (g.flatten(0, 1).t() @ hs.flatten(0, 1).to(compute)).float()
         ctx.save_for_backward(*(g_h or []), *(g_w or []))
         ctx.need = (need_h, need_w)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype)
@@ -197,7 +207,7 @@ class _FusedHeadKL(torch.autograd.Function):
         if need_w:
             w_kl, w_ce = saved[:2]
             gw = (go_kl * w_kl + go_ce * w_ce).to(ctx.dtypes[1])
-        return gh, None, None, None, gw, None, None, None, None
+        return gh, None, None, None, gw, None, None, None, None, None
 
 
 def fused_distill_terms(
@@ -215,8 +225,11 @@ def fused_distill_terms(
     with_ce = labels is not None
     if labels is None:
         labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+    kind = student_hidden.device.type
+    # Under autocast (rad.utils.precision.compute_dtype) the heads multiply in its dtype, as nn.Linear would.
+    compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     kl, ce, agree, teacher_ce = _FusedHeadKL.apply(
         student_hidden, teacher_hidden.detach(), mask, labels, student_weight, teacher_weight.detach(),
-        temperature, chunk, with_ce,
+        temperature, chunk, with_ce, compute,
     )
     return {"kl_sum": kl, "ce_sum": ce, "agree_sum": agree.detach(), "teacher_ce_sum": teacher_ce.detach()}

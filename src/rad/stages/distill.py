@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rad.distill.train import SUMMARY_FILE, DistillSettings, run_distill
+from rad.distill.config import DistillSettings
+from rad.distill.summary import SUMMARY_FILE
+from rad.distill.train import run_distill
 
 logger = logging.getLogger(__name__)
 

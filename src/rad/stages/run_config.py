@@ -14,7 +14,7 @@ import yaml
 
 from rad.align.train import AlignSettings
 from rad.config import read_yaml, settings, to_yaml
-from rad.distill.train import DistillSettings
+from rad.distill.config import DistillSettings
 from rad.evaluate.runner import EvalSettings
 from rad.search.config import SearchSettings
 from rad.stages.settings import check_run_settings
