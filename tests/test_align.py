@@ -128,13 +128,15 @@ def test_mixer_output_is_what_the_hybrids_own_layer_adds():
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import rad.align.precision as precision
+    import rad.utils.precision as precision
 
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(precision, "bf16_features", lambda device: ["amx"])
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2"})
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(precision, "bf16_features", lambda device: [])
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(RadError, match="fast bf16"):  # asked for explicitly where it would be emulated
+        resolve_precision("bf16", torch.device("cpu"))
     with pytest.raises(RadError, match="precision"):
         resolve_precision("fp8", torch.device("cpu"))
 

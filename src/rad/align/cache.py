@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rad.align.teacher import LayerPairs
 from rad.errors import RadError
-from rad.outputs import check_apart, check_free_space, check_writable
+from rad.outputs import check_apart, check_free_space, check_writable, write_failed
 from rad.utils.atomic import atomic_write_json, temp_name
 from rad.utils.identity import check_same_settings
 
@@ -82,7 +82,6 @@ class PairCache:
             os.replace(tmp, dest)
         except OSError as err:
             tmp.unlink(missing_ok=True)
-            from rad.outputs import write_failed
 
             raise write_failed(dest, err, "free some space and run the same command again with --resume.") from err
 

@@ -1,51 +1,31 @@
-"""Which precision the teacher pass runs in: `auto` is bf16 where the hardware computes it natively.
+"""Which precision alignment's teacher pass runs in, by the one owner of the choice (`rad.utils.precision`).
 
-SWAP POINT: `bf16_supported` is alignment's own small detection. A shared switch for distillation is being
-added in `rad.utils.precision`; when it lands, point `bf16_supported` (or `resolve_precision`) at it.
+Alignment records the precision by name ('bf16' / 'fp32') in its settings and resume identity; these are thin
+names over the shared detection, so `auto` means the same for `rad align` as for `rad distill`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rad.errors import RadError
+from rad.utils.precision import PRECISIONS, bf16_features, precision_name
+from rad.utils.precision import resolve_precision as resolve_dtype
 
-PRECISIONS = ("auto", "bf16", "fp32")
-# CPU flags of native bf16 arithmetic (AVX512-BF16 dot products, AMX tiles); without them oneDNN emulates bf16
-# and a bf16 forward is slower than fp32.
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+__all__ = ["PRECISIONS", "bf16_supported", "check_precision", "resolve_precision"]
 
 
 def bf16_supported(device: torch.device) -> bool:
     """Whether `device` runs bf16 matmuls natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(flag in _cpu_flags() for flag in _CPU_BF16_FLAGS)
-    return False
+    return bool(bf16_features(device))
 
 
 def check_precision(precision: str) -> None:
+    """A RadError naming the choices for an unknown precision (the check settings run before any work)."""
     if precision not in PRECISIONS:
-        raise RadError(f"Unknown precision {precision!r}; use {', '.join(PRECISIONS)}.")
+        raise RadError(f"Unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`bf16` or `fp32`: `auto` is bf16 where `bf16_supported`, else fp32; an explicit choice is kept."""
-    check_precision(precision)
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return precision
+    """'bf16' or 'fp32': `auto` is bf16 where the device computes it fast, an explicit choice is checked."""
+    return precision_name(resolve_dtype(precision, device))

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rad.align.cache import PairCache, cache_bytes, check_cache_folder, open_cache
 from rad.align.loss import relative_error, squared_sums
@@ -42,11 +43,25 @@ from rad.distill.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from rad.distill.config import data_fingerprint
 from rad.distill.data import DataConfig, DistillData, Sequences, batch_indices, build_data
+from rad.distill.modules import check_same_vocabulary, share_frozen_weights
+from rad.distill.objective import DistillObjective, LossWeights
+from rad.distill.train import cosine_lambda, evaluate
 from rad.errors import RadError
-from rad.models.convert import ConversionRecord
+from rad.models.convert import (
+    CONVERSION_FILE,
+    HYBRID_MODEL_TYPE,
+    ConversionRecord,
+    is_hybrid_config,
+    read_conversion_record,
+    write_loader_keys,
+)
+from rad.models.loading import load_model, resolve_to_folder
+from rad.outputs import ALIGN, check_free_space, check_output
 from rad.utils.artefacts import load_artefact
-from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temps
+from rad.utils.devices import resolve_device
 from rad.utils.identity import check_same_settings, model_fingerprint
 from rad.utils.jsonl import read_log
 
@@ -136,7 +151,6 @@ class AlignConfig:
         check_precision(self.precision)
         if self.cache is not None and not str(self.cache).strip():
             raise RadError("--cache is empty; give a folder (or leave it out).")
-        from rad.utils.devices import resolve_device
 
         resolve_device(self.device)
 
@@ -280,8 +294,6 @@ def _source_of(hybrid: str) -> str | None:
 def check_before_loading(config: AlignConfig) -> None:
     """Every refusal that needs no model: the output folder, a hybrid without converted layers, a teacher of
     another shape, checkpoints without --resume, a cache folder without room. One sentence each; writes nothing."""
-    from rad.outputs import ALIGN, check_output
-    from rad.utils.atomic import remove_stale_temps
 
     source = _source_of(config.hybrid)
     teacher = config.teacher or source
@@ -290,7 +302,7 @@ def check_before_loading(config: AlignConfig) -> None:
     hybrid_cfg = _read_config(Path(config.hybrid).expanduser()) if Path(config.hybrid).expanduser().is_dir() else None
     layers: list[int] | None = None
     if hybrid_cfg is not None:
-        if hybrid_cfg.get("model_type") != "bamba":
+        if hybrid_cfg.get("model_type") != HYBRID_MODEL_TYPE:
             raise RadError(f"{config.hybrid} is not a rad hybrid (Bamba) checkpoint; make one with `rad convert`.")
         n = int(hybrid_cfg["num_hidden_layers"])
         attention = set(hybrid_cfg.get("attn_layer_indices") or [])
@@ -314,7 +326,6 @@ def check_before_loading(config: AlignConfig) -> None:
 
 def _check_teacher_shape(teacher: str, hidden: int | None, num_layers: int) -> None:
     """The teacher must have the hybrid's hidden size and layer count (its layers are the hybrid's layers)."""
-    from rad.models.loading import resolve_to_folder
 
     folder = resolve_to_folder(teacher)
     cfg = _read_config(folder) if folder is not None else None
@@ -347,7 +358,6 @@ class AlignModels:
 
 
 def _same_model(a: str, b: str) -> bool:
-    from rad.models.loading import resolve_to_folder
 
     if a == b:
         return True
@@ -361,13 +371,10 @@ def _same_model(a: str, b: str) -> bool:
 def load_models(config: AlignConfig, device: torch.device, precision: str) -> AlignModels:
     """The hybrid (float32, only its mixers trainable) and its teacher: one in the pass's precision for the pairs,
     one in float32 for the held-out KL. A float32 source teacher shares the hybrid's frozen tensors (one copy)."""
-    from rad.distill.modules import check_same_vocabulary, share_frozen_weights
-    from rad.models.convert import read_conversion_record
-    from rad.models.loading import load_model
 
     student_loaded = load_model(config.hybrid, device=device, dtype="float32")
     student = student_loaded.model
-    if getattr(student.config, "model_type", None) != "bamba":
+    if not is_hybrid_config(student.config):
         raise RadError(f"{config.hybrid} is not a rad hybrid (Bamba) checkpoint; make one with `rad convert`.")
     layers = converted_layers(student)
     if not layers:
@@ -473,7 +480,6 @@ class _Run:
 def resume_settings(config: AlignConfig, models: AlignModels, data: DistillData, precision: str,
                     mixer_autocast: bool) -> dict:
     """Everything that determines the aligned weights and the held-out numbers: what a resume must match."""
-    from rad.distill.config import data_fingerprint
 
     return {
         "student": models.student_fingerprint,
@@ -502,8 +508,6 @@ def _cache_identity(run_settings: dict) -> dict:
 def run_align(config: AlignConfig, on_step: Callable[[int], None] | None = None) -> AlignResult:
     """Align every converted layer's mixer of `config.hybrid` to its teacher; write checkpoints, logs, summary.json
     and OUT/student. `on_step(step)` runs after each step's log and checkpoint (tests interrupt runs there)."""
-    from rad.distill.train import cosine_lambda
-    from rad.utils.devices import resolve_device
 
     check_before_loading(config)
     device = resolve_device(config.device)
@@ -542,7 +546,6 @@ def run_align(config: AlignConfig, on_step: Callable[[int], None] | None = None)
 
 def _check_disk(run: _Run) -> None:
     """Room for the checkpoints kept at once (mixer weights + AdamW's two moments, three of them) and the student."""
-    from rad.outputs import check_free_space
 
     trainable = sum(p.numel() * p.element_size() for ps in run.mixer_params.values() for p in ps)
     student = sum(p.numel() * p.element_size() for p in run.models.student.parameters())
@@ -606,7 +609,6 @@ def mixer_context(mixer_autocast: bool, device: torch.device):
 
 
 def _train(run: _Run, on_step: Callable[[int], None] | None) -> None:
-    from tqdm.auto import tqdm
 
     cfg = run.config
     total = cfg.total_steps
@@ -715,8 +717,6 @@ class _OneProcess:
 
 def held_out_kl(student, teacher, rows: Sequences, batch: int, device: torch.device) -> dict:
     """The hybrid's held-out KL(teacher || hybrid), perplexities and top-1 agreement: distill's own evaluation."""
-    from rad.distill.objective import DistillObjective, LossWeights
-    from rad.distill.train import evaluate
 
     objective = DistillObjective(student, teacher, LossWeights(kl=1.0), align_layers=[])
     return evaluate(objective, rows, batch, _OneProcess(device))
@@ -747,7 +747,6 @@ def _save(run: _Run) -> None:
 def save_student(run: _Run, dest: Path) -> Path:
     """A stock transformers checkpoint (loads with AutoModelForCausalLM, no rad), written atomically; its
     rad_conversion.json records the alignment, so `rad distill` treats the mixers as trained."""
-    from rad.models.convert import CONVERSION_FILE, write_loader_keys
 
     student, record, cfg = run.models.student, run.models.record, run.config
     with atomic_directory(dest, overwrite=True) as tmp:

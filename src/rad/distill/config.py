@@ -25,6 +25,7 @@ from rad.distill.modules import TRAIN_CHOICES
 from rad.distill.objective import LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
+from rad.models.mixers import INITS, init_defaults
 from rad.utils.identity import tensor_sha256
 from rad.utils.precision import PRECISIONS
 
@@ -265,10 +266,8 @@ def resume_settings(config: DistillConfig, models: Models, data: DistillData, ac
 def resolve_norm_lr_scale(config: DistillConfig, record: ConversionRecord | None) -> float:
     """The gated-norm gains' lr multiplier: the user's, else the init's for a hybrid fresh from `rad convert`
     (its gains sit where the init put them), else 1 (a trained student, or a model rad did not convert)."""
-    from rad.models.mamba_init import INIT_DEFAULTS
-
     if config.mixer_norm_lr_scale is not None:
         return float(config.mixer_norm_lr_scale)
-    if record is None or record.distillation is not None or record.init not in INIT_DEFAULTS:
+    if record is None or record.distillation is not None or record.init not in INITS:
         return 1.0
-    return INIT_DEFAULTS[record.init].norm_lr_scale
+    return init_defaults(record.init).norm_lr_scale

@@ -16,7 +16,7 @@ from rad.distill.modules import (
     share_frozen_weights,
 )
 from rad.errors import RadError
-from rad.models.convert import ConversionRecord
+from rad.models.convert import ConversionRecord, is_hybrid_config
 from rad.utils.identity import model_fingerprint
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def load_models(config: DistillConfig, device: torch.device) -> Models:
 
     student_loaded = load_model(config.hybrid, device=device, dtype=config.dtype or "float32")
     student = student_loaded.model
-    if getattr(student.config, "model_type", None) != "bamba":
+    if not is_hybrid_config(student.config):
         raise RadError(f"{config.hybrid} is not a rad hybrid (Bamba) checkpoint; make one with `rad convert`.")
     record = read_conversion_record(student_loaded.path) if student_loaded.path else None
     source = record.source_model if record else None

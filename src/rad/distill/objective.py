@@ -17,6 +17,7 @@ from torch import nn
 from rad.distill.loss import chunked_distill_terms, fused_distill_terms
 from rad.errors import RadError
 from rad.models.layers import decoder_layers
+from rad.models.mixers import mixer_output
 
 
 @dataclass
@@ -110,7 +111,7 @@ class DistillObjective(nn.Module):
             pad_mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
             weight = attention_mask[..., None].float() if attention_mask is not None else None
             for i, (attn_in, attn_out) in captured.items():
-                mixed = layers[i].mamba(hidden_states=attn_in.to(student_hidden.dtype), attention_mask=pad_mask)
+                mixed = mixer_output(layers[i], attn_in.to(student_hidden.dtype), pad_mask)
                 err = F.mse_loss(mixed.float(), attn_out.float(), reduction="none")
                 if weight is not None:
                     err = err * weight

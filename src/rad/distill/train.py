@@ -46,6 +46,7 @@ from rad.distill.objective import DistillObjective
 from rad.distill.summary import DistillResult, Logs, build_summary, save_student
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
+from rad.models.mixers import is_gain_parameter
 from rad.utils.atomic import atomic_write_json
 from rad.utils.identity import check_same_settings
 from rad.utils.precision import (
@@ -216,7 +217,7 @@ def _param_groups(student, config: DistillConfig) -> list[dict]:
     norms, rest = [], []
     for name, p in student.named_parameters():
         if p.requires_grad:
-            (norms if ".mamba.norm." in name else rest).append(p)
+            (norms if is_gain_parameter(name) else rest).append(p)
     if config.mixer_norm_lr_scale == 1.0 or not norms:
         return [{"params": norms + rest}]
     return [{"params": rest}, {"params": norms, "lr": config.lr * config.mixer_norm_lr_scale}]
