@@ -53,7 +53,7 @@ _LEGACY_SETTINGS = ("train", "steps", "global_batch")  # what state.json held at
 @dataclass(frozen=True)
 class CheckpointState:
     """What a checkpoint's state.json holds: the step, a SHA-256 per file, the data position and the
-    settings the run was made with (`rad.distill.config.resume_settings`), which a resume must match."""
+    settings the run was made with (`rad.distill.models.resume_settings`), which a resume must match."""
 
     step: int
     files: dict[str, str]

@@ -1,5 +1,5 @@
 """What a distillation run is: its settings (`DistillConfig`, the orchestrators' `DistillSettings`), their
-defaults, and its resume identity (`resume_settings`: what a checkpoint records and a resume must match).
+defaults, and its resume identity (what a checkpoint records and a resume must match: `models.resume_settings` builds it).
 
 Field types say what each number may be (`PositiveInt`, `Fraction`, ...); `check_fields` validates them
 with pydantic when a config is made in Python, and `rad.config.build` when it comes from YAML, so the
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import AllowInfNan, TypeAdapter, ValidationError
@@ -28,9 +28,6 @@ from rad.models.convert import ConversionRecord
 from rad.models.mixers import INITS, init_defaults
 from rad.utils.identity import tensor_sha256
 from rad.utils.precision import PRECISIONS
-
-if TYPE_CHECKING:
-    from rad.distill.models import Models
 
 
 class Says(str):
@@ -239,28 +236,6 @@ def data_fingerprint(data: DistillData) -> str:
     fields, tokenizer, seq_len, packing, masking, held-out split and its seed in one digest."""
     rows = (data.train, data.eval)
     return tensor_sha256(*(t for r in rows for t in (r.input_ids, r.attention_mask, r.loss_mask)))
-
-
-def resume_settings(config: DistillConfig, models: Models, data: DistillData, accelerator) -> dict:
-    """Everything that determines the trained weights and the held-out curve: what a resume must match."""
-    return {
-        "student": models.student_fingerprint,
-        "teacher": models.teacher_fingerprint,
-        "train": config.train,
-        "steps": config.steps,  # the warm-up and cosine decay span the whole run
-        "global_batch": config.micro_batch * config.grad_accum * accelerator.num_processes,
-        "seed": config.seed,
-        "data": {"seed": config.data.seed, "seq_len": config.data.seq_len, "content": data_fingerprint(data)},
-        "optimizer": {"lr": config.lr, "min_lr_ratio": config.min_lr_ratio, "weight_decay": config.weight_decay,
-                      "betas": list(config.betas), "warmup_ratio": config.warmup_ratio,
-                      "max_grad_norm": config.max_grad_norm, "mixer_norm_lr_scale": config.mixer_norm_lr_scale},
-        # `chunk` only splits the same sum into pieces.
-        "loss": {k: v for k, v in asdict(config.loss).items() if k != "chunk"},
-        # compute: the resolved precision (bf16 | fp32), before frozen weights are stored in it
-        "precision": {"compute": config.precision, "student": str(models.student.dtype),
-                      "teacher": str(models.teacher.dtype)},
-        "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
-    }
 
 
 def resolve_norm_lr_scale(config: DistillConfig, record: ConversionRecord | None) -> float:

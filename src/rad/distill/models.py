@@ -4,11 +4,12 @@ and in self-distillation the teacher pointing at the student's frozen tensors (r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
 
 import torch
 
+from rad.distill.config import DistillConfig, data_fingerprint
+from rad.distill.data import DistillData
 from rad.distill.modules import (
     check_same_vocabulary,
     count_parameters,
@@ -18,9 +19,6 @@ from rad.distill.modules import (
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord, is_hybrid_config
 from rad.utils.identity import model_fingerprint
-
-if TYPE_CHECKING:
-    from rad.distill.config import DistillConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +92,23 @@ def _same_model(a: str, b: str) -> bool:
     return fa is not None and fb is not None and fa.resolve() == fb.resolve()
 
 
+def resume_settings(config: DistillConfig, models: Models, data: DistillData, accelerator) -> dict:
+    """Everything that determines the trained weights and the held-out curve: what a resume must match."""
+    return {
+        "student": models.student_fingerprint,
+        "teacher": models.teacher_fingerprint,
+        "train": config.train,
+        "steps": config.steps,  # the warm-up and cosine decay span the whole run
+        "global_batch": config.micro_batch * config.grad_accum * accelerator.num_processes,
+        "seed": config.seed,
+        "data": {"seed": config.data.seed, "seq_len": config.data.seq_len, "content": data_fingerprint(data)},
+        "optimizer": {"lr": config.lr, "min_lr_ratio": config.min_lr_ratio, "weight_decay": config.weight_decay,
+                      "betas": list(config.betas), "warmup_ratio": config.warmup_ratio,
+                      "max_grad_norm": config.max_grad_norm, "mixer_norm_lr_scale": config.mixer_norm_lr_scale},
+        # `chunk` only splits the same sum into pieces.
+        "loss": {k: v for k, v in asdict(config.loss).items() if k != "chunk"},
+        # compute: the resolved precision (bf16 | fp32), before frozen weights are stored in it
+        "precision": {"compute": config.precision, "student": str(models.student.dtype),
+                      "teacher": str(models.teacher.dtype)},
+        "eval_sequences": config.eval_sequences,  # the held-out curve's points must be comparable
+    }

@@ -10,7 +10,7 @@ batch optimise the same objective, and a resumed run needs only its step number 
 The settings live in rad.distill.config, the models' loading in rad.distill.models, what is written in
 rad.distill.summary.
 
-Resume identity (rad.distill.config): every checkpoint records `resume_settings` (the init student's and
+Resume identity (rad.distill.models.resume_settings, rad.distill.config): every checkpoint records it (the init student's and
 the teacher's content fingerprints, the tokenised data's content, and every setting that changes the
 trained weights or the held-out curve); `--resume` under anything else is refused, naming each change. What may change on resume
 (`ALLOWED_ON_RESUME`) is used from the resumed step on and recorded in config.json.
@@ -37,10 +37,10 @@ from rad.distill.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from rad.distill.config import DistillConfig, resolve_norm_lr_scale, resume_settings
+from rad.distill.config import DistillConfig, resolve_norm_lr_scale
 from rad.distill.data import DistillData, Sequences, batch_indices, build_data
 from rad.distill.loss import mean_metrics
-from rad.distill.models import Models, load_models
+from rad.distill.models import Models, load_models, resume_settings
 from rad.distill.modules import enable_gradient_checkpointing, replaced_attention_layers
 from rad.distill.objective import DistillObjective
 from rad.distill.summary import DistillResult, Logs, build_summary, save_student

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
+import rad
 from rad.errors import RadError
 from rad.models.attention import attention_parameters, head_dim_of
-from rad.models.layers import decoder_layers, validate_layers
+from rad.models.layers import decoder_layers, parse_layers, validate_layers
+from rad.models.loading import load_model
 from rad.models.mixers import (
     DEFAULT_MIXER,
     MixerGeometry,
@@ -31,8 +33,9 @@ from rad.models.mixers import (
     mixer_kind,
 )
 from rad.models.naming import hybrid_name
+from rad.outputs import CONVERT, check_output
 from rad.utils.atomic import atomic_directory
-from rad.utils.devices import default_chunk_size
+from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +277,6 @@ class ConversionRecord:
 def package_versions() -> dict:
     import transformers
 
-    import rad
 
     return {
         "rad": rad.__version__,
@@ -322,7 +324,6 @@ def check_hybrid_out(out: str | Path, overwrite: bool, inputs=()) -> Path:
     Anything else is refused, also with `overwrite`: a folder without rad_conversion.json holds someone
     else's files, and a distilled student is `rad distill`'s output, not a conversion to redo.
     """
-    from rad.outputs import CONVERT, check_output
 
     out = check_output(out, CONVERT, inputs=inputs)
     if out.is_dir() and any(out.iterdir()):
@@ -368,9 +369,6 @@ def convert_model(
     overwrite: bool = False,
 ) -> ConversionResult:
     """Load `model`, convert `layers` ('3,7,11', 'uniform:15', or a list) with `init`, save to `out`."""
-    from rad.models.layers import parse_layers
-    from rad.models.loading import load_model
-    from rad.utils.devices import resolve_device, resolve_dtype
 
     # Everything a user gave is checked before the model loads and before anything is written: the
     # settings by ConversionConfig itself (the layers' range and the geometry's fit need the model's config).

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rad.models.attention import attention_parameters, head_dim_of
+from rad.models.convert import LOADER_KEYS, LOADERS_DOC, is_hybrid_config, loader_keys, loader_warnings
 from rad.models.layers import decoder_layers
 from rad.models.mixers import MIXER_KINDS, mixer_kind, mixer_kind_of, mixer_layers
 
@@ -101,7 +102,6 @@ def _mixer_summary(model: nn.Module) -> dict | None:
 def _loader_notes(config) -> list[str]:
     """For a Bamba hybrid: `convert.loader_warnings`, plus whether the folder it was loaded from lacks the
     top-level RoPE keys older loaders read (a folder re-saved by plain transformers 5 drops them)."""
-    from rad.models.convert import LOADER_KEYS, is_hybrid_config, loader_keys, loader_warnings
 
     if not is_hybrid_config(config):
         return []
@@ -156,7 +156,6 @@ def format_info(info: ModelInfo, conversion=None) -> str:  # conversion: a Conve
         source = info.all_attention_kv_bytes_per_token * ctx
         lines.append(f"  cache at {ctx:>5} tokens: {hybrid / 2**20:8.1f} MiB vs source {source / 2**20:8.1f} MiB")
     if info.loader_notes:
-        from rad.models.convert import LOADERS_DOC
 
         lines.append(f"loaders      exact with transformers >= 5; see {LOADERS_DOC} for the others:")
         lines.extend(f"  - {note}" for note in info.loader_notes)

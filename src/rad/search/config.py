@@ -13,6 +13,7 @@ from pydantic import PositiveInt
 from rad.config import settings
 from rad.errors import RadError
 from rad.search.objectives import OBJECTIVE_CLASSES
+from rad.search.prompts import DEFAULT_PROMPTS
 
 OBJECTIVES = tuple(OBJECTIVE_CLASSES)  # the registered selection objectives (search/objectives.py)
 SAMPLERS = ("gp", "tpe", "random")
@@ -96,7 +97,6 @@ class SearchSettings:
 
     def stage_config(self, *, seed: int, out: str | Path | None) -> SearchConfig:
         """The `SearchConfig` of this search; resumes the study when `out` already exists."""
-        from rad.search.prompts import DEFAULT_PROMPTS
 
         prompts = list(DEFAULT_PROMPTS[: self.prompts]) if self.prompts else None
         return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,

@@ -17,7 +17,6 @@ subclass here plus its entry in `OBJECTIVE_CLASSES`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import statistics
 import time
@@ -29,6 +28,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from rad.decoding.runner import FastDecoder
+from rad.decoding.speculative import DraftConfig, speculative_generate
 from rad.errors import RadError
 from rad.models.skip import skip_attention
 
@@ -167,13 +168,6 @@ class _SpeculativeRuns:
 
     def __init__(self, model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, eos_token_id,
                  max_draft: int, adaptive: bool):
-        try:
-            from rad.decoding.speculative import DraftConfig, speculative_generate
-        except ImportError as err:
-            raise RadError(
-                f"The self-speculative decoding engine (rad.decoding.speculative) is not available ({err}); "
-                "use --objective agreement."
-            ) from err
         self.generate = speculative_generate
         self.draft = DraftConfig(max_draft=max_draft, adaptive=adaptive)
         self.model = model
@@ -181,11 +175,7 @@ class _SpeculativeRuns:
         self.prompts = [ids.to(self.device) for ids in prompts]
         self.max_new_tokens = max_new_tokens
         self.eos_token_id = eos_token_id
-        self.extra = {}
-        if "decoder" in inspect.signature(speculative_generate).parameters:
-            from rad.decoding.runner import FastDecoder
-
-            self.extra["decoder"] = FastDecoder(model)  # built once, not once per run
+        self.extra = {"decoder": FastDecoder(model)}  # built once, not once per run
 
     def run(self, mask: Sequence[int], ids: torch.Tensor):
         with torch.no_grad():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rad.errors import RadError
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -24,7 +26,6 @@ def default_device() -> torch.device:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device` checked against this machine (None: `default_device()`); a bad or absent one is a RadError."""
-    from rad.errors import RadError
 
     if device is None or device == "auto":
         return default_device()
@@ -56,7 +57,6 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    from rad.errors import RadError
 
     if dtype is None or dtype == "auto":
         return default_dtype(device)

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from rad.errors import RadError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 _NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -39,7 +41,6 @@ def bf16_features(device: torch.device | str) -> list[str]:
 
 def resolve_precision(setting: str, device: torch.device | str) -> torch.dtype:
     """The compute dtype of `setting` (auto | bf16 | fp32) on `device`: auto is bf16 where it is fast."""
-    from rad.errors import RadError
 
     if setting not in PRECISIONS:
         raise RadError(f"Unknown precision {setting!r}; use one of {', '.join(PRECISIONS)}.")
