@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rad.errors import RadError
+from rad.outputs import write_failed
 from rad.utils.atomic import atomic_directory
 from rad.utils.identity import file_sha256
 
@@ -110,7 +111,6 @@ def save_checkpoint(
     """Write checkpoint `step` under `root` atomically and delete all but the newest `keep`."""
     from safetensors import SafetensorError
 
-    from rad.outputs import write_failed
 
     dest = root / f"step-{step:07d}"
     try:

@@ -26,6 +26,7 @@ from rad.distill.objective import LossWeights
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
 from rad.models.mixers import INITS, init_defaults
+from rad.utils.devices import resolve_device, resolve_dtype
 from rad.utils.identity import tensor_sha256
 from rad.utils.precision import PRECISIONS
 
@@ -173,7 +174,6 @@ class DistillConfig:
         check_fields(self, strict=True)
         if self.loss is None:
             self.loss = default_loss(self_distillation=names_hybrid_source(self.hybrid, self.teacher))
-        from rad.utils.devices import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)  # a bad device or dtype stops before any model loads
         for dtype in (self.dtype, self.teacher_dtype):

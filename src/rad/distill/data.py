@@ -21,6 +21,7 @@ import torch
 from rad.data import DATASETS, PYTHON_DOCS, SOURCES, Located, find_rows, python_docs_records
 from rad.distill.overlap import check_no_overlap
 from rad.errors import RadError
+from rad.models.tokens import encode_chat, padding_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,6 @@ def _pick_fields(record: dict, config: DataConfig) -> tuple[str, str | None, str
 def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[list[int], list[int]]]:
     """Token ids and a loss mask per record; chats and pairs by `encode_chat` (the chat template, or its
     plain-text fallback), so the prompt's ids are a prefix of the record's and `mask_prompt` can drop them."""
-    from rad.models.tokens import encode_chat
 
     if not records:
         raise RadError("The distillation dataset is empty; pass --data with some records.")
@@ -335,7 +335,6 @@ def build_data(config: DataConfig, tokenizer) -> DistillData:
         raise RadError("The distillation dataset needs at least two records (one is held out for evaluation).")
     eval_ex = [examples[i] for i in order[:n_eval]]
     train_ex = [examples[i] for i in order[n_eval:]]
-    from rad.models.tokens import padding_token_id
 
     pad = padding_token_id(tokenizer)
     train = to_sequences(train_ex, config.seq_len, config.pack, pad)

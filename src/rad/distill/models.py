@@ -17,7 +17,8 @@ from rad.distill.modules import (
     share_frozen_weights,
 )
 from rad.errors import RadError
-from rad.models.convert import ConversionRecord, is_hybrid_config
+from rad.models.convert import ConversionRecord, is_hybrid_config, read_conversion_record
+from rad.models.loading import load_model, resolve_to_folder
 from rad.utils.identity import model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ class Models:
 
 def load_models(config: DistillConfig, device: torch.device) -> Models:
     """Student (the hybrid), its trainable set, and the teacher (sharing frozen weights when it can)."""
-    from rad.models.convert import read_conversion_record
-    from rad.models.loading import load_model
 
     student_loaded = load_model(config.hybrid, device=device, dtype=config.dtype or "float32")
     student = student_loaded.model
@@ -81,7 +80,6 @@ def load_models(config: DistillConfig, device: torch.device) -> Models:
 
 def _same_model(a: str, b: str) -> bool:
     """Whether two model specs name the same checkpoint (the same folder once resolved)."""
-    from rad.models.loading import resolve_to_folder
 
     if a == b:
         return True

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rad.distill.modules import count_parameters
-from rad.models.convert import ConversionRecord
+from rad.models.convert import CONVERSION_FILE, ConversionRecord, write_loader_keys
 from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from rad.utils.jsonl import read_log
@@ -122,16 +122,16 @@ class Logs:
                 logger.warning("tensorboard is not installed; writing JSONL logs only.")
 
     def write(self, record: dict) -> None:
-        """Append `record` to log.jsonl, and its numbers to TensorBoard under `record['kind']`."""
+        """Append `record` to log.jsonl, and its numbers to TensorBoard under `record['kind']` (a nested dict's
+        as `kind/key/inner`, e.g. align's per-layer `train/relative_error/3`)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             prefix = record.get("kind", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "kind"):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+            for k, v in _flat_numbers(record).items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -142,17 +142,34 @@ class Logs:
         return read_log(self.path)
 
 
+def _flat_numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a log record by their TensorBoard name (nested dicts as `key/inner`); not step, kind, bools."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "kind"):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def save_student(student, tokenizer, dest: Path, record: ConversionRecord | None, config: DistillConfig) -> Path:
     """A stock transformers checkpoint (loads with AutoModelForCausalLM, no rad), written atomically."""
-    from rad.models.convert import CONVERSION_FILE, write_loader_keys
+    distillation = None
+    if record is not None:
+        distillation = {"teacher": config.teacher or record.source_model, "train": config.train,
+                        "steps": config.steps, "data": config.data.spec or "default"}
+    return write_student(student, tokenizer, dest, record, distillation)
 
+
+def write_student(student, tokenizer, dest: Path, record: ConversionRecord | None, distillation: dict | None) -> Path:
+    """The student and its tokenizer in `dest`, atomically; with a conversion record, its rad_conversion.json too,
+    `distillation` saying what trained it (`rad distill` here, `rad align` in rad.align.summary)."""
     with atomic_directory(dest, overwrite=True) as tmp:
         student.save_pretrained(tmp)
         write_loader_keys(tmp, student.config)  # else transformers 4.x and vLLM read rope_theta 10000
         tokenizer.save_pretrained(tmp)
         if record is not None:
-            distillation = {"teacher": config.teacher or record.source_model, "train": config.train,
-                            "steps": config.steps, "data": config.data.spec or "default"}
             (tmp / CONVERSION_FILE).write_text(dataclasses.replace(record, distillation=distillation).to_json())
     return dest
 

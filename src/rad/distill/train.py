@@ -43,12 +43,16 @@ from rad.distill.loss import mean_metrics
 from rad.distill.models import Models, load_models, resume_settings
 from rad.distill.modules import enable_gradient_checkpointing, replaced_attention_layers
 from rad.distill.objective import DistillObjective
+from rad.distill.report import plot_curves
 from rad.distill.summary import DistillResult, Logs, build_summary, save_student
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
+from rad.models.loading import load_model
 from rad.models.mixers import is_gain_parameter
-from rad.utils.atomic import atomic_write_json
-from rad.utils.identity import check_same_settings
+from rad.outputs import DISTILL, check_free_space, check_output, input_location
+from rad.utils.atomic import atomic_write_json, remove_stale_temps
+from rad.utils.devices import resolve_dtype
+from rad.utils.identity import check_same_settings, model_fingerprint
 from rad.utils.precision import (
     compute_dtype,
     describe_precision,
@@ -131,8 +135,6 @@ def _accelerator(config: DistillConfig):
 def _check_disk(run) -> None:
     """Before the first step: room for the checkpoints kept at once (trainable weights + AdamW's two moments, the
     newest two plus the one being written) and the final student."""
-    from rad.outputs import check_free_space
-    from rad.utils.devices import resolve_dtype
 
     trainable = sum(p.numel() * p.element_size() for p in run.params)
     saved_size = torch.empty((), dtype=resolve_dtype(run.config.dtype or "float32", "cpu")).element_size()
@@ -146,8 +148,6 @@ def _check_disk(run) -> None:
 def check_distill_out(config: DistillConfig) -> Path:
     """`config.out` is writable, apart from every input (the hybrid, its teacher, the data) and empty or an
     earlier `rad distill` output; leftovers of a killed checkpoint write there are removed."""
-    from rad.outputs import DISTILL, check_output, input_location
-    from rad.utils.atomic import remove_stale_temps
 
     inputs = [("hybrid", config.hybrid), ("teacher", config.teacher), ("data", config.data.spec)]
     hybrid = input_location(config.hybrid)
@@ -399,7 +399,6 @@ def _finish(run: _Run) -> DistillResult:
         summary = build_summary(cfg, run.models, run.data, run.settings, history, evals, student_dir)
         summary.save(run.out)
         if cfg.plots:
-            from rad.distill.report import plot_curves
 
             plot_curves(history, evals, run.out)
     accelerator.wait_for_everyone()
@@ -428,8 +427,6 @@ def _save(run: _Run) -> None:
 def _restore_frozen(run: _Run, student: torch.nn.Module) -> None:
     """The frozen weights as the hybrid holds them (they ran in bf16, stored once): the saved student is the
     hybrid plus what trained, whatever the precision. Reads the hybrid again rather than keeping a copy."""
-    from rad.models.loading import load_model
-    from rad.utils.identity import model_fingerprint
 
     loaded = load_model(run.config.hybrid, device="cpu", dtype=run.config.dtype or "float32")
     if model_fingerprint(loaded) != run.models.student_fingerprint:
