@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 
 from rad.align.cache import PairCache
+from rad.align.config import AlignConfig
+from rad.align.models import load_models
 from rad.align.precision import bf16_supported
 from rad.align.teacher import teacher_pairs
-from rad.align.train import AlignConfig, load_models, train_mixers
+from rad.align.train import train_mixers
 from rad.distill.data import DataConfig, build_data
 
 logger = logging.getLogger("bench.align_step")

@@ -338,7 +338,7 @@ def test_every_align_setting_is_either_checked_or_allowed_on_resume():
     """A new AlignConfig field must be classified: recorded in the resume settings or allowed to change."""
     import dataclasses
 
-    from rad.align.train import ALLOWED_ON_RESUME
+    from rad.align.config import ALLOWED_ON_RESUME
 
     checked = {"steps", "epochs", "batch", "data", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay", "betas",
                "max_grad_norm", "precision", "mixer_autocast", "eval_sequences", "seed"}

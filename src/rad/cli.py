@@ -327,7 +327,7 @@ def _d_state(text: str) -> int | str:
 
 def _cmd_align(args: argparse.Namespace) -> None:
     from rad.align import AlignConfig, run_align
-    from rad.align.train import DEFAULT_DATA, DEFAULT_SEQ_LEN
+    from rad.align.config import DEFAULT_DATA, DEFAULT_SEQ_LEN
     from rad.distill import DataConfig
 
     config = AlignConfig(
@@ -351,8 +351,8 @@ def _cmd_align(args: argparse.Namespace) -> None:
 
 
 def _add_align_parser(sub) -> None:
+    from rad.align.config import AlignSettings
     from rad.align.precision import PRECISIONS
-    from rad.align.train import AlignSettings
     from rad.config import default_of
 
     def d(name):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rad.align.train import SUMMARY_FILE, AlignSettings, run_align
+from rad.align import AlignSettings, run_align
+from rad.align.summary import SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from rad.align.train import AlignSettings
+from rad.align.config import AlignSettings
 from rad.config import read_yaml, settings, to_yaml
 from rad.distill.config import DistillSettings
 from rad.evaluate.runner import EvalSettings
