@@ -68,17 +68,25 @@ GROUP_CHOICES = ("heads", "kv")  # or a positive whole number
 D_STATE_CHOICES = ("head_dim", "half")  # the attention head size or half of it; or a positive whole number
 
 
+def _positive_whole(value) -> int | None:
+    """`value` as a positive whole number (an int or its exact text), else None (a bool is not a number here)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(value, bool) or number < 1 or str(value).strip() != str(number):
+        return None
+    return number
+
+
 def parse_groups(value: int | str | None) -> int | str:
     """`heads`, `kv` or a positive whole number (also as text, from the CLI or a YAML file)."""
     if value is None:
         return "heads"
     if isinstance(value, str) and value in GROUP_CHOICES:
         return value
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or str(value).strip() != str(number):
+    number = _positive_whole(value)
+    if number is None:
         raise RadError(f"Bad number of SSM groups {value!r}: use 'heads', 'kv' or a positive whole number.")
     return number
 
@@ -87,11 +95,8 @@ def parse_d_state(value: int | str | None) -> int | str | None:
     """`head_dim`, `half` or a positive whole number (also as text); None stays None (the caller's default)."""
     if value is None or (isinstance(value, str) and value in D_STATE_CHOICES):
         return value
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or str(value).strip() != str(number):
+    number = _positive_whole(value)
+    if number is None:
         raise RadError(f"Bad d_state {value!r} (the SSM state size): expected head_dim, half or a positive whole "
                        "number.")
     return number
