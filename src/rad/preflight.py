@@ -28,6 +28,7 @@ from rad.data import (
 from rad.distill.data import locate_data, locate_named
 from rad.errors import RadError
 from rad.evaluate.inputs import TASK_TITLES, InputStatus, check_model, check_task_data
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,11 @@ class InputReport:
 
     @classmethod
     def load(cls, folder: Path) -> InputReport:
-        data = json.loads((Path(folder) / INPUTS_FILE).read_text())
+        return load_artefact(Path(folder) / INPUTS_FILE, cls.from_json, "a rad input report",
+                             "delete it and re-run the command to resolve the inputs again")
+
+    @classmethod
+    def from_json(cls, data: dict) -> InputReport:
         return cls(hub=HubStatus(**data["hub"]), sources=tuple(data["sources"]),
                    inputs=[InputStatus(**i) for i in data["inputs"]], tasks=list(data["tasks"]),
                    dropped_tasks=dict(data["dropped_tasks"]), distill_data=data.get("distill_data"))

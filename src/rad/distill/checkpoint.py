@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from rad.errors import RadError
 from rad.outputs import write_failed
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_directory
 from rad.utils.identity import file_sha256
 
@@ -77,11 +78,9 @@ class CheckpointState:
 
     @classmethod
     def load(cls, folder: Path) -> CheckpointState:
-        try:
-            return cls.from_json(json.loads((Path(folder) / STATE_FILE).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            raise RadError(f"Checkpoint {folder} is partial or corrupt ({STATE_FILE} is missing or unreadable); "
-                           "delete it to resume from the one before.") from None
+        return load_artefact(Path(folder) / STATE_FILE, cls.from_json, "a checkpoint's state",
+                             "delete the checkpoint to resume from the one before",
+                             missing=f"Checkpoint {folder} is partial or corrupt ({STATE_FILE} is missing)")
 
 
 @dataclass

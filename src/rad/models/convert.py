@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 import rad
@@ -34,6 +35,7 @@ from rad.models.mixers import (
 )
 from rad.models.naming import hybrid_name
 from rad.outputs import CONVERT, check_output
+from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
 
@@ -268,16 +270,10 @@ class ConversionRecord:
         path = Path(folder) / CONVERSION_FILE
         if not path.is_file():
             return None
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise RadError(f"{path} is not a rad conversion record ({err}); re-create the hybrid.") from None
+        return load_artefact(path, lambda data: cls(**data), "a rad conversion record", "re-create the hybrid")
 
 
 def package_versions() -> dict:
-    import transformers
-
-
     return {
         "rad": rad.__version__,
         "torch": torch.__version__,
