@@ -784,24 +784,3 @@ def test_bf16_distillation_matches_fp32_and_another_precision_is_refused_on_resu
     with pytest.raises(RadError, match=r"was made with other settings \(.*precision.compute bf16 -> fp32"):
         run_distill(_word_config(word_dirs, tmp_path / "bf16", precision="fp32", steps=6, eval_every=6,
                                  resume=True))
-
-
-def test_float32_islands_compute_a_module_in_float32_inside_bf16_autocast_and_are_undone():
-    """The mixers' island: inside a bf16 autocast region the module computes exactly its float32 result (cast back
-    to the input's dtype), with gradients to its float32 weights; leaving the context restores the class forward."""
-    from rad.utils.precision import float32_islands
-
-    torch.manual_seed(0)
-    inner = torch.nn.Linear(64, 64)
-    x = torch.randn(3, 64)
-    reference = inner(x.bfloat16().float())  # float32 arithmetic on the bf16 input
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = inner(x.bfloat16())
-        with float32_islands([inner], "cpu"):
-            island = inner(x.bfloat16())
-            island.float().sum().backward()
-    assert plain.dtype == island.dtype == torch.bfloat16
-    assert torch.equal(island, reference.bfloat16())  # rounded once, at the end
-    assert not torch.equal(plain, island)  # bf16 matmul rounds along the way
-    assert inner.weight.grad is not None and inner.weight.grad.dtype == torch.float32
-    assert "forward" not in vars(inner)

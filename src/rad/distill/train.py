@@ -48,7 +48,7 @@ from rad.distill.summary import DistillResult, Logs, build_summary, save_student
 from rad.errors import RadError
 from rad.models.convert import ConversionRecord
 from rad.models.loading import load_model
-from rad.models.mixers import is_gain_parameter, mixer_layers
+from rad.models.mixers import is_gain_parameter
 from rad.outputs import DISTILL, check_free_space, check_output, input_location
 from rad.utils.atomic import atomic_write_json, remove_stale_temps
 from rad.utils.devices import resolve_dtype
@@ -56,7 +56,6 @@ from rad.utils.identity import check_same_settings, model_fingerprint
 from rad.utils.precision import (
     compute_dtype,
     describe_precision,
-    float32_islands,
     precision_name,
     resolve_precision,
     store_frozen,
@@ -75,10 +74,8 @@ def run_distill(config: DistillConfig, on_step: Callable[[int], None] | None = N
         raise RadError("--steps must be at least 1.")
     check_distill_out(config)
     accelerator = _accelerator(config)
-    with _main_process_logs(accelerator.is_main_process), contextlib.ExitStack() as stack:
+    with _main_process_logs(accelerator.is_main_process):
         run = _setup(config, accelerator)
-        if run.compute != torch.float32:  # the mixers' scan in float32 (bench and equivalence: docs/distill.md)
-            stack.enter_context(float32_islands(mixer_layers(run.models.student).values(), accelerator.device))
         _check_disk(run)
         _resume(run)
         _open_logs(run)

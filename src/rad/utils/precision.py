@@ -94,39 +94,3 @@ def store_frozen(modules: Iterable[torch.nn.Module], dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)
             saved += before - p.numel() * p.element_size()
     return saved
-
-
-@contextlib.contextmanager
-def float32_islands(modules: Iterable[torch.nn.Module], device: torch.device | str) -> Iterator[None]:
-    """Run `modules` in float32 inside a bf16 autocast region: their floating inputs are cast up, autocast is off
-    inside them, their output is cast back to the input's dtype.
-
-    For the new mixers while the frozen network runs in bf16: a Mamba2 scan accumulates exponentials and
-    cumulative sums over the sequence, which bf16's 8-bit mantissa distorts (mamba_ssm keeps its scan in float32
-    for the same reason), and the mixers are a small share of the step. Per instance, undone on exit."""
-    kind = torch.device(device).type
-    wrapped = []
-    for module in modules:
-        original = module.forward
-
-        def forward(*args, _original=original, **kwargs):
-            dtype = next((a.dtype for a in (*args, *kwargs.values()) if _is_float(a)), None)
-            with torch.autocast(kind, enabled=False):
-                out = _original(*(_up(a) for a in args), **{k: _up(v) for k, v in kwargs.items()})
-            return out.to(dtype) if dtype is not None and _is_float(out) else out
-
-        module.forward = forward
-        wrapped.append(module)
-    try:
-        yield
-    finally:
-        for module in wrapped:
-            del module.forward  # the class's forward again
-
-
-def _is_float(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
-
-
-def _up(x):
-    return x.float() if _is_float(x) else x
