@@ -30,14 +30,13 @@ from rad.distill.config import DistillConfig
 from rad.distill.models import load_models
 from rad.distill.modules import replaced_attention_layers
 from rad.distill.objective import DistillObjective
-from rad.models.mixers import mixer_layers
-from rad.utils.precision import bf16_features, compute_dtype, float32_islands, store_frozen
+from rad.utils.precision import bf16_features, compute_dtype, store_frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_step import make_batch, make_hybrid  # noqa: E402
 
 logger = logging.getLogger("bench.distill_precision")
-VARIANTS = ("fp32", "bf16_autocast", "bf16_frozen", "bf16_islands")
+VARIANTS = ("fp32", "bf16_autocast", "bf16_frozen")
 
 
 class Variant:
@@ -49,10 +48,8 @@ class Variant:
         self.models = load_models(cfg, device)
         self.models.student.train()
         self.compute = torch.float32 if name == "fp32" else torch.bfloat16
-        if name in ("bf16_frozen", "bf16_islands"):
+        if name == "bf16_frozen":
             store_frozen([self.models.student, self.models.teacher], torch.bfloat16)
-        # bf16_islands is what `rad distill --precision bf16` runs: frozen weights in bf16, the mixers in float32.
-        self.islands = list(mixer_layers(self.models.student).values()) if name == "bf16_islands" else []
         self.objective = DistillObjective(self.models.student, self.models.teacher, cfg.loss,
                                           replaced_attention_layers(self.models.teacher, self.models.student))
         params = [p for p in self.models.student.parameters() if p.requires_grad]
@@ -60,7 +57,7 @@ class Variant:
 
     def step(self) -> float:
         b = self.batch
-        with compute_dtype(self.compute, self.device), float32_islands(self.islands, self.device):
+        with compute_dtype(self.compute, self.device):
             terms = self.objective(b["ids"], b["att"], b["att"])
         loss = terms["loss_sum"] / b["att"][:, 1:].sum()
         loss.backward()
