@@ -42,7 +42,9 @@ def token_mixer_of(model: nn.Module, layer: int) -> nn.Module:
     """The token mixer of a teacher's layer: its attention, or its mixer when the teacher is itself a hybrid.
     Its input is the layer's normalised hidden state; its output is what the residual adds."""
     block = decoder_layers(model)[layer]
-    mixer = getattr(block, "self_attn", None) or layer_mixer(block)
+    mixer = getattr(block, "self_attn", None)
+    if mixer is None:  # a hybrid teacher: its mixer (explicit None checks: a module's truth value is not its presence)
+        mixer = layer_mixer(block)
     if mixer is None:
         raise RadError(f"Layer {layer} of the teacher has neither attention nor a mixer; is it a decoder model?")
     return mixer
