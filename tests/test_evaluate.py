@@ -562,8 +562,12 @@ def test_eval_artefacts_round_trip_and_malformed_files_are_clear_errors(tmp_path
 @needs_data
 @pytest.mark.parametrize("arch", ["llama", "hybrid"])
 def test_generation_dtype_generates_in_a_cast_copy_and_keeps_the_loaded_model(arch, tiny_hybrid, tiny_tokenizer,
-                                                                               tmp_path):
+                                                                               tmp_path, monkeypatch):
+    import rad.utils.precision as precision
     from rad.evaluate.runner import TaskMeta, generation_copy
+
+    # The subject is the cast copy, not the hardware probe: bf16 counts as fast here whatever this CPU has.
+    monkeypatch.setattr(precision, "bf16_features", lambda device: ["amx"])
 
     model = tiny_hybrid if arch == "hybrid" else make_tiny("llama", seed=0)
     loaded = LoadedModel(model, tiny_tokenizer, source="m", path=None)
@@ -603,6 +607,24 @@ def test_unknown_generation_dtype_is_refused_before_any_work():
         EvalSettings(generation_dtype="bf17")
     with pytest.raises(RadError, match="Unknown dtype"):
         EvalConfig(generation_dtype="half-ish")
+
+
+def test_generation_dtype_auto_follows_the_hardware_and_emulated_bf16_is_refused(monkeypatch, tiny_tokenizer):
+    import rad.utils.precision as precision
+    from rad.evaluate.runner import EvalSettings, generation_copy
+
+    loaded = LoadedModel(make_tiny("llama", seed=0), tiny_tokenizer, source="m", path=None)
+    monkeypatch.setattr(precision, "bf16_features", lambda device: [])  # an AVX2-only CPU
+    assert generation_copy(loaded, "auto") is loaded  # auto keeps the model's own dtype there
+    for name in ("bfloat16", "bf16"):
+        with pytest.raises(RadError, match="fast bf16 matmuls"):
+            EvalConfig(generation_dtype=name)
+        with pytest.raises(RadError, match="fast bf16 matmuls"):
+            EvalSettings(generation_dtype=name)
+    assert EvalConfig(generation_dtype="float32").generation_dtype == "float32"
+    monkeypatch.setattr(precision, "bf16_features", lambda device: ["avx512-bf16"])
+    assert generation_copy(loaded, "auto").model.dtype == torch.bfloat16
+    assert loaded.model.dtype == torch.float32
 
 
 @pytest.mark.parametrize("override, message", [

@@ -61,12 +61,34 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(format_info(info, record))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from rad.export import ExportConfig, export_gguf
+
+    result = export_gguf(ExportConfig(model=args.model, out=args.out, format=args.format, type=args.type,
+                                      overwrite=args.overwrite, tokenizer_gguf=args.tokenizer_gguf))
+    print(result.path)
+
+
+def _generate_llama_cpp(args: argparse.Namespace) -> None:
+    from rad.export.llama_cpp import generate_gguf
+
+    if args.speculative:
+        raise RadError("--speculative runs on rad's own engine only; leave out --engine llama.cpp.")
+    result = generate_gguf(args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(result.text)
+    logger.info("llama.cpp: %d new tokens in %.2f s (%.1f tokens/s)", result.new_tokens, result.seconds,
+                result.tokens_per_second)
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from rad.decoding.generate import generate_text
     from rad.decoding.speculative import DraftConfig, SamplingConfig
     from rad.models.layers import parse_layers
     from rad.models.loading import load_model
 
+    if args.engine == "llama.cpp":
+        return _generate_llama_cpp(args)
     draft = DraftConfig(max_draft=args.max_draft, adaptive=not args.fixed_draft)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.speculative:
@@ -400,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     from rad.distill.modules import TRAIN_CHOICES
     from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig
     from rad.evaluate.tasks import TASKS
+    from rad.export.config import FORMATS, ExportConfig
+    from rad.export.config import TYPES as GGUF_TYPES
     from rad.models.convert import ConversionConfig
     from rad.models.mixers import INITS
     from rad.search.config import OBJECTIVES, SAMPLERS, SearchConfig
@@ -503,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("model")
+    p.add_argument("model", help="alias, folder, .gguf file or hub id; with --engine llama.cpp, a GGUF from rad export")
+    p.add_argument("--engine", default="rad", choices=["rad", "llama.cpp"],
+                   help="rad's own decoder (torch) or llama.cpp on a GGUF (`make setup-serve`)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -516,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-draft", action="store_true", help="always draft --max-draft tokens (no adaptive stop)")
     common(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="write a hybrid (or its teacher) as a GGUF file llama.cpp runs")
+    p.add_argument("model", help="a hybrid folder (rad convert / rad distill), or a plain model: alias, folder, .gguf")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--format", default=default_of(ExportConfig, "format"), choices=FORMATS)
+    p.add_argument("--type", default=default_of(ExportConfig, "type"), choices=GGUF_TYPES,
+                   help="matmul weights' type; norms, biases and the SSM's small tensors stay f32")
+    p.add_argument("--tokenizer-gguf", default=None, metavar="FILE",
+                   help="copy the tokenizer from this GGUF (default: the GGUF the model came from, for rad's aliases)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="score models on GSM8K / CRUXEval-O (resumable) and compare them")
     p.add_argument("models", nargs="+", help="one or more models: aliases, folders, .gguf files or hub ids")
@@ -542,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out texts for the teacher metrics")
     p.add_argument("--overwrite", action="store_true", help="discard earlier per-item results instead of resuming")
     p.add_argument("--generation-dtype", default=None,
-                   help="generate answers in this dtype (e.g. bfloat16: 1.3x faster end to end on AVX512-BF16 CPUs); "
+                   help="generate answers in this dtype; auto: bf16 where the device has fast bf16 (1.3x end to end on "
+                        "AVX512-BF16 CPUs), else the model's own; bf16 is refused where it would be emulated; "
                         "teacher metrics keep the loaded --dtype")
     common(p)
     p.set_defaults(func=_cmd_eval)

@@ -38,8 +38,9 @@ from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
 from rad.models.loading import LoadedModel, load_model
 from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
-from rad.utils.devices import resolve_dtype
+from rad.utils.devices import default_device
 from rad.utils.identity import check_same_settings, model_fingerprint
+from rad.utils.precision import generation_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,13 @@ class EvalConfig:
     teacher: str | None = None
     teacher_config: TeacherConfig = field(default_factory=TeacherConfig)
     overwrite: bool = False
-    # The dtype answers are generated in (None: the loaded model's). bf16 on a CPU with AVX512-BF16: 1.84x per
-    # batched decode step, 1.3x end to end on Qwen (docs/benchmarks.md); teacher metrics stay in the loaded dtype.
+    # The dtype answers are generated in (None: the loaded model's; auto: bf16 where the device has fast bf16,
+    # rad.utils.precision.generation_dtype). bf16 on a CPU with AVX512-BF16: 1.84x per batched decode step, 1.3x
+    # end to end on Qwen (docs/benchmarks.md); teacher metrics stay in the loaded dtype.
     generation_dtype: str | None = None
 
     def __post_init__(self):
-        if self.generation_dtype is not None:
-            resolve_dtype(self.generation_dtype, "cpu")  # an unknown name is refused before any work
+        generation_dtype(self.generation_dtype, default_device())  # refused before any work: unknown or emulated
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not (self.tasks or self.teacher):  # no task at all: only the teacher metrics
             raise RadError(f"Unknown task {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(TASKS)}.")
@@ -96,8 +97,7 @@ class EvalSettings:
     generation_dtype: str | None = EvalConfig.generation_dtype
 
     def __post_init__(self):
-        if self.generation_dtype is not None:
-            resolve_dtype(self.generation_dtype, "cpu")
+        generation_dtype(self.generation_dtype, default_device())
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -357,11 +357,11 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
 
 
 def generation_copy(loaded: LoadedModel, dtype: str | None) -> LoadedModel:
-    """`loaded` itself when `dtype` is None or already its dtype, else a cast copy (the original, which may be a
-    shared teacher, is left as it is). On CPU a bf16 copy uses eager attention: torch's CPU flash-attention
+    """`loaded` itself when `dtype` resolves to None or to its dtype (`generation_dtype`), else a cast copy (the
+    original, which may be a shared teacher, is left as it is). On CPU a bf16 copy uses eager attention: torch's CPU flash-attention
     kernel is ~3x slower in bf16 than in fp32 at decode, eager's bf16 matmuls are faster (docs/benchmarks.md)."""
     model = loaded.model
-    target = resolve_dtype(dtype, model.device) if dtype is not None else model.dtype
+    target = generation_dtype(dtype, model.device) or model.dtype
     if target == model.dtype:
         return loaded
     cast = copy.deepcopy(model).to(target)

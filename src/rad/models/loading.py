@@ -22,6 +22,7 @@ from rad.model_aliases import ALIASES, cache_root
 from rad.models.mixers import load_overrides
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import resolve_device, resolve_dtype
+from rad.utils.precision import bf16_features
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def load_model(
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if torch_dtype == torch.bfloat16 and not bf16_features(device):
+        logger.warning("Loading %s in bf16 on %s, which has no fast bf16 matmuls: every matmul is emulated (about "
+                       "100x slower than float32 on an AVX2-only CPU); leave --dtype out for float32.", spec, device)
     folder = resolve_to_folder(spec)
     if folder is None:  # a hub id
         model, tokenizer = _load_hub(spec, torch_dtype, chunk_size, device)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from rad.errors import RadError
+from rad.utils.devices import resolve_dtype
 
 PRECISIONS = ("auto", "bf16", "fp32")
 _NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -51,6 +52,23 @@ def resolve_precision(setting: str, device: torch.device | str) -> torch.dtype:
         raise RadError(f"Precision bf16 needs a device with fast bf16 matmuls (CUDA with bf16, or a CPU with "
                        f"AVX512-BF16 or AMX), which {torch.device(device)} is not; use fp32 or auto.")
     return torch.bfloat16 if fast else torch.float32
+
+
+def generation_dtype(setting: str | None, device: torch.device | str) -> torch.dtype | None:
+    """The dtype answers are generated in on `device`: None keeps the model's own; `auto` is bf16 where the device
+    multiplies bf16 fast and the model's own elsewhere. An explicit bf16 on a device without fast bf16 is refused:
+    emulated bf16 matmuls ran at 1 GFLOP/s against fp32's 133 on an AVX2-only CPU (torch 2.13, 2 threads)."""
+
+    if setting is None:
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if bf16_features(device) else None
+    dtype = resolve_dtype(setting, device)
+    if dtype == torch.bfloat16 and not bf16_features(device):
+        raise RadError(f"Generating in {setting} needs a device with fast bf16 matmuls (CUDA with bf16, or a CPU with "
+                       f"AVX512-BF16 or AMX), which {torch.device(device)} is not (bf16 would be emulated, about 100x "
+                       "slower); use auto or float32.")
+    return dtype
 
 
 def precision_name(dtype: torch.dtype) -> str:

@@ -134,6 +134,57 @@ INIT_DEFAULTS = {
 INITS = tuple(INIT_DEFAULTS)
 
 
+
+def padded_geometry(geometry: Mamba2Geometry, d_inner: int) -> Mamba2Geometry:
+    """`geometry` widened to `d_inner` channels by whole heads of the same size in groups of their own, each new
+    group as many heads as the old ones (what `pad_mixer_tensors` writes); a RadError where that is impossible."""
+    extra = d_inner - geometry.d_inner
+    per_group = geometry.heads // geometry.n_groups
+    if extra < 0 or extra % geometry.head_dim or (extra // geometry.head_dim) % per_group:
+        raise RadError(f"A mixer of {geometry.heads} heads x {geometry.head_dim} in {geometry.n_groups} groups cannot "
+                       f"be padded to {d_inner} channels with whole groups of {per_group} heads.")
+    heads = extra // geometry.head_dim
+    return Mamba2Geometry(hidden=geometry.hidden, heads=geometry.heads + heads, head_dim=geometry.head_dim,
+                          n_groups=geometry.n_groups + heads // per_group, d_state=geometry.d_state,
+                          d_conv=geometry.d_conv)
+
+
+@torch.no_grad()
+def pad_mixer_tensors(tensors: dict[str, torch.Tensor], geometry: Mamba2Geometry, d_inner: int
+                      ) -> dict[str, torch.Tensor]:
+    """One mixer's tensors (Bamba names: in_proj.weight, conv1d.*, dt_bias, A_log, D, norm.weight, out_proj.weight)
+    widened to `d_inner` channels so that the mixer computes exactly the same function.
+
+    Every added head reads zero input (zero rows of in_proj for its z, x and dt, zero conv weights and bias), so
+    its x after the conv is silu(0) = 0, its state stays 0 and its output y = 0 (D = 0 as well); its group's B
+    and C are zero too, and being a group of its own, the gated RMSNorm never mixes it with real channels (0
+    stays 0); zero out_proj columns drop it. llama.cpp's granite-hybrid asserts d_inner = 2 x hidden, which rad's
+    mixers (d_inner = hidden) meet only this way."""
+    new = padded_geometry(geometry, d_inner)
+    old_heads, gn = geometry.heads, geometry.n_groups * geometry.d_state
+    gn_new = new.n_groups * new.d_state
+    w = tensors["in_proj.weight"]
+    z, x, b, c, dt = torch.split(w, [geometry.d_inner, geometry.d_inner, gn, gn, old_heads])
+
+    def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+    out = dict(tensors)
+    out["in_proj.weight"] = torch.cat([grow(z, d_inner), grow(x, d_inner), grow(b, gn_new), grow(c, gn_new),
+                                       grow(dt, new.heads)])
+    for name in ("conv1d.weight", "conv1d.bias"):  # channels [x (d_inner) | B (G*N) | C (G*N)]
+        if name in tensors:
+            cx, cb, cc = torch.split(tensors[name], [geometry.d_inner, gn, gn])
+            out[name] = torch.cat([grow(cx, d_inner), grow(cb, gn_new), grow(cc, gn_new)])
+    out["dt_bias"] = grow(tensors["dt_bias"], new.heads)
+    out["A_log"] = grow(tensors["A_log"], new.heads)  # A = -exp(0) = -1 on a head whose state is always 0
+    out["D"] = grow(tensors["D"], new.heads)
+    out["norm.weight"] = torch.cat([tensors["norm.weight"], tensors["norm.weight"].new_ones(d_inner - geometry.d_inner)])
+    o = tensors["out_proj.weight"]
+    out["out_proj.weight"] = torch.cat([o, o.new_zeros((o.shape[0], d_inner - geometry.d_inner))], dim=1)
+    return out
+
+
 @torch.no_grad()
 def standard_mamba2_init(
     mixer: nn.Module,
