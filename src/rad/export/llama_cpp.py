@@ -52,14 +52,17 @@ def logits_of(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
 
 
-def greedy_ids(llm, ids: list[int], new_tokens: int) -> list[int]:
-    """`new_tokens` greedy continuations of `ids` (argmax of llama.cpp's logits; no sampler involved)."""
+def greedy_ids(llm, ids: list[int], new_tokens: int, stop: set[int] = frozenset()) -> list[int]:
+    """Up to `new_tokens` greedy continuations of `ids` (argmax of llama.cpp's logits; no sampler involved), ending
+    after the first token in `stop`."""
     llm.reset()
     llm.eval(list(ids))
     out: list[int] = []
     for _ in range(new_tokens):
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         out.append(token)
+        if token in stop:
+            break
         llm.eval([token])
     return out
 
@@ -79,6 +82,14 @@ def generate_gguf(path: str | Path, prompt: str, *, chat: bool, max_new_tokens: 
                   top_p: float, seed: int, threads: int | None = None) -> EngineResult:
     """`rad generate --engine llama.cpp`: one completion (the chat template from the GGUF's metadata with --chat)."""
     llm = open_gguf(path, n_ctx=4096, threads=threads)
+    try:
+        return _complete(llm, prompt, chat, max_new_tokens, temperature, top_p, seed)
+    finally:
+        llm.close()  # now, not at interpreter exit (where llama-cpp-python's finaliser fails noisily)
+
+
+def _complete(llm, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
+              seed: int) -> EngineResult:
     start = time.perf_counter()
     if chat:
         out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_new_tokens,
