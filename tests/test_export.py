@@ -224,11 +224,12 @@ def check_in_llama_cpp(model, tokenizer, alias: str, tmp_path, atol: float, new_
         assert greedy_ids(llm, ids, new_tokens, stop={tokenizer.eos_token_id}) == expected
     finally:
         llm.close()
+    return path
 
 
 @needs_llama_cpp
 @pytest.mark.slow
-def test_default_model_and_its_hybrid_run_exactly_in_llama_cpp(default_model, tmp_path):
+def test_default_model_and_its_hybrid_run_exactly_in_llama_cpp(default_model, tmp_path, capsys):
     """SmolLM2-135M (the teacher, as `llama`) and its hybrid at k = 15 of 30 (uniform layers, `mil` init, so every
     mixer is non-zero; as `granitehybrid`): measured max |dlogit| 1.1e-3 on logits of scale 40."""
     import copy
@@ -236,7 +237,20 @@ def test_default_model_and_its_hybrid_run_exactly_in_llama_cpp(default_model, tm
     from rad.models.layers import parse_layers
 
     teacher = default_model.model
-    check_in_llama_cpp(teacher, default_model.tokenizer, "smollm2-135m", tmp_path / "t", atol=5e-3)
+    path = check_in_llama_cpp(teacher, default_model.tokenizer, "smollm2-135m", tmp_path / "t", atol=5e-3)
+
+    # `rad generate --engine llama.cpp` on that file prints transformers' greedy text (a plain completion)
+    from rad.cli import main
+
+    prompt = "def fibonacci(n):"
+    ids = default_model.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        new = teacher.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+    capsys.readouterr()
+    assert main(["generate", str(path), "--engine", "llama.cpp", "--prompt", prompt, "--max-new-tokens", "24",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == default_model.tokenizer.decode(new, skip_special_tokens=True).strip()
     layers = parse_layers("uniform:15", teacher.config.num_hidden_layers)
     hybrid = convert_to_hybrid(copy.deepcopy(teacher), ConversionConfig(layers=layers, init="mil")).eval()
     check_in_llama_cpp(hybrid, default_model.tokenizer, "smollm2-135m", tmp_path / "h", atol=5e-3)
+

@@ -449,3 +449,38 @@ def test_a_real_process_prints_one_line_and_exits_2(folders, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "itself" in lines[0] and "Traceback" not in proc.stderr
     assert snapshot(folders["hybrid"]) == snapshot_before
+
+
+# ---------------------------------------------------------------- rad export
+
+
+def test_export_refuses_bad_input_before_writing(folders, caplog, capsys, tmp_path):
+    """Not a model, an existing --out (kept byte-identical), a folder as --out, a missing parent folder, a model
+    whose RoPE llama.cpp cannot express (the tiny Llama uses llama3 scaling), a tokenizer GGUF that is no file, no
+    known tokenizer: exit 2, one sentence, nothing half-written (no `.partial` left)."""
+    existing = tmp_path / "old.gguf"
+    existing.write_bytes(b"keep me")
+    hybrid = folders["hybrid"]
+    cases = [
+        ([tmp_path / "nothing-here", "--out", tmp_path / "a.gguf"], "unknown model"),
+        ([hybrid, "--out", existing], "already exists"),
+        ([hybrid, "--out", tmp_path], "is a folder"),
+        ([hybrid, "--out", tmp_path / "no" / "such" / "a.gguf"], "does not exist"),
+        ([hybrid, "--out", tmp_path / "b.gguf", "--tokenizer-gguf", tmp_path / "none.gguf"], "not a file"),
+        ([hybrid, "--out", tmp_path / "c.gguf"], "llama3"),
+    ]
+    for args, words in cases:
+        assert_refused(["export", *args], caplog, capsys, words=words, protect=(existing,),
+                       absent=(tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"))
+    assert not list(tmp_path.glob(".*.partial"))
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal of an unknown --type
+        main(["export", str(hybrid), "--out", str(tmp_path / "d.gguf"), "--type", "q4_k"])
+    assert stop.value.code == 2 and not (tmp_path / "d.gguf").exists()
+
+
+def test_export_refuses_a_model_without_a_known_tokenizer(tmp_path, caplog, capsys):
+    tokenizer, source = word_tokenizer(), make_tiny("qwen2")
+    source.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    assert_refused(["export", tmp_path / "src", "--out", tmp_path / "m.gguf"], caplog, capsys,
+                   words="--tokenizer-gguf", absent=(tmp_path / "m.gguf",))
