@@ -254,3 +254,31 @@ def test_default_model_and_its_hybrid_run_exactly_in_llama_cpp(default_model, tm
     hybrid = convert_to_hybrid(copy.deepcopy(teacher), ConversionConfig(layers=layers, init="mil")).eval()
     check_in_llama_cpp(hybrid, default_model.tokenizer, "smollm2-135m", tmp_path / "h", atol=5e-3)
 
+
+
+@needs_llama_cpp
+def test_k_quants_come_from_llama_cpps_quantiser_and_load(tmp_path):
+    """--type q4_k_m: rad's f32 file through llama.cpp's quantiser; the result loads and runs in llama.cpp, says
+    it is Q4_K_M, and no temporary file is left beside it."""
+    import gguf
+    import numpy as np
+
+    from rad.export.config import ExportConfig
+    from rad.export.gguf import _write_through_quantiser
+    from rad.export.llama_cpp import logits_of, open_gguf
+
+    hybrid = tiny_hybrid_of("qwen2", hidden_size=256, num_attention_heads=8, intermediate_size=512)
+    tok = word_tokenizer_gguf(tmp_path / "tok.gguf")
+    out = tmp_path / "m.gguf"
+    config = ExportConfig(model="unused", out=str(out), type="q4_k_m", tokenizer_gguf=str(tok))
+    result = _write_through_quantiser(hybrid, out, config, tok)
+    assert result.type == "q4_k_m" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "tok.gguf"]
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert gguf.GGMLQuantizationType.Q4_K in {t.tensor_type for t in reader.tensors}
+    llm = open_gguf(out, n_ctx=64, threads=1, logits_all=True)
+    try:
+        logits = logits_of(llm, list(range(3, 40)))
+    finally:
+        llm.close()
+    assert np.isfinite(logits).all() and logits.shape == (37, 96)

@@ -8,8 +8,11 @@ from pathlib import Path
 from rad.errors import RadError
 
 FORMATS = ("gguf",)
-# GGUF tensor types rad writes itself (with the gguf package); llama.cpp's quantiser makes the rest (docs/serve.md).
-TYPES = ("f32", "f16", "bf16", "q8_0")
+# GGUF tensor types rad writes itself (with the gguf package), and the k-quants llama.cpp's own quantiser makes from
+# rad's f32 file (llama-cpp-python, `make setup-serve`; the values are llama.cpp's llama_ftype numbers).
+WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTISER_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+TYPES = (*WRITTEN_TYPES, *QUANTISER_TYPES)
 
 
 @dataclass
@@ -28,8 +31,7 @@ class ExportConfig:
         if self.format not in FORMATS:
             raise RadError(f"Unknown export format {self.format!r}; use one of {', '.join(FORMATS)}.")
         if self.type not in TYPES:
-            raise RadError(f"Unknown GGUF type {self.type!r}; use one of {', '.join(TYPES)} (quantise further with "
-                           "llama.cpp's llama-quantize, docs/serve.md).")
+            raise RadError(f"Unknown GGUF type {self.type!r}; use one of {', '.join(TYPES)}.")
 
 
 def check_out(config: ExportConfig) -> Path:
@@ -41,6 +43,12 @@ def check_out(config: ExportConfig) -> Path:
         raise RadError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     if not out.parent.is_dir():
         raise RadError(f"The folder of --out ({out.parent}) does not exist; create it first.")
+    if config.type in QUANTISER_TYPES:
+        from rad.export.llama_cpp import SETUP_HINT, llama_cpp_available
+
+        if not llama_cpp_available():
+            raise RadError(f"--type {config.type} is made by llama.cpp's quantiser, and llama-cpp-python is not "
+                           f"installed; {SETUP_HINT}, or use one of {', '.join(WRITTEN_TYPES)}.")
     if config.tokenizer_gguf is not None and not Path(config.tokenizer_gguf).expanduser().is_file():
         raise RadError(f"--tokenizer-gguf {config.tokenizer_gguf} is not a file; give a .gguf file whose tokenizer "
                        "matches the model's.")

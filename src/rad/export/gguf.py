@@ -13,6 +13,7 @@ with the same vocabulary: the one the model came from for rad's aliases, or `--t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from rad.errors import RadError
-from rad.export.config import ExportConfig, check_out
+from rad.export.config import QUANTISER_TYPES, ExportConfig, check_out
 from rad.model_aliases import ALIASES
 from rad.models.convert import CONVERSION_FILE, is_hybrid_config
 from rad.models.mixers.mamba2 import Mamba2Geometry, pad_mixer_tensors, padded_geometry
@@ -307,6 +308,24 @@ def write_gguf(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> 
     return ExportResult(out, arch, config.type, out.stat().st_size, len(planned), padded)
 
 
+def _write_through_quantiser(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> ExportResult:
+    """A k-quant: rad's f32 file beside `out` (its room checked by write_gguf), then llama.cpp's quantiser into a
+    temporary name, renamed at the end; the f32 file is removed either way."""
+    from rad.export.llama_cpp import quantise
+
+    f32 = out.with_name(f".{out.name}.f32.partial")
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        f32_result = write_gguf(model, f32, dataclasses.replace(config, type="f32"), tokenizer_gguf)
+        check_free_space(out.parent, f32_result.bytes // 3, "The quantised GGUF file")
+        quantise(f32, tmp, QUANTISER_TYPES[config.type])
+        os.replace(tmp, out)
+    finally:
+        f32.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return dataclasses.replace(f32_result, path=out, type=config.type, bytes=out.stat().st_size)
+
+
 def export_gguf(config: ExportConfig) -> ExportResult:
     """`rad export`: check the output, the model's config and the tokenizer, then load the model (float32, CPU)
     and write the GGUF."""
@@ -324,7 +343,10 @@ def export_gguf(config: ExportConfig) -> ExportResult:
     with tokenizer_source(config.model, config) as tokenizer_gguf:
         tokenizer_fields(tokenizer_gguf, model_config.vocab_size)  # refused before the weights are loaded
         loaded = load_model(config.model, device="cpu", dtype="float32")
-        result = write_gguf(loaded.model, out, config, tokenizer_gguf)
+        if config.type in QUANTISER_TYPES:
+            result = _write_through_quantiser(loaded.model, out, config, tokenizer_gguf)
+        else:
+            result = write_gguf(loaded.model, out, config, tokenizer_gguf)
     logger.info("Wrote %s (%s, %s, %d tensors, %.1f MB%s)", result.path, result.arch, result.type, result.tensors,
                 result.bytes / 1e6, f", mixers padded by {result.padded_heads} heads" if result.padded_heads else "")
     return result

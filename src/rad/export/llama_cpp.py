@@ -3,6 +3,7 @@ the exactness checks, and `rad generate --engine llama.cpp`."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ def open_gguf(path: str | Path, n_ctx: int = 2048, threads: int | None = None, l
     except ValueError as err:  # llama.cpp refused the file (its log names why)
         raise RadError(f"llama.cpp could not load {path} ({err}); run with LLAMA_LOG_LEVEL=debug or check that it "
                        "came from `rad export`.") from None
+
+
+def quantise(source: Path, out: Path, ftype: int, threads: int | None = None) -> None:
+    """llama.cpp's own quantiser (what its llama-quantize runs) from `source` to `out`, for the k-quants."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or min(os.cpu_count() or 1, 8)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RadError(f"llama.cpp's quantiser failed on {source}; run with LLAMA_LOG_LEVEL=debug to see why.")
 
 
 def logits_of(llm, ids: list[int]) -> np.ndarray:
