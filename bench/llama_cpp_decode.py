@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from rad.export.llama_cpp import open_gguf  # noqa: E402
+from rad.export.llama_cpp import open_gguf
 
 logger = logging.getLogger("bench.llama_cpp_decode")
 BANDWIDTH = 27e9  # bytes/s, 2 threads, this machine (docs/benchmarks.md)

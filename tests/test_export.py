@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rad.errors import RadError
+from rad.export.llama_cpp import llama_cpp_available
 from rad.export.padding import padded_hybrid
 from rad.models.convert import ConversionConfig, convert_to_hybrid
 
@@ -87,11 +88,11 @@ def word_tokenizer_gguf(path, vocab_size: int = 96):
 
 def _export(model, tmp_path, name="m.gguf", type_="f32"):
     from rad.export.config import ExportConfig
-    from rad.export.gguf import write_gguf
+    from rad.export.gguf import tokenizer_fields, write_gguf
 
     tok = word_tokenizer_gguf(tmp_path / "tok.gguf")
     config = ExportConfig(model="unused", out=str(tmp_path / name), type=type_, tokenizer_gguf=str(tok))
-    return write_gguf(model, tmp_path / name, config, tok)
+    return write_gguf(model, tmp_path / name, config, tokenizer_fields(tok, model.config.vocab_size))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -157,8 +158,7 @@ def test_export_refuses_what_llama_cpp_cannot_compute(tmp_path):
 
 # CI installs llama-cpp-python (`make setup-serve`) and sets RAD_REQUIRE_LLAMA_CPP=1: there these tests never skip.
 needs_llama_cpp = pytest.mark.skipif(
-    not __import__("rad.export.llama_cpp").export.llama_cpp.llama_cpp_available()
-    and os.environ.get("RAD_REQUIRE_LLAMA_CPP") != "1",
+    not llama_cpp_available() and os.environ.get("RAD_REQUIRE_LLAMA_CPP") != "1",
     reason="llama-cpp-python is not installed (make setup-serve)")
 
 
@@ -202,13 +202,13 @@ def check_in_llama_cpp(model, tokenizer, alias: str, tmp_path, atol: float, new_
     import numpy as np
 
     from rad.export.config import ExportConfig
-    from rad.export.gguf import tokenizer_source, write_gguf
+    from rad.export.gguf import tokenizer_fields, tokenizer_source, write_gguf
     from rad.export.llama_cpp import greedy_ids, logits_of, open_gguf
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = ExportConfig(model=alias, out=str(tmp_path / "m.gguf"))
     with tokenizer_source(alias, config) as tok:
-        path = write_gguf(model, tmp_path / "m.gguf", config, tok).path
+        path = write_gguf(model, tmp_path / "m.gguf", config, tokenizer_fields(tok, model.config.vocab_size)).path
     ids = _chat_ids(tokenizer, "Write a Python function that returns the n-th Fibonacci number.")
     llm = open_gguf(path, n_ctx=512, logits_all=True, kv_cache="f32")
     try:
@@ -264,14 +264,14 @@ def test_k_quants_come_from_llama_cpps_quantiser_and_load(tmp_path):
     import numpy as np
 
     from rad.export.config import ExportConfig
-    from rad.export.gguf import _write_through_quantiser
+    from rad.export.gguf import _write_through_quantiser, tokenizer_fields
     from rad.export.llama_cpp import logits_of, open_gguf
 
     hybrid = tiny_hybrid_of("qwen2", hidden_size=256, num_attention_heads=8, intermediate_size=512)
     tok = word_tokenizer_gguf(tmp_path / "tok.gguf")
     out = tmp_path / "m.gguf"
     config = ExportConfig(model="unused", out=str(out), type="q4_k_m", tokenizer_gguf=str(tok))
-    result = _write_through_quantiser(hybrid, out, config, tok)
+    result = _write_through_quantiser(hybrid, out, config, tokenizer_fields(tok, hybrid.config.vocab_size))
     assert result.type == "q4_k_m" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "tok.gguf"]
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rad.errors import RadError
+from rad.export.llama_cpp import SETUP_HINT, llama_cpp_available
 
 FORMATS = ("gguf",)
 # GGUF tensor types rad writes itself (with the gguf package), and the k-quants llama.cpp's own quantiser makes from
@@ -43,12 +44,9 @@ def check_out(config: ExportConfig) -> Path:
         raise RadError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     if not out.parent.is_dir():
         raise RadError(f"The folder of --out ({out.parent}) does not exist; create it first.")
-    if config.type in QUANTISER_TYPES:
-        from rad.export.llama_cpp import SETUP_HINT, llama_cpp_available
-
-        if not llama_cpp_available():
-            raise RadError(f"--type {config.type} is made by llama.cpp's quantiser, and llama-cpp-python is not "
-                           f"installed; {SETUP_HINT}, or use one of {', '.join(WRITTEN_TYPES)}.")
+    if config.type in QUANTISER_TYPES and not llama_cpp_available():
+        raise RadError(f"--type {config.type} is made by llama.cpp's quantiser, and llama-cpp-python is not "
+                       f"installed; {SETUP_HINT}, or use one of {', '.join(WRITTEN_TYPES)}.")
     if config.tokenizer_gguf is not None and not Path(config.tokenizer_gguf).expanduser().is_file():
         raise RadError(f"--tokenizer-gguf {config.tokenizer_gguf} is not a file; give a .gguf file whose tokenizer "
                        "matches the model's.")

@@ -22,14 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from rad.errors import RadError
 from rad.export.config import QUANTISER_TYPES, ExportConfig, check_out
+from rad.export.llama_cpp import quantise
 from rad.model_aliases import ALIASES
 from rad.models.convert import CONVERSION_FILE, is_hybrid_config
-from rad.models.mixers.mamba2 import Mamba2Geometry, pad_mixer_tensors, padded_geometry
+from rad.models.loading import load_model, resolve_to_folder
+from rad.models.mixers.mamba2 import geometry_of_config, pad_mixer_tensors, padded_geometry
 from rad.outputs import check_free_space
 
 logger = logging.getLogger(__name__)
@@ -50,11 +54,6 @@ class ExportResult:
     padded_heads: int  # per mixer; 0 for a plain model
 
 
-def mixer_geometry(config) -> Mamba2Geometry:
-    return Mamba2Geometry(hidden=config.hidden_size, heads=config.mamba_n_heads, head_dim=config.mamba_d_head,
-                          n_groups=config.mamba_n_groups, d_state=config.mamba_d_state, d_conv=config.mamba_d_conv)
-
-
 def check_expressible(config) -> None:
     """Refuse, in one sentence, what llama.cpp's llama / granitehybrid graphs cannot compute exactly."""
     family = getattr(config, "model_type", None)
@@ -73,7 +72,7 @@ def check_expressible(config) -> None:
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
         raise RadError("GGUF export does not write sliding-window attention.")
     if is_hybrid_config(config):
-        geometry = mixer_geometry(config)
+        geometry = geometry_of_config(config)
         if geometry.d_inner > 2 * config.hidden_size:
             raise RadError(f"The mixers are wider ({geometry.d_inner}) than llama.cpp's 2 x hidden "
                            f"({2 * config.hidden_size}); such a hybrid does not export.")
@@ -127,7 +126,7 @@ def gguf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _mixer_tensors(state: dict, prefix: str, blk: str, config) -> Iterator[tuple[str, torch.Tensor]]:
-    geometry = mixer_geometry(config)
+    geometry = geometry_of_config(config)
     own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     padded = pad_mixer_tensors(own, geometry, 2 * config.hidden_size)
     wide = padded_geometry(geometry, 2 * config.hidden_size)
@@ -144,8 +143,6 @@ def _mixer_tensors(state: dict, prefix: str, blk: str, config) -> Iterator[tuple
 def _tensor_type(name: str, tensor: torch.Tensor, type_: str):
     """The GGUF type one tensor is stored in: matmul weights take `type_`, everything else stays float32 (the
     SSM's small tensors, norms and biases, as llama.cpp's converter keeps them)."""
-    import gguf
-
     types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
     matmul = tensor.ndim == 2 and name.endswith(".weight") and not name.split(".")[-2].startswith(
@@ -158,8 +155,6 @@ def _tensor_type(name: str, tensor: torch.Tensor, type_: str):
 
 
 def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
-    import gguf
-
     if qtype == gguf.GGMLQuantizationType.F32:
         return tensor.numpy()
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -169,8 +164,6 @@ def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
 
 def metadata(config, name: str) -> dict[str, tuple]:
     """(value, GGUFValueType) of every architecture key, from the model's config."""
-    import gguf
-
     V = gguf.GGUFValueType
     hybrid = is_hybrid_config(config)
     arch = HYBRID_ARCH if hybrid else PLAIN_ARCH
@@ -194,7 +187,7 @@ def metadata(config, name: str) -> dict[str, tuple]:
     if not hybrid:
         keys[f"{arch}.attention.head_count_kv"] = (int(config.num_key_value_heads), V.UINT32)
         return keys
-    wide = padded_geometry(mixer_geometry(config), 2 * config.hidden_size)
+    wide = padded_geometry(geometry_of_config(config), 2 * config.hidden_size)
     kept = set(config.attn_layer_indices or [])
     keys.update({
         # per layer: 0 marks a recurrent (Mamba2) layer in llama.cpp's hybrid memory
@@ -212,8 +205,6 @@ def metadata(config, name: str) -> dict[str, tuple]:
 
 def tokenizer_fields(path: Path, vocab_size: int) -> list:
     """The tokenizer.* fields of the GGUF at `path`, checked against the model's vocabulary size."""
-    import gguf
-
     reader = gguf.GGUFReader(path)
     fields = [f for k, f in reader.fields.items() if k.startswith("tokenizer.")]
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -253,8 +244,6 @@ def tokenizer_source(spec: str, config: ExportConfig) -> Iterator[Path]:
 
 
 def _copy_field(writer, field) -> None:
-    import gguf
-
     kind = field.types[0]
     if kind == gguf.GGUFValueType.ARRAY:
         writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1])
@@ -262,12 +251,10 @@ def _copy_field(writer, field) -> None:
         writer.add_key_value(field.name, field.contents(), kind)
 
 
-def write_gguf(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> ExportResult:
-    """Write `model` (a loaded hybrid or plain model) to `out` through a temporary file in the same folder."""
-    import gguf
-
+def write_gguf(model, out: Path, config: ExportConfig, tokenizer: list) -> ExportResult:
+    """Write `model` (a loaded hybrid or plain model) with `tokenizer` (`tokenizer_fields`) to `out`, through a
+    temporary file in the same folder."""
     check_expressible(model.config)
-    fields = tokenizer_fields(tokenizer_gguf, model.config.vocab_size)
     planned = [(n, t, _tensor_type(n, t, config.type)) for n, t in gguf_tensors(model)]
     need = sum(gguf.quant_shape_to_byte_shape(t.shape, q)[-1] * int(np.prod(t.shape[:-1]))
                for _, t, q in planned) + (64 << 20)  # the tokenizer and metadata: a few MB
@@ -288,7 +275,7 @@ def write_gguf(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> 
                       "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
         writer.add_file_type(file_types[config.type])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for field in fields:
+        for field in tokenizer:
             _copy_field(writer, field)
         for name, tensor, qtype in planned:
             writer.add_tensor(name, _encode(tensor.contiguous(), qtype), raw_dtype=qtype)
@@ -303,20 +290,18 @@ def write_gguf(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    padded = padded_geometry(mixer_geometry(model.config), 2 * model.config.hidden_size).heads - \
+    padded = padded_geometry(geometry_of_config(model.config), 2 * model.config.hidden_size).heads - \
         model.config.mamba_n_heads if hybrid else 0
     return ExportResult(out, arch, config.type, out.stat().st_size, len(planned), padded)
 
 
-def _write_through_quantiser(model, out: Path, config: ExportConfig, tokenizer_gguf: Path) -> ExportResult:
+def _write_through_quantiser(model, out: Path, config: ExportConfig, tokenizer: list) -> ExportResult:
     """A k-quant: rad's f32 file beside `out` (its room checked by write_gguf), then llama.cpp's quantiser into a
     temporary name, renamed at the end; the f32 file is removed either way."""
-    from rad.export.llama_cpp import quantise
-
     f32 = out.with_name(f".{out.name}.f32.partial")
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        f32_result = write_gguf(model, f32, dataclasses.replace(config, type="f32"), tokenizer_gguf)
+        f32_result = write_gguf(model, f32, dataclasses.replace(config, type="f32"), tokenizer)
         check_free_space(out.parent, f32_result.bytes // 3, "The quantised GGUF file")
         quantise(f32, tmp, QUANTISER_TYPES[config.type])
         os.replace(tmp, out)
@@ -329,10 +314,6 @@ def _write_through_quantiser(model, out: Path, config: ExportConfig, tokenizer_g
 def export_gguf(config: ExportConfig) -> ExportResult:
     """`rad export`: check the output, the model's config and the tokenizer, then load the model (float32, CPU)
     and write the GGUF."""
-    from transformers import AutoConfig
-
-    from rad.models.loading import load_model, resolve_to_folder
-
     out = check_out(config)
     folder = resolve_to_folder(config.model)
     if folder is None:
@@ -341,12 +322,11 @@ def export_gguf(config: ExportConfig) -> ExportResult:
     model_config = AutoConfig.from_pretrained(folder)
     check_expressible(model_config)
     with tokenizer_source(config.model, config) as tokenizer_gguf:
-        tokenizer_fields(tokenizer_gguf, model_config.vocab_size)  # refused before the weights are loaded
+        # parsed once (15 s for Qwen's 152k tokens), and refused before the weights are loaded
+        tokenizer = tokenizer_fields(tokenizer_gguf, model_config.vocab_size)
         loaded = load_model(config.model, device="cpu", dtype="float32")
-        if config.type in QUANTISER_TYPES:
-            result = _write_through_quantiser(loaded.model, out, config, tokenizer_gguf)
-        else:
-            result = write_gguf(loaded.model, out, config, tokenizer_gguf)
+        write = _write_through_quantiser if config.type in QUANTISER_TYPES else write_gguf
+        result = write(loaded.model, out, config, tokenizer)
     logger.info("Wrote %s (%s, %s, %d tensors, %.1f MB%s)", result.path, result.arch, result.type, result.tensors,
                 result.bytes / 1e6, f", mixers padded by {result.padded_heads} heads" if result.padded_heads else "")
     return result

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from transformers import BambaConfig, BambaForCausalLM
 
-from rad.export.gguf import mixer_geometry
 from rad.models.convert import is_hybrid_config
-from rad.models.mixers.mamba2 import pad_mixer_tensors, padded_geometry
+from rad.models.mixers import mixer_kind
+from rad.models.mixers.mamba2 import geometry_of_config, pad_mixer_tensors, padded_geometry
 
 
 @torch.no_grad()
@@ -18,10 +18,9 @@ def padded_hybrid(model, d_inner: int | None = None) -> BambaForCausalLM:
     config = model.config
     assert is_hybrid_config(config), "padded_hybrid takes a hybrid"
     d_inner = d_inner or 2 * config.hidden_size
-    geometry = mixer_geometry(config)
+    geometry = geometry_of_config(config)
     wide = padded_geometry(geometry, d_inner)
-    fields = config.to_dict()
-    fields.update(mamba_n_heads=wide.heads, mamba_n_groups=wide.n_groups, mamba_expand=d_inner // config.hidden_size)
+    fields = {**config.to_dict(), **mixer_kind("mamba2").hf_config_fields(wide, config.mamba_chunk_size)}
     padded = BambaForCausalLM(BambaConfig(**fields)).to(model.dtype)
     state = dict(model.state_dict())
     mixers = sorted({k.split(".mamba.")[0] for k in state if ".mamba." in k})

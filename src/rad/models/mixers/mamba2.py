@@ -135,6 +135,12 @@ INITS = tuple(INIT_DEFAULTS)
 
 
 
+def geometry_of_config(config) -> Mamba2Geometry:
+    """The mixers' shape as a hybrid's BambaConfig holds it (the inverse of `Mamba2.hf_config_fields`)."""
+    return Mamba2Geometry(hidden=config.hidden_size, heads=config.mamba_n_heads, head_dim=config.mamba_d_head,
+                          n_groups=config.mamba_n_groups, d_state=config.mamba_d_state, d_conv=config.mamba_d_conv)
+
+
 def padded_geometry(geometry: Mamba2Geometry, d_inner: int) -> Mamba2Geometry:
     """`geometry` widened to `d_inner` channels by whole heads of the same size in groups of their own, each new
     group as many heads as the old ones (what `pad_mixer_tensors` writes); a RadError where that is impossible."""
