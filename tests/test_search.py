@@ -474,10 +474,12 @@ def test_what_the_search_knows_of_an_objective_is_a_property_of_its_class():
     from rad.search.config import OBJECTIVES
     from rad.search.objectives import OBJECTIVE_CLASSES, objective_class
 
-    assert OBJECTIVES == tuple(OBJECTIVE_CLASSES) == ("throughput", "acceptance", "agreement")
-    flags = {name: (c.deterministic, c.speculative, c.timed, dict(c.carries)) for name, c in OBJECTIVE_CLASSES.items()}
-    assert flags == {"throughput": (False, True, True, {"acceptance": "mean_accepted"}),
-                     "acceptance": (True, True, False, {}), "agreement": (True, False, False, {})}
+    assert OBJECTIVES == tuple(OBJECTIVE_CLASSES) == ("throughput", "acceptance", "agreement", "hybrid-agreement")
+    flags = {name: (c.deterministic, c.speculative, c.timed, dict(c.carries), c.needs_mixers)
+             for name, c in OBJECTIVE_CLASSES.items()}
+    assert flags == {"throughput": (False, True, True, {"acceptance": "mean_accepted"}, False),
+                     "acceptance": (True, True, False, {}, False), "agreement": (True, False, False, {}, False),
+                     "hybrid-agreement": (True, False, False, {}, True)}
     with pytest.raises(RadError, match="Unknown objective 'speed'; choose one of throughput, acceptance, agreement"):
         objective_class("speed")
 

@@ -134,7 +134,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from rad.utils.atomic import atomic_write_json
 
     _quiet_optuna(args)
-    check_output(args.out, SEARCH, inputs=[("model", args.model), ("prompt file", args.prompts)])
+    check_output(args.out, SEARCH, inputs=[("model", args.model), ("prompt file", args.prompts),
+                                            ("aligned hybrid", args.aligned)])
     if args.compare_objectives < 0:
         raise RadError(f"--compare-objectives must be a number of masks (at least 1), got {args.compare_objectives}.")
     config = SearchConfig(
@@ -154,6 +155,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         resume=args.resume,
         baselines=args.baselines,
         heartbeat_seconds=args.heartbeat,
+        aligned=args.aligned,
     )
     if args.compare_objectives:
         comparison = compare_objectives(args.model, config, masks=args.compare_objectives, device=args.device,
@@ -479,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure uniform, first-k, last-k, random-k and single-layer importance")
     p.add_argument("--heartbeat", type=int, default=default_of(SearchConfig, "heartbeat_seconds"),
                    help="seconds between worker heartbeats; a worker silent for twice this is presumed dead")
+    p.add_argument("--aligned", default=None, metavar="DIR",
+                   help="hybrid-agreement: a `rad align` output (or hybrid) with a mixer for every candidate layer; "
+                        "the search then scores the hybrid those mixers make instead of the skip-draft")
     p.add_argument("--compare-objectives", type=int, default=0, metavar="N",
                    help="instead of searching: measure N random masks with every objective, report Spearman")
     common(p)

@@ -12,6 +12,7 @@ from pydantic import PositiveInt
 
 from rad.config import settings
 from rad.errors import RadError
+from rad.search.aligned import aligned_folder
 from rad.search.objectives import OBJECTIVE_CLASSES
 from rad.search.prompts import DEFAULT_PROMPTS
 
@@ -52,6 +53,8 @@ class SearchConfig:
     baselines: bool = True
     random_baselines: int = 3  # random-k baseline masks (seeds 0..n-1)
     agreement_batch: int = 8  # sequences per batched forward of the agreement objective
+    # hybrid-agreement: the hybrid (or `rad align` output) whose mixers replace the tried layers' attention
+    aligned: str | Path | None = None
     out: str | Path | None = None  # None: a temporary study, no files kept
     resume: bool = False  # continue (or join) the study in `out`
     heartbeat_seconds: int = 10  # a worker silent for 2x this long is dead; its trial is redone
@@ -76,6 +79,15 @@ class SearchConfig:
                 raise RadError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.agreement_batch < 1:
             raise RadError(f"agreement_batch must be at least 1, got {self.agreement_batch}.")
+        needs_mixers = OBJECTIVE_CLASSES[self.objective].needs_mixers
+        if needs_mixers and self.aligned is None:
+            raise RadError(f"The {self.objective} objective scores the hybrid built from aligned mixers: give "
+                           "--aligned DIR (rad convert MODEL --layers first:L, then rad align it into DIR).")
+        if self.aligned is not None and not needs_mixers:
+            raise RadError(f"--aligned is read only by the hybrid-agreement objective, not by {self.objective}; "
+                           "leave it out or choose --objective hybrid-agreement.")
+        if self.aligned is not None:
+            aligned_folder(self.aligned)  # a hybrid (or an align output with its student) is there
 
 
 @settings
@@ -91,6 +103,7 @@ class SearchSettings:
     max_new_tokens: PositiveInt = SearchConfig.max_new_tokens
     prompts: PositiveInt | None = None  # the first N built-in search prompts (None: all)
     baselines: bool = SearchConfig.baselines
+    aligned: str | None = None  # hybrid-agreement's aligned hybrid (a `rad align` output)
 
     def __post_init__(self):
         self.stage_config(seed=0, out=None).validate()  # k or ratio, and what they resolve to, before any work
@@ -101,7 +114,8 @@ class SearchSettings:
         prompts = list(DEFAULT_PROMPTS[: self.prompts]) if self.prompts else None
         return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,
                             trials=self.trials, sampler=self.sampler, seed=seed, prompts=prompts,
-                            max_new_tokens=self.max_new_tokens, baselines=self.baselines, out=out,
+                            max_new_tokens=self.max_new_tokens, baselines=self.baselines, aligned=self.aligned,
+                            out=out,
                             resume=out is not None and Path(out).exists())
 
 
@@ -140,8 +154,10 @@ class SearchSpace:
         return tuple(sorted(int(c) for c in rng.choice(self.candidates, size=self.k, replace=False)))
 
 
-def resolve_space(config: SearchConfig, num_layers: int, attention_layers: list[int]) -> SearchSpace:
-    """Check k and keep against the model; the candidates are attention layers that are not kept."""
+def resolve_space(config: SearchConfig, num_layers: int, attention_layers: list[int],
+                  mixer_layers: list[int] | None = None) -> SearchSpace:
+    """Check k and keep against the model; the candidates are attention layers that are not kept (and, for an
+    objective that tries aligned mixers, have one: `mixer_layers`)."""
     if config.k is not None:
         k = int(config.k)
     else:
@@ -156,7 +172,11 @@ def resolve_space(config: SearchConfig, num_layers: int, attention_layers: list[
     bad = [i for i in keep if not 0 <= i < num_layers]
     if bad:
         raise RadError(f"Kept layer {bad[0]} is out of range: the model has layers 0..{num_layers - 1}.")
-    candidates = tuple(i for i in attention_layers if i not in set(keep))
+    candidates = tuple(i for i in attention_layers if i not in set(keep)
+                       and (mixer_layers is None or i in set(mixer_layers)))
+    if mixer_layers is not None and k > len(candidates):
+        raise RadError(f"k = {k} is more than the {len(candidates)} candidate layers with an aligned mixer "
+                       f"({','.join(map(str, candidates))}); align more layers (--layers first:{num_layers}).")
     if k > len(candidates):
         raise RadError(
             f"k = {k} is more than the {len(candidates)} attention layers that may be skipped "

@@ -1,4 +1,4 @@
-"""The three search objectives: how good is the draft "the model with these layers' attention skipped"?
+"""The search objectives: how good is the draft "the model with these layers' attention skipped"?
 
 - `throughput`: tokens/s of greedy self-speculative decoding (SSD) over the prompts, the paper's objective.
   Honest timing: untimed warm-up, several timed repeats, median; CUDA is synchronised around each run.
@@ -6,8 +6,10 @@
   is deterministic and machine-independent.
 - `agreement`: top-1 agreement of the draft with the full model, teacher-forced over sequences the full
   model generated once; one batched forward per mask, the cheapest of the three.
+- `hybrid-agreement`: the same agreement of the *hybrid* that replaces the mask's attention by mixers already
+  aligned for every candidate layer (`rad align`), instead of skipping it: selection after alignment.
 
-Higher is better for all three. docs/search.md explains why, with exactly k layers skipped, they rank
+Higher is better for all. docs/search.md explains why, with exactly k layers skipped, they rank
 masks alike.
 
 What the search needs to know about an objective (deterministic? timed? run by speculative decoding?)
@@ -31,7 +33,7 @@ from torch import nn
 from rad.decoding.runner import FastDecoder
 from rad.decoding.speculative import DraftConfig, speculative_generate
 from rad.errors import RadError
-from rad.models.skip import skip_attention
+from rad.models.skip import skip_attention, substitute_attention
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class ObjectiveOptions:
     repeats: int = 3
     warmup: int = 1
     agreement_batch: int = 8
+    mixers: Mapping[int, nn.Module] | None = None  # {layer: aligned mixer}, for objectives that need them
 
 
 class SearchObjective:
@@ -72,6 +75,8 @@ class SearchObjective:
     timed: ClassVar[bool] = False
     # Other objectives' values its details carry (objective -> details key): measured along with it for free.
     carries: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    # Scores a hybrid built from given aligned mixers (`ObjectiveOptions.mixers`, the search's `aligned` folder).
+    needs_mixers: ClassVar[bool] = False
 
     @classmethod
     def create(cls, model: nn.Module, prompts: list[torch.Tensor], options: ObjectiveOptions) -> SearchObjective:
@@ -156,11 +161,46 @@ class AgreementObjective(SearchObjective):
         del repeats  # deterministic: one pass says it all
         start = time.perf_counter()
         agree = 0
-        with skip_attention(self.model, mask):
+        with self._draft(mask):
             for (ids, where), ref in zip(self.batches, self.reference, strict=True):
                 agree += int((self._argmax(ids, where) == ref).sum())
         value = agree / self.positions
         return Evaluation(value, {"agreement": value, "positions": self.positions}, time.perf_counter() - start)
+
+    def _draft(self, mask: Sequence[int]):
+        return skip_attention(self.model, mask)
+
+
+class HybridAgreementObjective(AgreementObjective):
+    """`agreement` of the hybrid whose mask layers run aligned mixers in place of their attention.
+
+    The mixers come from a hybrid that converted (and `rad align`ed) every candidate layer; the value is what the
+    student built from this mask scores before any KD, rather than what skipping the layers costs. The empty
+    mask scores 1, as for `agreement`.
+    """
+
+    name = "hybrid-agreement"
+    needs_mixers = True
+
+    def __init__(self, model: nn.Module, prompts: list[torch.Tensor], max_new_tokens: int, mixers, **kwargs):
+        super().__init__(model, prompts, max_new_tokens, **kwargs)
+        self.mixers = dict(mixers)
+
+    @classmethod
+    def create(cls, model: nn.Module, prompts: list[torch.Tensor],
+               options: ObjectiveOptions) -> HybridAgreementObjective:
+        if not options.mixers:
+            raise RadError("The hybrid-agreement objective needs aligned mixers: give --aligned DIR (a `rad align` "
+                           "output of the model converted at every candidate layer).")
+        return cls(model, prompts, options.max_new_tokens, options.mixers, eos_token_id=options.eos_token_id,
+                   batch_size=options.agreement_batch, pad_token_id=options.pad_token_id)
+
+    def _draft(self, mask: Sequence[int]):
+        missing = [i for i in mask if i not in self.mixers]
+        if missing:
+            raise RadError(f"No aligned mixer for layer {missing[0]}; the aligned hybrid converted layers "
+                           f"{','.join(map(str, sorted(self.mixers)))}.")
+        return substitute_attention(self.model, {i: self.mixers[i] for i in mask})
 
 
 class _SpeculativeRuns:
@@ -269,7 +309,8 @@ class ThroughputObjective(SearchObjective):
 
 # The registry: the objectives the search offers (`OBJECTIVES` in search/config.py is its keys, in this order).
 OBJECTIVE_CLASSES: Mapping[str, type[SearchObjective]] = MappingProxyType(
-    {cls.name: cls for cls in (ThroughputObjective, AcceptanceObjective, AgreementObjective)})
+    {cls.name: cls for cls in (ThroughputObjective, AcceptanceObjective, AgreementObjective,
+                               HybridAgreementObjective)})
 
 
 def objective_class(name: str) -> type[SearchObjective]:
@@ -281,9 +322,10 @@ def objective_class(name: str) -> type[SearchObjective]:
 
 def make_objective(name: str, model: nn.Module, prompts: list[torch.Tensor], *, max_new_tokens: int,
                    eos_token_id=None, max_draft: int = 8, adaptive: bool = True, repeats: int = 3,
-                   warmup: int = 1, agreement_batch: int = 8, pad_token_id: int = 0) -> SearchObjective:
+                   warmup: int = 1, agreement_batch: int = 8, pad_token_id: int = 0,
+                   mixers: Mapping[int, nn.Module] | None = None) -> SearchObjective:
     """The objective `name`, prepared for `model` and the prompts (agreement generates its references here)."""
     options = ObjectiveOptions(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                max_draft=max_draft, adaptive=adaptive, repeats=repeats, warmup=warmup,
-                               agreement_batch=agreement_batch)
+                               agreement_batch=agreement_batch, mixers=mixers)
     return objective_class(name).create(model, prompts, options)

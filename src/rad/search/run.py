@@ -18,6 +18,7 @@ from rad.errors import RadError
 from rad.models.layers import attention_layer_indices, decoder_layers
 from rad.models.loading import LoadedModel, load_model
 from rad.models.tokens import eos_token_ids, padding_token_id
+from rad.search.aligned import load_aligned_mixers, mixers_digest
 from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
 from rad.search.objectives import Evaluation, make_objective, objective_class
@@ -37,6 +38,7 @@ class _Prepared:
     prompts: list[torch.Tensor]
     eos_token_id: list[int] | None  # None: no end-of-turn token (tokenised prompts of a bare model)
     pad_token_id: int
+    mixers: dict | None = None  # hybrid-agreement's aligned mixers {layer: mixer}
 
 
 def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
@@ -50,14 +52,16 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     else:
         raise RadError(f"Cannot search {type(model).__name__}: give a model spec, a LoadedModel or a causal LM.")
     hf = loaded.model
-    space = resolve_space(config, len(decoder_layers(hf)), attention_layer_indices(hf))
+    mixers = load_aligned_mixers(config.aligned, hf) if config.aligned is not None else None
+    space = resolve_space(config, len(decoder_layers(hf)), attention_layer_indices(hf),
+                          list(mixers) if mixers is not None else None)
     if config.prompt_ids is not None:
         prompts = ids_from_lists(config.prompt_ids)
     else:
         texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
     return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None,
-                     padding_token_id(loaded.tokenizer, hf))
+                     padding_token_id(loaded.tokenizer, hf), mixers)
 
 
 def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = None):
@@ -65,7 +69,7 @@ def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = Non
         name or config.objective, prepared.loaded.model, prepared.prompts, max_new_tokens=config.max_new_tokens,
         eos_token_id=prepared.eos_token_id, max_draft=config.max_draft, adaptive=config.adaptive,
         repeats=config.repeats, warmup=config.warmup, agreement_batch=config.agreement_batch,
-        pad_token_id=prepared.pad_token_id,
+        pad_token_id=prepared.pad_token_id, mixers=prepared.mixers,
     )
 
 
@@ -93,12 +97,16 @@ def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
         settings.update(max_draft=config.max_draft, adaptive=config.adaptive)
     if objective.timed:
         settings.update(repeats=config.repeats, warmup=config.warmup, device=str(next(hf.parameters()).device))
+    if objective.needs_mixers:
+        settings.update(aligned_mixers=mixers_digest(prepared.mixers))
     return settings
 
 
 def _recorded_settings(config: SearchConfig, prepared: _Prepared) -> dict:
     """The settings search.json records: the config as given plus what it resolved to (k, prompt tokens)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "prompt_ids")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("out", "prompt_ids", "aligned")}
+    if prepared.mixers is not None:
+        settings.update(aligned=str(config.aligned), aligned_mixers=mixers_digest(prepared.mixers))
     settings.update(k=prepared.space.k, candidates=list(prepared.space.candidates),
                     num_prompts=len(prepared.prompts), prompts_digest=prompts_digest(prepared.prompts),
                     model=prepared.loaded.source)
@@ -111,6 +119,7 @@ _DECISIVE = ("objective", "k", "candidates", "prompts_digest", "max_new_tokens",
              "keep", "startup_trials", "neighbour_on_repeat", "stall_patience", "remeasure_top")
 _DECISIVE_SPECULATIVE = ("max_draft", "adaptive")
 _DECISIVE_TIMED = ("repeats", "warmup", "final_repeats")
+_DECISIVE_MIXERS = ("aligned_mixers",)
 
 
 def load_matching_search(model, config: SearchConfig, folder: str | Path) -> SearchResult:
@@ -127,6 +136,8 @@ def load_matching_search(model, config: SearchConfig, folder: str | Path) -> Sea
         keys += _DECISIVE_SPECULATIVE
     if objective.timed:
         keys += _DECISIVE_TIMED
+    if objective.needs_mixers:
+        keys += _DECISIVE_MIXERS
     check_same_settings({key: result.settings[key] for key in keys if key in result.settings},
                         {key: current[key] for key in keys}, what=f"The finished search in {Path(folder)}",
                         advice="give a new output folder, or the settings it was run with",
@@ -243,7 +254,7 @@ class ObjectiveComparison:
     spearman: dict[str, float]
 
 
-def compare_objectives(model, config: SearchConfig, masks: int = 20, *, objectives=OBJECTIVES, device=None,
+def compare_objectives(model, config: SearchConfig, masks: int = 20, *, objectives=None, device=None,
                        dtype=None) -> ObjectiveComparison:
     """Measure `masks` random k-masks (seeded by config.seed) with each objective; rank-correlate them.
 
@@ -252,6 +263,8 @@ def compare_objectives(model, config: SearchConfig, masks: int = 20, *, objectiv
     """
     from scipy.stats import spearmanr
 
+    if objectives is None:  # every registered one; those that need aligned mixers when config.aligned gives them
+        objectives = [n for n in OBJECTIVES if config.aligned is not None or not objective_class(n).needs_mixers]
     prepared = _prepare(model, config, device, dtype)
     space = prepared.space
     rng = np.random.default_rng(config.seed)
