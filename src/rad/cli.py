@@ -62,10 +62,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from rad.export import ExportConfig, export_gguf
+    from rad.export import ExportConfig, export
 
-    result = export_gguf(ExportConfig(model=args.model, out=args.out, format=args.format, type=args.type,
-                                      overwrite=args.overwrite, tokenizer_gguf=args.tokenizer_gguf))
+    result = export(ExportConfig(model=args.model, out=args.out, format=args.format, type=args.type,
+                                 overwrite=args.overwrite, tokenizer_gguf=args.tokenizer_gguf,
+                                 tensor_parallel_size=args.tensor_parallel_size))
     print(result.path)
 
 
@@ -548,15 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("export", help="write a hybrid (or its teacher) as a GGUF file llama.cpp runs")
+    p = sub.add_parser("export", help="write a hybrid (or its teacher) as a GGUF file llama.cpp runs, or a vLLM folder")
     p.add_argument("model", help="a hybrid folder (rad convert / rad distill), or a plain model: alias, folder, .gguf")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--format", default=default_of(ExportConfig, "format"), choices=FORMATS)
+    p.add_argument("--out", required=True, help="the .gguf file to write (--format vllm: the folder)")
+    p.add_argument("--format", default=default_of(ExportConfig, "format"), choices=FORMATS,
+                   help="gguf: llama.cpp's granitehybrid file; vllm: a Bamba folder with its head written out")
     p.add_argument("--type", default=default_of(ExportConfig, "type"), choices=GGUF_TYPES,
-                   help="matmul weights' type; norms, biases and the SSM's small tensors stay f32")
+                   help="matmul weights' type; norms, biases and the SSM's small tensors stay f32 (vllm: f32, bf16 "
+                        "or f16 for every tensor)")
+    p.add_argument("--tensor-parallel-size", type=int, default=default_of(ExportConfig, "tensor_parallel_size"),
+                   metavar="N", help="vllm: check the folder against vLLM's shape rules on N GPUs")
     p.add_argument("--tokenizer-gguf", default=None, metavar="FILE",
                    help="copy the tokenizer from this GGUF (default: the GGUF the model came from, for rad's aliases)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (or vLLM folder)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="score models on GSM8K / CRUXEval-O (resumable) and compare them")

@@ -65,6 +65,7 @@ DISTILL = OutputKind("rad distill", "log.jsonl, checkpoints/ or its config.json"
                      lambda f: _any_of("log.jsonl", "checkpoints", "summary.json")(f)
                      or _mapping_with("config.json", {"hybrid", "out", "train", "steps"}, json.loads)(f))
 ALIGN = OutputKind("rad align", "align_config.json", _any_of("align_config.json"))
+EXPORT_VLLM = OutputKind("rad export --format vllm", "rad_export.json", _any_of("rad_export.json"))
 EVAL = OutputKind("rad eval", "comparison.md or <model>/<task>.meta.json", _eval_folder)
 RUN = OutputKind("rad run", "config.yaml", _mapping_with("config.yaml", {"model", "search", "distill", "eval"},
                                                         yaml.safe_load))

@@ -8,7 +8,7 @@ from pathlib import Path
 from rad.errors import RadError
 from rad.export.llama_cpp import SETUP_HINT, llama_cpp_available
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "vllm")  # a .gguf file for llama.cpp; a folder for vLLM (export/vllm.py)
 # GGUF tensor types rad writes itself (with the gguf package), and the k-quants llama.cpp's own quantiser makes from
 # rad's f32 file (llama-cpp-python, `make setup-serve`; the values are llama.cpp's llama_ftype numbers).
 WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -27,6 +27,7 @@ class ExportConfig:
     type: str = "f32"
     overwrite: bool = False
     tokenizer_gguf: str | None = None
+    tensor_parallel_size: int = 1  # vllm: the GPUs whose shape rules the folder is checked against
 
     def __post_init__(self):
         if self.format not in FORMATS:
