@@ -32,6 +32,7 @@ from rad.stages.run_config import RunConfig, RunPaths, check_same_run
 from rad.stages.search import check_search_fits
 from rad.stages.speed import SPEED_FILE, SpeedResult
 from rad.utils.atomic import atomic_write_json, atomic_write_text
+from rad.utils.locks import writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +79,24 @@ def run_sweep(config: SweepConfig) -> Path:
     for run in runs.values():  # every run's folder and settings before any work
         check_output(run.out, RUN, inputs=[("model", run.model), ("distillation data", run.distill.data)])
         check_same_run(run, RunPaths(Path(run.out)))
-    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
-    teacher = load_model(config.model, device=config.device)
-    for run in runs.values():  # every k fits the model (k < its attention layers, ...)
-        check_search_fits(run.search, teacher.model, run.seed)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "sweep.yaml", to_yaml(config))
-    try:
-        for k, run in runs.items():
-            logger.info("sweep: k=%d -> %s", k, run.out)
-            run_stages(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
-    except TimeLimitReached:
-        summary = summarise(config)
-        if summary["runs"]:  # what is finished can be read now
-            logger.info("sweep: partial summary (k pending: %s) in %s", summary["pending"],
-                        _write_summary(config, summary))
-        raise
-    return _write_summary(config, summarise(config))
+    with writer_lock(root, "rad sweep"):
+        deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
+        teacher = load_model(config.model, device=config.device)
+        for run in runs.values():  # every k fits the model (k < its attention layers, ...)
+            check_search_fits(run.search, teacher.model, run.seed)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "sweep.yaml", to_yaml(config))
+        try:
+            for k, run in runs.items():
+                logger.info("sweep: k=%d -> %s", k, run.out)
+                run_stages(run, teacher_eval=root / TEACHER_EVAL, deadline=deadline, teacher=teacher)
+        except TimeLimitReached:
+            summary = summarise(config)
+            if summary["runs"]:  # what is finished can be read now
+                logger.info("sweep: partial summary (k pending: %s) in %s", summary["pending"],
+                            _write_summary(config, summary))
+            raise
+        return _write_summary(config, summarise(config))
 
 
 def _write_summary(config: SweepConfig, summary: dict) -> Path:

@@ -52,6 +52,7 @@ from rad.stages.distill import distill_stage
 from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.identity import check_same_settings
+from rad.utils.locks import writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +64,23 @@ def run_ablation(config: AblateConfig) -> AblateResult:
     t_start = time.perf_counter()
     root = Path(config.out)
     searched_file, inputs, eval_config = _check_before_work(config, root)
-    teacher = load_model(config.model, device=config.device)
-    plan = plan_ablation(config, teacher, searched_file)
-    _write_records(config, plan, inputs)
-    done, timings = _convert_arms(config, plan, teacher)
-    del teacher  # the students train one at a time without it
-    _free_memory()
-    statuses = _distill_and_score_arms(config, plan, eval_config, inputs.sources, done, timings)
-    teacher_scores, teacher_eval_s = _score_teacher(config, eval_config)
-    summary = _summarise(config, plan, done, statuses, teacher_scores, inputs,
-                         timings={"search_s": plan.search_s, "teacher_eval_s": teacher_eval_s,
-                                  "total_s": time.perf_counter() - t_start})
-    summary.save(root)
-    plot_kl_curves(summary, root / "kl_curves.png")
-    report = write_report(summary, config, root)
-    logger.info("Report: %s", report)
-    return AblateResult(out=root, report=report, summary=summary, statuses=statuses)
+    with writer_lock(root, "rad ablate"):
+        teacher = load_model(config.model, device=config.device)
+        plan = plan_ablation(config, teacher, searched_file)
+        _write_records(config, plan, inputs)
+        done, timings = _convert_arms(config, plan, teacher)
+        del teacher  # the students train one at a time without it
+        _free_memory()
+        statuses = _distill_and_score_arms(config, plan, eval_config, inputs.sources, done, timings)
+        teacher_scores, teacher_eval_s = _score_teacher(config, eval_config)
+        summary = _summarise(config, plan, done, statuses, teacher_scores, inputs,
+                             timings={"search_s": plan.search_s, "teacher_eval_s": teacher_eval_s,
+                                      "total_s": time.perf_counter() - t_start})
+        summary.save(root)
+        plot_kl_curves(summary, root / "kl_curves.png")
+        report = write_report(summary, config, root)
+        logger.info("Report: %s", report)
+        return AblateResult(out=root, report=report, summary=summary, statuses=statuses)
 
 
 def _check_before_work(config: AblateConfig, root: Path) -> tuple[Path | None, InputReport, EvalConfig | None]:

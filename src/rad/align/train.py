@@ -54,6 +54,7 @@ from rad.outputs import check_free_space
 from rad.utils.atomic import atomic_write_json
 from rad.utils.devices import resolve_device
 from rad.utils.identity import check_same_settings
+from rad.utils.locks import writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -63,38 +64,39 @@ def run_align(config: AlignConfig, on_step: Callable[[int], None] | None = None)
     and OUT/student. `on_step(step)` runs after each step's log and checkpoint (tests interrupt runs there)."""
 
     check_before_loading(config)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    mixer_autocast = precision == "bf16" and (DEFAULT_MIXER_AUTOCAST if config.mixer_autocast is None
-                                              else config.mixer_autocast)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, asdict(config), default=str)  # marks the folder as rad align's
-    torch.manual_seed(config.seed)
-    models = load_models(config, device, precision)
-    models.student.train()
-    data = build_data(config.data, models.tokenizer)
-    mixer_params = {layer: [p for n, p in models.student.named_parameters()
-                            if n.startswith(mixer_parameter_prefix(models.student, layer))] for layer in models.layers}
-    params = [p for layer in models.layers for p in mixer_params[layer]]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    total = config.total_steps
-    warmup = max(1, round(config.warmup_ratio * total)) if config.warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total, warmup, config.min_lr_ratio))
-    run_settings = resume_settings(config, models, data, precision, mixer_autocast)
-    cache = None
-    if config.cache is not None:
-        cache = open_cache(Path(config.cache).expanduser(), models.layers, cache_identity(run_settings))
-    run = _Run(config, device, precision, mixer_autocast, models, data, optimizer, scheduler, mixer_params,
-               run_settings, cache)
-    _check_disk(run)
-    _resume(run)
-    run.logs = Logs(out, True, config.tensorboard, run.step)
-    try:
-        _train(run, on_step)
-    finally:
-        run.logs.close()
-    return _finish(run)
+    with writer_lock(config.out, "rad align"):
+        device = resolve_device(config.device)
+        precision = resolve_precision(config.precision, device)
+        mixer_autocast = precision == "bf16" and (DEFAULT_MIXER_AUTOCAST if config.mixer_autocast is None
+                                                  else config.mixer_autocast)
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / CONFIG_FILE, asdict(config), default=str)  # marks the folder as rad align's
+        torch.manual_seed(config.seed)
+        models = load_models(config, device, precision)
+        models.student.train()
+        data = build_data(config.data, models.tokenizer)
+        mixer_params = {layer: [p for n, p in models.student.named_parameters()
+                                if n.startswith(mixer_parameter_prefix(models.student, layer))] for layer in models.layers}
+        params = [p for layer in models.layers for p in mixer_params[layer]]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        total = config.total_steps
+        warmup = max(1, round(config.warmup_ratio * total)) if config.warmup_ratio > 0 else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(total, warmup, config.min_lr_ratio))
+        run_settings = resume_settings(config, models, data, precision, mixer_autocast)
+        cache = None
+        if config.cache is not None:
+            cache = open_cache(Path(config.cache).expanduser(), models.layers, cache_identity(run_settings))
+        run = _Run(config, device, precision, mixer_autocast, models, data, optimizer, scheduler, mixer_params,
+                   run_settings, cache)
+        _check_disk(run)
+        _resume(run)
+        run.logs = Logs(out, True, config.tensorboard, run.step)
+        try:
+            _train(run, on_step)
+        finally:
+            run.logs.close()
+        return _finish(run)
 
 
 @dataclass

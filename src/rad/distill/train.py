@@ -53,6 +53,7 @@ from rad.outputs import DISTILL, check_free_space, check_output, input_location
 from rad.utils.atomic import atomic_write_json, remove_stale_temps
 from rad.utils.devices import resolve_dtype
 from rad.utils.identity import check_same_settings, model_fingerprint
+from rad.utils.locks import writer_lock
 from rad.utils.precision import (
     compute_dtype,
     describe_precision,
@@ -74,7 +75,9 @@ def run_distill(config: DistillConfig, on_step: Callable[[int], None] | None = N
         raise RadError("--steps must be at least 1.")
     check_distill_out(config)
     accelerator = _accelerator(config)
-    with _main_process_logs(accelerator.is_main_process):
+    # one lock per run, held by the main process (every rank of a multi-GPU run writes into the same folder)
+    lock = writer_lock(config.out, "rad distill") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, _main_process_logs(accelerator.is_main_process):
         run = _setup(config, accelerator)
         _check_disk(run)
         _resume(run)

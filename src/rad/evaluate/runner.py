@@ -40,6 +40,7 @@ from rad.utils.artefacts import load_artefact
 from rad.utils.atomic import atomic_write_json, atomic_write_text
 from rad.utils.devices import default_device
 from rad.utils.identity import check_same_settings, model_fingerprint
+from rad.utils.locks import writer_lock
 from rad.utils.precision import generation_dtype
 
 logger = logging.getLogger(__name__)
@@ -448,24 +449,25 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
     slugs = [model_slug(s) for s in specs]
     if len(set(slugs)) != len(slugs):
         raise RadError(f"Two models would share an output folder ({slugs}); rename one of the folders.")
-    # Every model and task's data is checked (the hub probed once) before spending time on loading models.
-    hub = probe_hub()
-    config = dataclasses.replace(config, sources=usable_sources(hub, config.sources))
-    for spec in dict.fromkeys([*specs, *([config.teacher] if config.teacher else [])]):
-        check_model(spec, hub)
-    check_task_data(config.tasks, config.sources, config.data_dir, on_missing="error")
-    options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources)
-    for name in config.tasks:
-        make_task(name, options).items(config.limit)
-    teacher = load_model(config.teacher, **load_kwargs) if config.teacher else None
-    results = []
-    for spec in specs:
-        loaded = teacher if teacher is not None and spec == config.teacher else load_model(spec, **load_kwargs)
-        results.append(evaluate_model(loaded, config, teacher=teacher))
-        del loaded
-        gc.collect()
-    table = comparison_table(results)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.md", table)
-    return results, table
+    with writer_lock(config.out, "rad eval"):
+        # Every model and task's data is checked (the hub probed once) before spending time on loading models.
+        hub = probe_hub()
+        config = dataclasses.replace(config, sources=usable_sources(hub, config.sources))
+        for spec in dict.fromkeys([*specs, *([config.teacher] if config.teacher else [])]):
+            check_model(spec, hub)
+        check_task_data(config.tasks, config.sources, config.data_dir, on_missing="error")
+        options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources)
+        for name in config.tasks:
+            make_task(name, options).items(config.limit)
+        teacher = load_model(config.teacher, **load_kwargs) if config.teacher else None
+        results = []
+        for spec in specs:
+            loaded = teacher if teacher is not None and spec == config.teacher else load_model(spec, **load_kwargs)
+            results.append(evaluate_model(loaded, config, teacher=teacher))
+            del loaded
+            gc.collect()
+        table = comparison_table(results)
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "comparison.md", table)
+        return results, table

@@ -29,6 +29,7 @@ from rad.stages.run_report import write_report
 from rad.stages.search import check_search_fits, search_stage
 from rad.stages.speed import speed_stage
 from rad.utils.atomic import atomic_write_text
+from rad.utils.locks import writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,17 @@ def run_stages(config: RunConfig, *, teacher=None, teacher_eval: Path | None = N
     # half-hour run (nor a folder half full of files).
     check_output(paths.root, RUN, inputs=[("model", config.model), ("distillation data", config.distill.data)])
     check_same_run(config, paths)
-    inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
-                          distill_data=config.distill.data)
-    teacher = teacher or load_model(config.model, device=config.device)
-    check_search_fits(config.search, teacher.model, config.seed)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.root / CONFIG_FILE, to_yaml(config))
-    inputs.save(paths.root)
-    report = _stage_sequence(config, paths, inputs, teacher, teacher_eval, deadline)
-    logger.info("Report: %s", report)
-    return report
+    with writer_lock(paths.root, "rad run"):
+        inputs = check_inputs(config.model, config.eval.tasks, on_missing_task=config.eval.on_missing_data,
+                              distill_data=config.distill.data)
+        teacher = teacher or load_model(config.model, device=config.device)
+        check_search_fits(config.search, teacher.model, config.seed)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.root / CONFIG_FILE, to_yaml(config))
+        inputs.save(paths.root)
+        report = _stage_sequence(config, paths, inputs, teacher, teacher_eval, deadline)
+        logger.info("Report: %s", report)
+        return report
 
 
 def _stage_sequence(config: RunConfig, paths: RunPaths, inputs: InputReport, teacher, teacher_eval: Path | None,
