@@ -35,9 +35,9 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_killed_ones_lock_is_f
     folder = tmp_path / "out"
     proc = _holder(folder)
     try:
-        with pytest.raises(RadError, match=rf"being written by rad distill \(pid {proc.pid} on "):
-            with writer_lock(folder, "rad distill"):
-                pass
+        with pytest.raises(RadError, match=rf"being written by rad distill \(pid {proc.pid} on "), \
+                writer_lock(folder, "rad distill"):
+            pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -47,10 +47,9 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_killed_ones_lock_is_f
 
 
 def test_the_lock_is_released_when_the_block_raises_and_is_per_folder(tmp_path):
-    with pytest.raises(ValueError):
-        with writer_lock(tmp_path / "a", "rad eval"):
-            with writer_lock(tmp_path / "b", "rad eval"):  # another folder: its own lock
-                raise ValueError
+    with pytest.raises(ValueError), writer_lock(tmp_path / "a", "rad eval"), \
+            writer_lock(tmp_path / "b", "rad eval"):  # another folder: its own lock
+        raise ValueError
     with writer_lock(tmp_path / "a", "rad eval"), writer_lock(tmp_path / "b", "rad eval"):
         pass
 
