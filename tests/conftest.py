@@ -38,6 +38,13 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Variables a user's shell often sets that change what rad does (offline hub, another HF cache, no GPU). The suite
+# runs without them, whatever the shell says; a test that depends on one sets it itself (monkeypatch). Removed at
+# import, before any test or subprocess reads the environment.
+USER_ENVIRONMENT = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_DATASETS_CACHE",
+                    "HF_HUB_CACHE", "HF_ENDPOINT", "RAD_DATA_DIR", "RAD_DATA_CACHE")
+for _name in USER_ENVIRONMENT:
+    os.environ.pop(_name, None)
 
 
 def tiny_config(family: str, **overrides):
