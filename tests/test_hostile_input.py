@@ -222,6 +222,12 @@ BAD_VALUES = {
     "empty task list": (["eval", "{src}", "--tasks", " , ", "--out", "{out}"], "task"),
     "negative exec timeout": (["eval", "{src}", "--tasks", "gsm8k", "--exec-timeout", "-1", "--out", "{out}"],
                               "--exec-timeout"),
+    "infinite exec timeout": (["eval", "{src}", "--tasks", "gsm8k", "--exec-timeout", "inf", "--out", "{out}"],
+                              "--exec-timeout"),
+    "NaN exec timeout": (["eval", "{src}", "--tasks", "gsm8k", "--exec-timeout", "nan", "--out", "{out}"],
+                         "--exec-timeout"),
+    "huge exec timeout": (["eval", "{src}", "--tasks", "gsm8k", "--exec-timeout", "1e300", "--out", "{out}"],
+                          "--exec-timeout"),
     "negative n-shot": (["eval", "{src}", "--tasks", "gsm8k", "--n-shot", "-2", "--out", "{out}"], "--n-shot"),
 }
 

@@ -229,8 +229,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     for flag, value in (("--exec-timeout", args.exec_timeout), ("--teacher-texts", args.teacher_texts),
                         ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and not value > 0:
-            raise RadError(f"{flag} must be positive, got {value}.")
+        if value is not None and not 0 < value < float("inf"):
+            raise RadError(f"{flag} must be a positive number, got {value}.")
     if args.n_shot < 0:
         raise RadError(f"--n-shot must be 0 or more, got {args.n_shot}.")
     check_output(args.out, EVAL, inputs=[*(("model", m) for m in args.models), ("teacher", args.teacher),

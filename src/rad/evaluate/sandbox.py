@@ -102,6 +102,9 @@ def _default_isolation() -> str:
     return os.environ.get(ISOLATION_ENV, "bwrap")
 
 
+MAX_TIMEOUT_S = 3600.0  # one sandboxed check; CRUXEval's take well under a second
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-run limits for untrusted code; CRUXEval functions need well under a second and a few MB."""
@@ -118,9 +121,13 @@ class SandboxLimits:
         if self.isolation not in ISOLATIONS:
             raise RadError(f"Unknown sandbox isolation {self.isolation!r} (from {ISOLATION_ENV} or the settings); "
                            f"choose {' or '.join(ISOLATIONS)}.")
-        if self.timeout_s <= 0 or min(self.memory_bytes, self.max_file_bytes, self.scratch_bytes,
-                                      self.max_reply_bytes, self.max_processes) < 1:
-            raise RadError("Sandbox limits must be positive; check --exec-timeout and the sandbox settings.")
+        # `not 0 < t <= max` also refuses NaN; inf and 1e300 would crash the scorer (select, math.ceil) after generation
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise RadError(f"--exec-timeout must be a number of seconds in (0, {MAX_TIMEOUT_S}], got {self.timeout_s}; "
+                           "a benchmark's check takes seconds.")
+        if min(self.memory_bytes, self.max_file_bytes, self.scratch_bytes, self.max_reply_bytes,
+               self.max_processes) < 1:
+            raise RadError("Sandbox limits must be positive; check the sandbox settings.")
 
 
 @dataclass(frozen=True)
