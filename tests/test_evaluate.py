@@ -655,3 +655,45 @@ def test_the_eval_flags_and_help_read_the_eval_config_defaults():
     eval_help = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
     tokens = ", ".join(f"{task.default_max_new_tokens} for {name}" for name, task in TASKS.items())
     assert f"(default {config.batch_size}; 1:" in eval_help and f"default: {tokens}" in eval_help
+
+
+def _gsm_folder(folder: Path, questions: list[tuple[str, int]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "gsm8k_test.jsonl").write_text("".join(
+        json.dumps({"question": q, "answer": f"so\n#### {a}"}) + "\n" for q, a in questions))
+    return folder
+
+
+def test_a_resume_on_other_questions_is_refused_and_results_name_their_data(tiny_hybrid, tiny_tokenizer, tmp_path):
+    """Per-item results are keyed on the data's content: other questions in the same --out are refused (the old
+    targets were kept before), a copy of the same rows elsewhere is accepted, --overwrite starts on the new ones."""
+    loaded = LoadedModel(tiny_hybrid, tiny_tokenizer, source="tiny-hybrid", path=None)
+    first = _gsm_folder(tmp_path / "a", [("w5 w6", 2), ("w7 w8", 3)])
+    other = _gsm_folder(tmp_path / "b", [("w9 w10", 7), ("w11 w12", 9)])
+    config = dict(tasks=["gsm8k"], out=str(tmp_path / "out"), max_new_tokens=2, chat=False, limit=2)
+    evaluate_model(loaded, EvalConfig(data_dir=str(first), **config))
+    meta = json.loads((tmp_path / "out" / "tiny-hybrid" / "gsm8k.meta.json").read_text())
+    assert meta["data_sources"] == [str(first / "gsm8k_test.jsonl")] and len(meta["data_fingerprint"]) == 64
+    with pytest.raises(RadError, match="data_fingerprint"):
+        evaluate_model(loaded, EvalConfig(data_dir=str(other), **config))
+    copy = _gsm_folder(tmp_path / "copy", [("w5 w6", 2), ("w7 w8", 3)])
+    assert evaluate_model(loaded, EvalConfig(data_dir=str(copy), **config)).tasks["gsm8k"].generated == 0
+    evaluate_model(loaded, EvalConfig(data_dir=str(other), overwrite=True, **config))
+    items = (tmp_path / "out" / "tiny-hybrid" / "gsm8k.jsonl").read_text().splitlines()
+    assert [json.loads(line)["target"] for line in items] == ["7", "9"]
+
+
+def test_a_data_folder_the_user_named_is_used_or_refused(tiny_hybrid, tiny_tokenizer, tmp_path, monkeypatch):
+    """--data-dir missing, or without the task's file: an error, never another source read in its place; a
+    RAD_DATA_DIR that is not a folder (/dev/null) likewise."""
+    loaded = LoadedModel(tiny_hybrid, tiny_tokenizer, source="tiny-hybrid", path=None)
+    config = dict(tasks=["gsm8k"], out=str(tmp_path / "out"), max_new_tokens=2, chat=False, limit=1)
+    with pytest.raises(RadError, match=r"\(--data-dir\) is not a folder"):
+        evaluate_model(loaded, EvalConfig(data_dir=str(tmp_path / "nowhere"), **config))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RadError, match=r"\(--data-dir\) has no gsm8k_test.jsonl"):
+        evaluate_model(loaded, EvalConfig(data_dir=str(tmp_path / "empty"), **config))
+    monkeypatch.setenv("RAD_DATA_DIR", "/dev/null")
+    with pytest.raises(RadError, match=r"/dev/null \(RAD_DATA_DIR\) is not a folder"):
+        evaluate_model(loaded, EvalConfig(**config))
+    assert not (tmp_path / "out").exists()

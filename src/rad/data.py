@@ -19,6 +19,7 @@ They are disjoint, so a student distilled on the first is measured on text it ne
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -160,10 +161,13 @@ def load_rows(name: str, folder: str | os.PathLike | None = None,
 
 def find_rows(name: str, folder: str | os.PathLike | None = None,
               sources: tuple[str, ...] = SOURCES) -> tuple[list[dict] | None, Located]:
-    """Like `load_rows`, but a miss is a `Located` with nothing found instead of an error."""
+    """Like `load_rows`, but a miss is a `Located` with nothing found instead of an error (except in a data folder
+    the user named: there a missing file is an error, not a reason to read another source)."""
     if name not in DATASETS:
         raise RadError(f"Unknown dataset {name!r}; known: {', '.join(DATASETS)}.")
     spec = DATASETS[name]
+    given = folder is not None  # --data-dir: these files or an error
+    named = given or bool(os.environ.get("RAD_DATA_DIR"))  # a folder the user chose must at least be a folder
     folder = Path(folder).expanduser() if folder is not None else data_dir()
     tried: list[str] = []
     for source in sources:
@@ -171,6 +175,14 @@ def find_rows(name: str, folder: str | os.PathLike | None = None,
             path = folder / spec.filename
             if path.is_file():
                 return _check(_read_jsonl(path), spec, str(path)), Located(name, source, str(path), tuple(tried))
+            if (named and not folder.is_dir()) or given:  # never skipped silently for another source
+                what = "is not a folder" if not folder.is_dir() else f"has no {spec.filename}"
+                setting = "--data-dir" if given else "RAD_DATA_DIR"
+                raise RadError(f"The data folder {folder} ({setting}) {what}; put the {spec.title} data there, or "
+                               "leave the setting out to use rad's other sources.")
+            if named:
+                logger.warning("RAD_DATA_DIR %s has no %s; reading the %s data from rad's other sources.", folder,
+                               spec.filename, spec.title)
             tried.append(f"no {path}")
         elif source == "cache":
             path = data_cache_dir() / spec.filename
@@ -191,6 +203,16 @@ def find_rows(name: str, folder: str | os.PathLike | None = None,
                                                                  tuple(tried))
             tried.append(f"{spec.package}: {why}")
     return None, Located(name, None, "", tuple(tried))
+
+
+def rows_fingerprint(*row_lists: list[dict]) -> str:
+    """SHA-256 of rows as canonical JSON (sorted keys), list by list: what a result was scored on."""
+    digest = hashlib.sha256()
+    for rows in row_lists:
+        digest.update(f"{len(rows)}\n".encode())
+        for row in rows:
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def fetch(names: list[str] | None = None, hub: HubStatus | None = None) -> dict[str, Located]:

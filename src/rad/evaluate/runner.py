@@ -234,10 +234,14 @@ class TaskMeta:
     model_fingerprint: str | None = None
     dtype: str | None = None
     scoring: dict | None = None
+    data_fingerprint: str | None = None  # the task's rows (rad.data.rows_fingerprint): which questions, which targets
+    data_sources: list[str] | None = None  # where they came from (informational: the same rows from a copy match)
 
     def identity(self) -> dict:
-        """The settings a resume must match: everything but the spec, and nothing an older rad did not record."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "model" and v is not None}
+        """The settings a resume must match: everything but the spec and the data's location, and nothing an older
+        rad did not record."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("model", "data_sources") and v is not None}
 
     def save(self, path: Path) -> Path:
         return atomic_write_json(path, dataclasses.asdict(self))
@@ -274,7 +278,7 @@ def read_items(path: Path) -> dict[str, dict]:
 
 
 # Settings two models' items must share to be paired (the model, its fingerprint and dtype may differ).
-PAIRING_KEYS = ("task", "prompt_version", "chat", "n_shot", "max_new_tokens", "decoding", "scoring")
+PAIRING_KEYS = ("task", "prompt_version", "chat", "n_shot", "max_new_tokens", "decoding", "scoring", "data_fingerprint")
 
 
 def paired_test(folder_a: str | Path, folder_b: str | Path, task: str, limit: int | None = None) -> McNemarResult:
@@ -304,7 +308,7 @@ def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int
     return TaskMeta(task=task.name, prompt_version=task.prompt_version, model=loaded.source, chat=config.chat,
                     n_shot=config.n_shot, max_new_tokens=max_new_tokens, decoding="greedy",
                     model_fingerprint=fingerprint, dtype=str(loaded.model.dtype),
-                    scoring=dataclasses.asdict(config.sandbox))
+                    scoring=dataclasses.asdict(config.sandbox), **task.data_identity())
 
 
 def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folder: Path,
@@ -378,8 +382,7 @@ def evaluate_model(
     """Evaluate one model (a spec for `load_model`, or an already loaded one) and write its results.json.
     `deadline` (time.monotonic()): stop with TimeLimitReached between batches once passed; a rerun resumes."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_kwargs)
-    folder = Path(config.out) / model_slug(loaded.source)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(config.out) / model_slug(loaded.source)  # made by the first task, once its data is known good
     result = ModelResult(loaded.source, folder, {})
     fingerprint = model_fingerprint(loaded) if config.tasks else None
     generating = generation_copy(loaded, config.generation_dtype) if config.tasks else loaded
@@ -388,6 +391,7 @@ def evaluate_model(
         r = result.tasks[name]
         logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
                     r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])
+    folder.mkdir(parents=True, exist_ok=True)
     previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
     if teacher is not None:
         texts = _heldout_texts(config)

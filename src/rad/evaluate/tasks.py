@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from rad.data import SOURCES, load_rows
+from rad.data import SOURCES, find_rows, load_rows, rows_fingerprint
 from rad.errors import RadError
 from rad.evaluate.extract import (
     extract_cruxeval_prediction,
@@ -51,6 +51,19 @@ GSM8K_INSTRUCTION = (
 )
 
 
+def _data_identity(names: list[str], options: TaskOptions) -> dict:
+    """Where a task's rows came from and their content digest: part of its per-item results' identity, so a resume
+    on other questions (another --data-dir, an edited file) is refused instead of keeping the old answers."""
+    sources, digests = [], []
+    for name in names:
+        rows, located = find_rows(name, options.data_dir, options.sources)
+        if rows is None:
+            rows = load_rows(name, options.data_dir, options.sources)  # the clear error
+        sources.append(located.where)
+        digests.append(rows)
+    return {"data_fingerprint": rows_fingerprint(*digests), "data_sources": sources}
+
+
 def _clean_rationale(answer: str) -> str:
     """A GSM8K train answer as a worked solution: calculator annotations dropped, '#### N' -> 'The answer is N.'."""
     body, _, final = answer.rpartition("####")
@@ -74,6 +87,9 @@ class GSM8K:
             shots = load_rows("gsm8k_train", self.options.data_dir, self.options.sources)[: self.options.n_shot]
         rows = rows[:limit] if limit is not None else rows
         return [self._item(f"gsm8k-test-{i}", row, shots) for i, row in enumerate(rows)]
+
+    def data_identity(self) -> dict:
+        return _data_identity(["gsm8k_test", *(["gsm8k_train"] if self.options.n_shot else [])], self.options)
 
     def _item(self, item_id: str, row: dict, shots: list[dict]) -> Item:
         messages, raw = [], []
@@ -149,6 +165,9 @@ class CRUXEvalO:
                 {"code": row["code"], "input": row["input"], "target": row["output"]},
             ))
         return items
+
+    def data_identity(self) -> dict:
+        return _data_identity(["cruxeval"], self.options)
 
     def score(self, item: Item, completion: str) -> dict:
         prediction = extract_cruxeval_prediction(completion, item.reference["input"])
