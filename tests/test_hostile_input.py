@@ -490,3 +490,38 @@ def test_export_refuses_a_model_without_a_known_tokenizer(tmp_path, caplog, caps
     tokenizer.save_pretrained(tmp_path / "src")
     assert_refused(["export", tmp_path / "src", "--out", tmp_path / "m.gguf"], caplog, capsys,
                    words="--tokenizer-gguf", absent=(tmp_path / "m.gguf",))
+
+
+# ---------------------------------------------------------------- artefact fields are read with their declared type
+
+LAYER_FIELDS = {"a string": '"13"', "a float": "[1.9]", "a bool": "[true]", "an object": '{"1": 2}',
+                "Infinity": "[Infinity]", "a negative index": "[-1]", "a repeated index": "[1, 1]"}
+
+
+@pytest.mark.parametrize("case", list(LAYER_FIELDS))
+def test_a_coerced_search_result_is_refused_not_read_as_other_layers(case, folders, tmp_path, caplog, capsys):
+    """`rad convert --layers-from` once read "13" as layers [1, 3], [1.9] as [1], true as 1, a dict's keys."""
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "search.json").write_text('{"chosen_layers": %s}' % LAYER_FIELDS[case])
+    assert_refused(["convert", folders["src"], "--layers-from", search, "--out", tmp_path / "h"], caplog, capsys,
+                   words="is not a search result", absent=(tmp_path / "h",))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"converted_layers": "13"}, "valid list"),
+    ({"num_layers": 2}, "are not the model's 2 layers"),
+    ({"converted_layers": [1.0, 3]}, "valid integer"),
+    ({"num_layers": True}, "valid integer"),
+    ({"unknown_field": 1}, "unexpected field"),
+])
+def test_a_conversion_record_that_disagrees_is_refused(change, words, folders, tmp_path, caplog, capsys):
+    hybrid = tmp_path / "hybrid"
+    hybrid.mkdir()
+    for path in folders["hybrid"].iterdir():
+        (hybrid / path.name).write_bytes(path.read_bytes())
+    record = json.loads((hybrid / "rad_conversion.json").read_text())
+    (hybrid / "rad_conversion.json").write_text(json.dumps({**record, **change}))
+    error = assert_refused(["distill", hybrid, "--out", tmp_path / "d", "--steps", "1"], caplog, capsys,
+                           words="is not a rad conversion record", absent=(tmp_path / "d",))
+    assert words in error

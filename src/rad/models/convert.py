@@ -35,7 +35,7 @@ from rad.models.mixers import (
 )
 from rad.models.naming import hybrid_name
 from rad.outputs import CONVERT, check_output
-from rad.utils.artefacts import load_artefact
+from rad.utils.artefacts import layer_indices, load_artefact, strict
 from rad.utils.atomic import atomic_directory
 from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
 
@@ -270,7 +270,16 @@ class ConversionRecord:
         path = Path(folder) / CONVERSION_FILE
         if not path.is_file():
             return None
-        return load_artefact(path, lambda data: cls(**data), "a rad conversion record", "re-create the hybrid")
+        return load_artefact(path, lambda data: _checked_record(strict(cls, data)), "a rad conversion record",
+                             "re-create the hybrid")
+
+
+def _checked_record(record: ConversionRecord) -> ConversionRecord:
+    """A record whose layer lists are layer indices that split the model's layers between them."""
+    converted, kept = layer_indices(record.converted_layers), layer_indices(record.kept_attention_layers)
+    if sorted(converted + kept) != list(range(record.num_layers)):
+        raise ValueError(f"converted {converted} and kept {kept} layers are not the model's {record.num_layers} layers")
+    return record
 
 
 def package_versions() -> dict:

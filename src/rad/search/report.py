@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from rad.utils.artefacts import load_artefact
+from rad.utils.artefacts import layer_indices, load_artefact
 from rad.utils.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class SearchResult:
     @classmethod
     def from_json(cls, data: dict, out: Path | None = None) -> SearchResult:
         data = dict(data)
-        data["layers"] = [int(i) for i in data.pop("chosen_layers")]
+        data["layers"] = layer_indices(data.pop("chosen_layers"))
         data["trials"] = [TrialRecord(**t) for t in data.get("trials", [])]
         data["baselines"] = [BaselineRecord(**b) for b in data.get("baselines", [])]
         if data.get("single_layer_profile") is not None:
@@ -222,7 +222,7 @@ def _redundancy_png(result: SearchResult) -> bytes:
 def read_chosen_layers(folder: str | Path) -> list[int]:
     """The layers a finished search chose (`search.json` in `folder`), for `rad convert --layers-from`; only
     `chosen_layers` is read, so a hand-written `{"chosen_layers": [...]}` works too."""
-    return load_artefact(Path(folder) / RESULT_FILE, lambda data: [int(i) for i in data["chosen_layers"]],
+    return load_artefact(Path(folder) / RESULT_FILE, lambda data: layer_indices(data["chosen_layers"]),
                          "a search result (a list of chosen_layers)", *_search_result_advice(folder))
 
 
