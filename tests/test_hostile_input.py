@@ -503,7 +503,7 @@ def test_a_coerced_search_result_is_refused_not_read_as_other_layers(case, folde
     """`rad convert --layers-from` once read "13" as layers [1, 3], [1.9] as [1], true as 1, a dict's keys."""
     search = tmp_path / "search"
     search.mkdir()
-    (search / "search.json").write_text('{"chosen_layers": %s}' % LAYER_FIELDS[case])
+    (search / "search.json").write_text('{"chosen_layers": ' + LAYER_FIELDS[case] + "}")
     assert_refused(["convert", folders["src"], "--layers-from", search, "--out", tmp_path / "h"], caplog, capsys,
                    words="is not a search result", absent=(tmp_path / "h",))
 
