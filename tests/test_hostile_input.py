@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -525,3 +526,39 @@ def test_a_conversion_record_that_disagrees_is_refused(change, words, folders, t
     error = assert_refused(["distill", hybrid, "--out", tmp_path / "d", "--steps", "1"], caplog, capsys,
                            words="is not a rad conversion record", absent=(tmp_path / "d",))
     assert words in error
+
+
+# ---------------------------------------------------------------- settings that passed validation and failed later
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ConversionConfig(layers=[1], seed=2**32),
+    lambda: ConversionConfig(layers=[1], seed=True),
+    lambda: __import__("rad.distill", fromlist=["DistillConfig"]).DistillConfig(hybrid="h", out="o", seed=2**40),
+    lambda: __import__("rad.decoding.speculative", fromlist=["SamplingConfig"]).SamplingConfig(seed=-1),
+    lambda: __import__("rad.search", fromlist=["SearchConfig"]).SearchConfig(k=1, seed=2**32).validate(),
+], ids=["convert", "convert bool", "distill", "sampling", "search"])
+def test_a_seed_beyond_what_the_libraries_take_is_refused_by_every_config(make):
+    with pytest.raises(RadError, match=r"seed must be a whole number from 0 to 4294967295"):
+        make()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=99999999999", "seed must be a whole number from 0 to 4294967295"),
+    ("distill.steps=true", "distill.steps in the run config is a number; got the yes/no value True"),
+    ("search.trials=true", "search.trials in the run config is a number"),
+])
+def test_run_settings_that_failed_after_work_started_are_refused_at_load(override, words):
+    from rad.pipeline import load_run_config
+
+    with pytest.raises(RadError, match=re.escape(words)):
+        load_run_config("smoke", None, [override])
+    assert load_run_config("smoke", None, ["search.baselines=false"]).search.baselines is False  # a real yes/no
+
+
+def test_a_yaml_key_given_twice_is_refused_not_dropped(tmp_path, caplog, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: smollm2-135m\ndistill: {steps: 4}\ndistill: {steps: 8}\n")
+    error = assert_refused(["run", "--config", config, "--out", tmp_path / "out"], caplog, capsys,
+                           words="the key 'distill' is given twice (line 3)", absent=(tmp_path / "out",))
+    assert error.endswith(".")

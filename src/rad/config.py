@@ -33,6 +33,16 @@ def settings(cls=None, /, **dataclass_options):
     return wrap if cls is None else wrap(cls)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and most samplers' seed range; torch's is wider
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed every library rad seeds accepts: a whole number in [0, 2**32 - 1] (not a bool), else one sentence."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RadError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {seed!r}.")
+    return seed
+
+
 def default_of(cls, name: str):
     """The default of dataclass `cls`'s field `name` (a default factory is called), so a CLI flag or its help
     reads the one default the settings class holds instead of restating it."""
@@ -62,9 +72,27 @@ def preset_file(name: str, prefix: str = "") -> Path:
     return known[name]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so `distill: {steps: 4}` followed by `distill: {steps: 8}` dropped the first group."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as err:  # one sentence: the problem and its line, not PyYAML's excerpt
+        line = f" (line {err.problem_mark.line + 1})" if err.problem_mark is not None else ""
+        raise RadError(f"Cannot read the {what} {path}: {err.problem or err.context}{line}.") from None
     except (OSError, yaml.YAMLError) as err:
         raise RadError(f"Cannot read the {what} {path}: {getattr(err, 'strerror', None) or err}") from err
     if not isinstance(data, dict):
@@ -112,7 +140,7 @@ def _get(data: dict, path: list[str]):
 def build(cls, data: dict, what: str):
     """`cls` from a nested mapping, validated; the first problem becomes one RadError sentence."""
     try:
-        return TypeAdapter(cls).validate_python(data)
+        config = TypeAdapter(cls).validate_python(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -126,6 +154,19 @@ def build(cls, data: dict, what: str):
         message = first["msg"][:1].lower() + first["msg"][1:]
         raise RadError(f"Setting {where} in the {what} is wrong: {message}, got "
                        f"{first.get('input')!r}.") from None
+    _check_no_bool_became_a_number(data, config, [], what)
+    return config
+
+
+def _check_no_bool_became_a_number(data, built, path: list[str], what: str) -> None:
+    """pydantic's lax mode reads `true` as 1 for a number field (`--set distill.steps=true` trained 1 step): a
+    yes/no given where the built setting is a number is refused, wherever it sits in the tree."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            child = built.get(key) if isinstance(built, dict) else getattr(built, str(key), None)
+            _check_no_bool_became_a_number(value, child, [*path, str(key)], what)
+    elif isinstance(data, bool) and not isinstance(built, bool):
+        raise RadError(f"Setting {'.'.join(path)} in the {what} is a number; got the yes/no value {data!r}.")
 
 
 def _known_keys(cls, path: list[str]) -> list[str]:

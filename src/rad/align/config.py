@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rad.align.cache import cache_bytes, check_cache_folder
 from rad.align.precision import check_precision
-from rad.config import settings
+from rad.config import check_seed, settings
 from rad.data import SOURCES
 from rad.distill.checkpoint import list_checkpoints
 from rad.distill.data import DataConfig
@@ -83,6 +83,7 @@ class AlignConfig:
     tensorboard: bool = True
 
     def __post_init__(self):
+        check_seed(self.seed)
         if not _positive_number(self.lr):
             raise RadError(f"The learning rate must be a positive number, got {self.lr!r}.")
         whole = {"steps": (self.steps, 1), "epochs": (self.epochs, 1), "batch": (self.batch, 1),

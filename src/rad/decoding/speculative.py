@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rad.config import check_seed
 from rad.decoding.cache import DecodeCache
 from rad.decoding.runner import FastDecoder
 from rad.errors import RadError
@@ -46,6 +47,7 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_seed(self.seed)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise RadError(f"temperature must be 0 (greedy) or a positive number, got {self.temperature!r}.")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import AllowInfNan, TypeAdapter, ValidationError
 
-from rad.config import settings
+from rad.config import check_seed, settings
 from rad.data import SOURCES
 from rad.distill.data import DataConfig, DistillData
 from rad.distill.modules import TRAIN_CHOICES
@@ -167,6 +167,7 @@ class DistillConfig:
     plots: bool = True
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.lr is None and self.train in TRAIN_CHOICES:
             self.lr = DEFAULT_LR[self.train]
         if isinstance(self.betas, list):  # from JSON

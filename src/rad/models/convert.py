@@ -21,6 +21,7 @@ import transformers
 from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
 
 import rad
+from rad.config import check_seed
 from rad.errors import RadError
 from rad.models.attention import attention_parameters, head_dim_of
 from rad.models.layers import decoder_layers, parse_layers, validate_layers
@@ -64,6 +65,7 @@ class ConversionConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_seed(self.seed)
         kind = mixer_kind(DEFAULT_MIXER)
         if self.init not in kind.inits:
             raise RadError(f"Unknown init {self.init!r}; choose one of {', '.join(kind.inits)}.")

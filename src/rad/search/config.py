@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 from pydantic import PositiveInt
 
-from rad.config import settings
+from rad.config import check_seed, settings
 from rad.errors import RadError
 from rad.search.aligned import aligned_folder
 from rad.search.objectives import OBJECTIVE_CLASSES
@@ -61,6 +61,7 @@ class SearchConfig:
     plots: bool = True
 
     def validate(self) -> None:
+        check_seed(self.seed)
         if self.objective not in OBJECTIVES:
             raise RadError(f"Unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
         if self.sampler not in SAMPLERS:

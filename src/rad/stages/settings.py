@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rad.config import check_seed
 from rad.errors import RadError
 from rad.utils.devices import resolve_device
 
@@ -13,8 +14,7 @@ def check_run_settings(config) -> None:
         raise RadError("The model setting is empty; give an alias (smollm2-135m), a folder or a hub id.")
     if not str(config.out).strip():
         raise RadError("The out setting is empty; give the folder the run writes to.")
-    if config.seed < 0:
-        raise RadError(f"seed must be 0 or more, got {config.seed}.")
+    check_seed(config.seed)
     resolve_device(config.device)
     for context in getattr(config, "speed_contexts", []):
         if context < 1:
