@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +385,28 @@ def test_an_arm_refuses_a_teacher_remade_at_the_same_path(tiny_src, tmp_path):
     make_tiny("llama", seed=7, vocab_size=49152).save_pretrained(model)  # other weights, same path and shape
     with pytest.raises(RadError, match=r"was made with other settings \(model_fingerprint "):
         run_ablation(config)
+
+
+def test_an_aligned_arm_aligns_then_distils_from_the_aligned_student(tiny_src, tmp_path):
+    """`searched-rad-mixers-aligned`: rad align (the ablation's align settings) into arms/<arm>/align, then the KD
+    starts from align/student; its twin without alignment starts from the conversion. Both in one ablation."""
+    from rad.ablate import AblateAlign
+
+    align = AblateAlign(steps=3, batch=2, seq_len=32, data=str(tiny_src / "data.jsonl"), eval_examples=6,
+                        max_examples=None, eval_sequences=4, kl_eval=False, precision="fp32")
+    out = tmp_path / "aligned"
+    result = run_ablation(_tiny_config(tiny_src, out, layers=["searched"], inits=["rad"], train=["mixers"],
+                                       extra_arms=["searched-rad-mixers-aligned"], align=align))
+    arms = result.summary.arms
+    assert set(arms) >= {"searched-rad-mixers", "searched-rad-mixers-aligned"}
+    aligned = out / "arms" / "searched-rad-mixers-aligned"
+    started = json.loads((aligned / "distill" / "config.json").read_text())["hybrid"]
+    assert Path(started) == aligned / "align" / "student"
+    plain = json.loads((out / "arms" / "searched-rad-mixers" / "distill" / "config.json").read_text())["hybrid"]
+    assert Path(plain) == out / "arms" / "searched-rad-mixers" / "hybrid"
+    # the aligned student's mixers moved (3 steps), so the KD's step-0 KL differs from the plain arm's
+    assert arms["searched-rad-mixers-aligned"].kl_at_init != arms["searched-rad-mixers"].kl_at_init
+    assert arms["searched-rad-mixers-aligned"].timings["align_s"] > 0
+    assert json.loads((aligned / "settings.json").read_text())["align"]["steps"] == 3
+    assert not (aligned / "align" / "checkpoints").exists()  # deleted with the KD's (keep_checkpoints off)
+    assert "| searched-rad-mixers-aligned |" in (out / "report.md").read_text()

@@ -5,12 +5,21 @@ steps and seed; held-out KL curves, steps each arm needs to reach the baseline's
 uniform layers, `mil` init, all parameters), task scores, a plot and a report.
 """
 
-from rad.ablate.config import AblateConfig, AblateDistill, AblateEval, Arm, BaselineArm, load_ablate_config
+from rad.ablate.config import (
+    AblateAlign,
+    AblateConfig,
+    AblateDistill,
+    AblateEval,
+    Arm,
+    BaselineArm,
+    load_ablate_config,
+)
 from rad.ablate.metrics import convergence, read_curve, steps_to_reach
 from rad.ablate.results import AblateResult
 from rad.ablate.run import run_ablation
 
 __all__ = [
+    "AblateAlign",
     "AblateConfig",
     "AblateDistill",
     "AblateEval",

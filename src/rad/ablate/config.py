@@ -1,14 +1,16 @@
 """The settings of `rad ablate`: one teacher, one data set, one seed, several arms.
 
-An arm is (layer set, init, trainable set): `searched` or `uniform` layers, `rad` or `mil` init, `mixers`
-or `all` parameters trained. Every arm shares the `distill` settings, so the arms differ only in what the
-arm says; the baseline arm (uniform, mil, all: MambaInLlama's recipe) sets the KL target the others race to.
+An arm is (layer set, init, trainable set[, aligned]): `searched` or `uniform` layers, `rad` or `mil` init,
+`mixers` or `all` parameters trained, and optionally `rad align` before its KD (an `-aligned` arm, with the
+`align` settings). Every arm shares the `distill` settings, so the arms differ only in what the arm says; the
+baseline arm (uniform, mil, all: MambaInLlama's recipe) sets the KL target the others race to.
 """
 
 from __future__ import annotations
 
 from dataclasses import field
 
+from rad.align.config import AlignSettings
 from rad.config import load_settings, preset_file, settings
 from rad.distill.config import DistillSettings
 from rad.distill.modules import TRAIN_CHOICES as TRAIN_SETS
@@ -19,6 +21,7 @@ from rad.search.config import SearchSettings
 from rad.stages.settings import check_run_settings
 
 LAYER_SETS = ("searched", "uniform")
+ALIGNED = "-aligned"  # the suffix of an arm that runs `rad align` before its KD
 
 
 @settings(frozen=True)
@@ -26,22 +29,24 @@ class Arm:
     layers: str  # searched | uniform
     init: str  # rad | rad-zero-in-proj | mil | random
     train: str  # mixers | mixers+mlp | all
+    aligned: bool = False  # rad align (the ablation's `align` settings) before the KD
 
     @property
     def name(self) -> str:
-        return f"{self.layers}-{self.init}-{self.train}"
+        return f"{self.layers}-{self.init}-{self.train}{ALIGNED if self.aligned else ''}"
 
     @classmethod
     def parse(cls, name: str) -> Arm:
         """`searched-rad-zero-in-proj-mixers` -> Arm: the layer set first, the trainable set last, the init between
-        (an init name may hold dashes; layer and trainable set names hold none)."""
-        layers, _, rest = str(name).partition("-")
+        (an init name may hold dashes; layer and trainable set names hold none); `...-mixers-aligned` aligns first."""
+        aligned = str(name).endswith(ALIGNED)
+        layers, _, rest = str(name).removesuffix(ALIGNED).partition("-")
         init, _, train = rest.rpartition("-")
         if layers not in LAYER_SETS or init not in INIT_CHOICES or train not in TRAIN_SETS:
-            raise RadError(f"Bad arm {name!r}: write LAYERS-INIT-TRAIN with layers in {', '.join(LAYER_SETS)}, init "
-                           f"in {', '.join(INIT_CHOICES)} and train in {', '.join(TRAIN_SETS)} "
-                           "(e.g. searched-rad-zero-in-proj-mixers).")
-        return cls(layers, init, train)
+            raise RadError(f"Bad arm {name!r}: write LAYERS-INIT-TRAIN[-aligned] with layers in "
+                           f"{', '.join(LAYER_SETS)}, init in {', '.join(INIT_CHOICES)} and train in "
+                           f"{', '.join(TRAIN_SETS)} (e.g. searched-rad-zero-in-proj-mixers, searched-rad-mixers-aligned).")
+        return cls(layers, init, train, aligned)
 
 
 @settings
@@ -68,6 +73,14 @@ class AblateDistill(DistillSettings):
         super().__post_init__()
         if self.eval_every < 1:
             raise RadError("distill.eval_every must be at least 1: the ablation compares held-out KL curves.")
+
+
+@settings
+class AblateAlign(AlignSettings):
+    """The alignment an `-aligned` arm runs before its KD: `rad align`'s settings and defaults, without TensorBoard
+    files."""
+
+    tensorboard: bool = False
 
 
 @settings
@@ -98,6 +111,7 @@ class AblateConfig:
     extra_arms: list[str] | str = field(default_factory=list)
     baseline: BaselineArm = field(default_factory=BaselineArm)
     distill: AblateDistill = field(default_factory=AblateDistill)
+    align: AblateAlign = field(default_factory=AblateAlign)  # for `-aligned` arms only
     eval: AblateEval = field(default_factory=AblateEval)
     progress: bool = True
 

@@ -36,8 +36,18 @@ class ArmPlan:
         return self.folder / "hybrid"
 
     @property
+    def align(self) -> Path:
+        """`rad align`'s folder, for an `-aligned` arm: its student/ is where the KD starts."""
+        return self.folder / "align"
+
+    @property
     def distill(self) -> Path:
         return self.folder / "distill"
+
+    @property
+    def distill_start(self) -> Path:
+        """The hybrid the KD continues from: the aligned one for an `-aligned` arm, else the conversion."""
+        return self.align / "student" if self.arm.aligned else self.hybrid
 
     @property
     def student(self) -> Path:
@@ -166,7 +176,7 @@ def _arm_plans(config: AblateConfig, order: list[Arm], baseline: Arm, layer_sets
     owner: dict[tuple, str] = {}
     same_as: dict[str, str] = {}
     for arm in priority:
-        key = (tuple(layer_sets[arm.layers]), arm.init, arm.train)
+        key = (tuple(layer_sets[arm.layers]), arm.init, arm.train, arm.aligned)
         if key in owner and owner[key] != arm.name:
             same_as[arm.name] = owner[key]
         else:
@@ -181,8 +191,15 @@ def arm_settings(config: AblateConfig, plan: ArmPlan, fingerprint: str) -> dict:
     d = asdict(config.distill)
     for key in ("lr", "tensorboard", "keep_checkpoints", "save_every"):
         d.pop(key)
-    return {"model": config.model, "model_fingerprint": fingerprint, "layers": plan.layers, "init": plan.arm.init,
-            "train": plan.arm.train, "seed": config.seed, "lr": config.distill.lr[plan.arm.train], "distill": d}
+    settings = {"model": config.model, "model_fingerprint": fingerprint, "layers": plan.layers,
+                "init": plan.arm.init, "train": plan.arm.train, "seed": config.seed,
+                "lr": config.distill.lr[plan.arm.train], "distill": d}
+    if plan.arm.aligned:
+        a = asdict(config.align)
+        for key in ("tensorboard", "save_every", "cache"):  # where and how it is watched and saved
+            a.pop(key)
+        settings["align"] = a
+    return settings
 
 
 def eval_settings(config: AblateConfig) -> dict:

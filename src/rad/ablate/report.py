@@ -163,14 +163,14 @@ def write_report(summary: AblateSummary, config: AblateConfig, root: Path) -> Pa
         lines.append(f"Task scores: zero-shot, greedy, first {config.eval.limit} items of each task (accuracy and count); "
                      "with so few items the 95% intervals are wide (see eval/<arm>/results.json).")
     lines += ["Per-arm training curves: `arms/<arm>/distill/curves.png`.", "", "## Time", "",
-              "| arm | convert s | distill s | eval s |", "|---|---:|---:|---:|"]
+              "| arm | convert s | align s | distill s | eval s |", "|---|---:|---:|---:|---:|"]
     for name in summary.order:
         a = arms[name]
         if a.same_as:
             continue
         t = a.timings
         lines.append(f"| {name} | " + " | ".join("–" if t.get(k) is None else f"{t[k]:.0f}"
-                                                   for k in ("convert_s", "distill_s", "eval_s")) + " |")
+                                                   for k in ("convert_s", "align_s", "distill_s", "eval_s")) + " |")
     lines += ["", f"Total {summary.timings['total_s']:.0f} s in the last invocation (arms done earlier are "
               "skipped and keep the times of the run that made them).", "",
               "## Reproduce", "", "```bash", summary.command, "```", "",

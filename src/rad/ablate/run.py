@@ -47,6 +47,7 @@ from rad.models.convert import CONVERSION_FILE, package_versions
 from rad.models.loading import load_model
 from rad.outputs import ABLATE, check_output
 from rad.preflight import InputReport, check_inputs
+from rad.stages.align import align_stage
 from rad.stages.convert import convert_stage
 from rad.stages.distill import distill_stage
 from rad.utils.artefacts import load_artefact
@@ -220,15 +221,22 @@ def _finished(arm: ArmPlan, settings: dict, scoring: dict) -> ArmResult | None:
 def _distil_arm(config: AblateConfig, arm: ArmPlan, sources: tuple[str, ...], timings: dict) -> None:
     """The arm's distillation (resumed from its newest checkpoint; skipped when finished), then its checkpoints
     deleted unless `keep_checkpoints`."""
+    if arm.arm.aligned and not (arm.distill / SUMMARY_FILE).is_file():
+        t0 = time.perf_counter()
+        align_stage(config.align, arm.hybrid, arm.align, seed=config.seed, device=config.device, sources=sources,
+                    progress=config.progress)
+        timings["align_s"] = time.perf_counter() - t0
     if (arm.distill / SUMMARY_FILE).is_file():
         logger.info("arm %s: distillation %s exists, skipped", arm.arm.name, arm.student)
     else:
         t0 = time.perf_counter()
-        distill_stage(config.distill, arm.hybrid, arm.distill, arm.arm.train, seed=config.seed, device=config.device,
-                      sources=sources, progress=config.progress)
+        distill_stage(config.distill, arm.distill_start, arm.distill, arm.arm.train, seed=config.seed,
+                      device=config.device, sources=sources, progress=config.progress)
         timings["distill_s"] = time.perf_counter() - t0
-    if not config.distill.keep_checkpoints and (arm.distill / "checkpoints").exists():
-        shutil.rmtree(arm.distill / "checkpoints", ignore_errors=True)
+    if not config.distill.keep_checkpoints:
+        for stage in (arm.align, arm.distill):
+            if (stage / "checkpoints").exists():
+                shutil.rmtree(stage / "checkpoints", ignore_errors=True)
 
 
 def _run_arm(config: AblateConfig, arm: ArmPlan, eval_config: EvalConfig | None, timings: dict,
