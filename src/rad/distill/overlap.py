@@ -1,5 +1,5 @@
-"""No evaluation item in the distillation data: a record that contains a CRUXEval function or a GSM8K test
-question is refused, whatever source it came from.
+"""No evaluation item in the distillation data: a record that contains a CRUXEval function, a GSM8K test
+question or a HumanEval problem (its prompt, or its reference solution) is refused, whatever source it came from.
 
 Matching is on token sequences (words and single punctuation marks, lower-cased), so re-indenting, re-wrapping
 or a changed line ending does not hide a copy. The rule is *whole containment*: every token of the evaluation
@@ -76,6 +76,12 @@ def evaluation_items(sources: tuple[str, ...], data_dir: str | None = None) -> t
         missing.append("GSM8K test (" + "; ".join(located.tried) + ")")
     else:
         items += [Protected(f"GSM8K test question {i}", tokens(row["question"])) for i, row in enumerate(rows)]
+    rows, located = find_rows("humaneval", data_dir, sources)
+    if rows is None:
+        missing.append("HumanEval (" + "; ".join(located.tried) + ")")
+    else:
+        items += [Protected(f"HumanEval {row['task_id']} {part}", tokens(row[field])) for row in rows
+                  for part, field in (("prompt", "prompt"), ("solution", "canonical_solution"))]
     return items, missing
 
 

@@ -13,8 +13,9 @@ from rad.errors import RadError
 from rad.evaluate.sandbox import ISOLATION_ENV, SandboxLimits, require_sandbox
 from rad.models.loading import resolve_to_folder
 
-TASK_DATA = {"gsm8k": ("gsm8k_test",), "cruxeval": ("cruxeval",)}  # task -> datasets it reads
-TASK_TITLES = {"gsm8k": "GSM8K", "cruxeval": "CRUXEval-O"}
+TASK_DATA = {"gsm8k": ("gsm8k_test",), "cruxeval": ("cruxeval",), "humaneval": ("humaneval",)}  # task -> its datasets
+TASK_TITLES = {"gsm8k": "GSM8K", "cruxeval": "CRUXEval-O", "humaneval": "HumanEval"}
+RUNS_CODE = ("cruxeval", "humaneval")  # scored by running model-written code: they need the sandbox
 MISSING_TASK_POLICIES = ("skip", "error")
 
 
@@ -76,13 +77,13 @@ def check_task_data(tasks: list[str], sources: tuple[str, ...], data_dir: str | 
             raise RadError(f"{TASK_TITLES[task]} cannot be scored: {missing}; or leave the task out.")
         else:
             dropped[task] = missing
-    if "cruxeval" in kept:
+    if any(task in kept for task in RUNS_CODE):
         statuses.append(check_sandbox(sandbox))
     return kept, dropped, statuses
 
 
 def check_sandbox(sandbox=None) -> InputStatus:
-    """CRUXEval runs model-written code: bubblewrap must work here (a tiny sandboxed run, ~0.2 s), or the user
+    """CRUXEval and HumanEval run model-written code: bubblewrap must work here (a tiny sandboxed run, ~0.2 s), or the user
     opted out explicitly; either way before any model is loaded."""
     sandbox = sandbox or SandboxLimits()
     require_sandbox(sandbox)

@@ -26,7 +26,7 @@ import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
 
-from rad.config import settings
+from rad.config import default_of, settings
 from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
 from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
@@ -87,7 +87,7 @@ class EvalSettings:
     """The evaluation settings an orchestrator (`rad run`, `rad ablate`) exposes in its YAML; every default
     is `EvalConfig`'s (and so `rad eval`'s)."""
 
-    tasks: list[str] | str = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] | str = field(default_factory=lambda: default_of(EvalConfig, "tasks"))  # HumanEval: opt-in
     limit: PositiveInt | None = EvalConfig.limit
     max_new_tokens: PositiveInt | None = EvalConfig.max_new_tokens
     batch_size: PositiveInt = EvalConfig.batch_size

@@ -58,8 +58,9 @@ BWRAP_ENV = "RAD_BWRAP"  # the bubblewrap binary, when not /usr/bin/bwrap or on 
 SANDBOX_UID = 65534  # "nobody": the uid inside the sandbox, and outside it when the caller is root
 _STATUSES = ("passed", "failed", "error", "timeout", "memory", "crashed")
 
-# Runs inside the child as `python -I -S -c`. Reads one request from stdin ({"mode": "call", "code", "input"} or
-# {"mode": "expression", "expression"}, plus "limits"), writes one JSON reply to the original stdout and exits.
+# Runs inside the child as `python -I -S -c`. Reads one request from stdin ({"mode": "call", "code", "input"},
+# {"mode": "expression", "expression"} or {"mode": "program", "code"}, plus "limits"), writes one JSON reply to the
+# original stdout and exits.
 # Everything the untrusted code prints goes to /dev/null (fds 0-2 are replaced before it runs).
 _HARNESS = r'''
 import json, os, resource, sys
@@ -78,6 +79,9 @@ def _run():
     if request["mode"] == "call":
         exec(compile(request["code"], "<benchmark>", "exec"), namespace)
         value = eval(compile("f(" + request["input"] + ")", "<input>", "eval"), namespace)
+    elif request["mode"] == "program":  # a completion followed by its tests: passing is running to the end
+        exec(compile(request["code"], "<program>", "exec"), namespace)
+        value = None
     else:
         value = eval(compile(request["expression"], "<prediction>", "eval"), namespace)
     return repr(value)
@@ -229,6 +233,23 @@ def check_output_prediction(
     if _equal(actual_value, expected_value):
         return SandboxResult("passed", "", isolation)
     return SandboxResult("failed", "f(input) returned " + _short(actual.detail), isolation)
+
+
+def check_program(program: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Does `program` (a HumanEval completion followed by its tests and `check(entry_point)`) run to its end in the
+    sandbox? An AssertionError is `failed`; any other exception `error`; timeouts and memory as for CRUXEval.
+
+    Unlike CRUXEval's verdict, this one rests on the child: the tests must call the untrusted function in its own
+    process, so code written to game the harness (a well-formed reply written on its channel, then exit) could fake
+    a pass; an early exit without one is `crashed`. Greedy completions of a benchmark do not do that; treat HumanEval
+    scores of adversarial code as unverified (docs/sandbox.md)."""
+    limits = limits or SandboxLimits()
+    reply = _run_child({"mode": "program", "code": program}, limits)
+    if reply.status == "ok":
+        return SandboxResult("passed", "", limits.isolation)
+    if reply.status == "error" and reply.detail.startswith("AssertionError"):
+        return SandboxResult("failed", _short(reply.detail), limits.isolation)
+    return SandboxResult(reply.status, _short(reply.detail), limits.isolation)
 
 
 # --- availability ---------------------------------------------------------------------------------------------

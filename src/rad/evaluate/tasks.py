@@ -22,7 +22,8 @@ from rad.evaluate.extract import (
     gsm8k_target,
     numbers_equal,
 )
-from rad.evaluate.sandbox import SandboxLimits, check_output_prediction
+from rad.evaluate.generation import truncate_at
+from rad.evaluate.sandbox import SandboxLimits, check_output_prediction, check_program
 
 
 @dataclass
@@ -181,7 +182,58 @@ class CRUXEvalO:
                 "status": verdict.status, "detail": verdict.detail, "isolation": verdict.isolation}
 
 
-TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO}
+# evalplus's instruction prompt for chat models (evalplus/provider/utility.py, `make_raw_chat_prompt`), without its
+# assistant prefix: rad's chat rendering ends at the assistant turn, so the model writes the code block itself.
+HUMANEVAL_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a "
+                         "markdown code block:\n```\n{prompt}\n```\n")
+# The Codex paper's stop sequences for a plain completion: the function body ends where top-level code starts.
+HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def humaneval_program(prompt: str, entry_point: str, completion: str) -> str:
+    """The code a HumanEval answer stands for: a chat answer's first fenced block (with the prompt's signature
+    and imports put back when the block lacks the function), or the prompt + a plain completion cut at the Codex
+    stop sequences."""
+    fenced = _FENCE.search(completion)
+    if fenced is not None:
+        code = fenced.group(1)
+        return code if re.search(rf"^def {re.escape(entry_point)}\(", code, re.MULTILINE) else prompt + code
+    return prompt + truncate_at(completion, HUMANEVAL_STOPS)
+
+
+class HumanEval:
+    """Code completion, pass@1 greedy (Chen et al. 2021): the program and its tests run in the sandbox."""
+
+    name = "humaneval"
+    prompt_version = "humaneval-v1"  # raw: the prompt as a completion; chat: evalplus's instruction
+    default_max_new_tokens = 512
+    stop = ()  # cut in `score`: a chat answer ends at its fence, a completion at top-level code
+
+    def __init__(self, options: TaskOptions):
+        self.options = options
+        if options.n_shot:
+            raise RadError("HumanEval is zero-shot; --n-shot applies to GSM8K only.")
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        rows = load_rows("humaneval", self.options.data_dir, self.options.sources)
+        rows = rows[:limit] if limit is not None else rows
+        return [Item(row["task_id"], [{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=row["prompt"].strip())}],
+                     row["prompt"], {"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]})
+                for row in rows]
+
+    def data_identity(self) -> dict:
+        return _data_identity(["humaneval"], self.options)
+
+    def score(self, item: Item, completion: str) -> dict:
+        ref = item.reference
+        program = humaneval_program(ref["prompt"], ref["entry_point"], completion)
+        verdict = check_program(f"{program}\n\n{ref['test']}\n\ncheck({ref['entry_point']})\n", self.options.sandbox)
+        return {"prediction": program, "target": "", "correct": verdict.passed, "status": verdict.status,
+                "detail": verdict.detail, "isolation": verdict.isolation}
+
+
+TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO, "humaneval": HumanEval}
 
 
 def make_task(name: str, options: TaskOptions):
