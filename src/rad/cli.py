@@ -223,8 +223,16 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         print(f"Student saved to {result.student_dir}; logs and curves in {result.out}")
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise RadError(f"Bad {flag} {text!r}: expected comma-separated whole numbers like 1024,4096.") from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig, evaluate_models
+    from rad.evaluate.passkey import PasskeyConfig
     from rad.outputs import EVAL, check_output
 
     for flag, value in (("--exec-timeout", args.exec_timeout), ("--teacher-texts", args.teacher_texts),
@@ -250,6 +258,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         teacher_config=TeacherConfig(n_texts=args.teacher_texts),
         overwrite=args.overwrite,
         generation_dtype=args.generation_dtype,
+        passkey=PasskeyConfig(lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
+                              depths=_ints(args.passkey_depths, "--passkey-depths"), repeats=args.passkey_repeats),
     )
     results, table = evaluate_models(args.models, config, device=args.device, dtype=args.dtype)
     print(table, end="")
@@ -424,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rad.distill import DEFAULT_LR, DataConfig, DistillConfig, LossWeights
     from rad.distill.modules import TRAIN_CHOICES
     from rad.evaluate import EvalConfig, SandboxLimits, TeacherConfig
+    from rad.evaluate.passkey import PasskeyConfig
     from rad.evaluate.tasks import TASKS
     from rad.export.config import FORMATS, ExportConfig
     from rad.export.config import TYPES as GGUF_TYPES
@@ -588,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-texts", type=int, default=default_of(TeacherConfig, "n_texts"),
                    help="held-out texts for the teacher metrics")
     p.add_argument("--overwrite", action="store_true", help="discard earlier per-item results instead of resuming")
+    p.add_argument("--passkey-lengths", default=",".join(map(str, default_of(PasskeyConfig, "lengths"))),
+                   help="passkey: context lengths in tokens")
+    p.add_argument("--passkey-depths", default=",".join(map(str, default_of(PasskeyConfig, "depths"))),
+                   help="passkey: where the key sits, in percent of the filler")
+    p.add_argument("--passkey-repeats", type=int, default=default_of(PasskeyConfig, "repeats"),
+                   help="passkey: items per length and depth (each its own key)")
     p.add_argument("--generation-dtype", default=None,
                    help="generate answers in this dtype; auto: bf16 where the device has fast bf16 (1.3x end to end on "
                         "AVX512-BF16 CPUs), else the model's own; bf16 is refused where it would be emulated; "

@@ -13,8 +13,9 @@ from rad.errors import RadError
 from rad.evaluate.sandbox import ISOLATION_ENV, SandboxLimits, require_sandbox
 from rad.models.loading import resolve_to_folder
 
-TASK_DATA = {"gsm8k": ("gsm8k_test",), "cruxeval": ("cruxeval",), "humaneval": ("humaneval",)}  # task -> its datasets
-TASK_TITLES = {"gsm8k": "GSM8K", "cruxeval": "CRUXEval-O", "humaneval": "HumanEval"}
+# task -> the datasets it reads (passkey is synthetic)
+TASK_DATA = {"gsm8k": ("gsm8k_test",), "cruxeval": ("cruxeval",), "humaneval": ("humaneval",), "passkey": ()}
+TASK_TITLES = {"gsm8k": "GSM8K", "cruxeval": "CRUXEval-O", "humaneval": "HumanEval", "passkey": "Passkey recall"}
 RUNS_CODE = ("cruxeval", "humaneval")  # scored by running model-written code: they need the sandbox
 MISSING_TASK_POLICIES = ("skip", "error")
 

@@ -25,12 +25,14 @@ from typing import Literal
 import torch
 from pydantic import PositiveInt
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from rad.config import default_of, settings
 from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
 from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
 from rad.evaluate.inputs import MISSING_TASK_POLICIES, check_model, check_task_data
+from rad.evaluate.passkey import PasskeyConfig
 from rad.evaluate.sandbox import SandboxLimits
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
@@ -70,6 +72,7 @@ class EvalConfig:
     # rad.utils.precision.generation_dtype). bf16 on a CPU with AVX512-BF16: 1.84x per batched decode step, 1.3x
     # end to end on Qwen (docs/benchmarks.md); teacher metrics stay in the loaded dtype.
     generation_dtype: str | None = None
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # the passkey task's lengths, depths, repeats
 
     def __post_init__(self):
         generation_dtype(self.generation_dtype, default_device())  # refused before any work: unknown or emulated
@@ -96,6 +99,7 @@ class EvalSettings:
     # report, `error` stops the run before its first stage.
     on_missing_data: MissingDataPolicy = "skip"
     generation_dtype: str | None = EvalConfig.generation_dtype
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # e.g. {lengths: [1024, 4096], repeats: 4}
 
     def __post_init__(self):
         generation_dtype(self.generation_dtype, default_device())
@@ -110,7 +114,7 @@ class EvalSettings:
         return EvalConfig(tasks=list(tasks), out=str(out), limit=self.limit, max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, teacher=teacher, sources=tuple(sources),
                           teacher_config=TeacherConfig(n_texts=self.teacher_texts),
-                          generation_dtype=self.generation_dtype)
+                          generation_dtype=self.generation_dtype, passkey=self.passkey)
 
 
 @dataclass
@@ -304,6 +308,21 @@ def paired_test(folder_a: str | Path, folder_b: str | Path, task: str, limit: in
     return mcnemar_items(items[0], items[1], names=(str(folder_a), str(folder_b)))
 
 
+def check_fits_context(task, model_config, source: str) -> None:
+    """A task whose prompts are longer than the model's positions is refused (one sentence), not truncated.
+    `model_config` None: not known before loading (an alias, a hub id); checked again once loaded."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and task.max_length() + 64 > limit:
+        raise RadError(f"The {task.name} task asks for {task.max_length()} tokens of context, but {source} has "
+                       f"{limit} positions; give lengths up to about {limit - 64}.")
+
+
+def local_config(spec: str):
+    """The config.json of a model folder, read without loading the weights; None for aliases and hub ids."""
+    path = Path(spec).expanduser() / "config.json"
+    return AutoConfig.from_pretrained(path.parent) if path.is_file() else None
+
+
 def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int, fingerprint: str) -> TaskMeta:
     return TaskMeta(task=task.name, prompt_version=task.prompt_version, model=loaded.source, chat=config.chat,
                     n_shot=config.n_shot, max_new_tokens=max_new_tokens, decoding="greedy",
@@ -316,8 +335,11 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
     """Score `loaded` on the first `config.limit` items of a task, reusing items already in the per-item file
     when they were made by the same model (content `fingerprint`) under the same settings, else refusing."""
     options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources,
-                          sandbox=config.sandbox)
+                          sandbox=config.sandbox, passkey=config.passkey)
     task = make_task(task_name, options)
+    if getattr(task, "needs_tokenizer", False):
+        task.bind(loaded.tokenizer)
+        check_fits_context(task, loaded.model.config, loaded.source)
     max_new = config.max_new_tokens or task.default_max_new_tokens
     meta = task_meta(task, config, loaded, max_new, fingerprint or model_fingerprint(loaded))
     items_path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}{META_SUFFIX}"
@@ -460,9 +482,15 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
         for spec in dict.fromkeys([*specs, *([config.teacher] if config.teacher else [])]):
             check_model(spec, hub)
         check_task_data(config.tasks, config.sources, config.data_dir, on_missing="error")
-        options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources)
+        options = TaskOptions(n_shot=config.n_shot, data_dir=config.data_dir, sources=config.sources,
+                              passkey=config.passkey)
         for name in config.tasks:
-            make_task(name, options).items(config.limit)
+            task = make_task(name, options)
+            if getattr(task, "needs_tokenizer", False):  # built per model; its lengths checked against each one
+                for spec in specs:
+                    check_fits_context(task, local_config(spec), spec)
+            else:
+                task.items(config.limit)
         teacher = load_model(config.teacher, **load_kwargs) if config.teacher else None
         results = []
         for spec in specs:

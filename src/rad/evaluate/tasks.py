@@ -23,6 +23,13 @@ from rad.evaluate.extract import (
     numbers_equal,
 )
 from rad.evaluate.generation import truncate_at
+from rad.evaluate.passkey import (
+    RAW_ANSWER,
+    PasskeyConfig,
+    first_number,
+    haystack,
+    passkey_of,
+)
 from rad.evaluate.sandbox import SandboxLimits, check_output_prediction, check_program
 
 
@@ -44,6 +51,7 @@ class TaskOptions:
     data_dir: str | None = None
     sources: tuple[str, ...] = SOURCES
     sandbox: SandboxLimits = SandboxLimits()
+    passkey: PasskeyConfig = PasskeyConfig()
 
 
 GSM8K_INSTRUCTION = (
@@ -233,7 +241,58 @@ class HumanEval:
                 "detail": verdict.detail, "isolation": verdict.isolation}
 
 
-TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO, "humaneval": HumanEval}
+class Passkey:
+    """Long-context recall (evaluate/passkey.py): the key hidden at each depth of each context length."""
+
+    name = "passkey"
+    prompt_version = "passkey-v1"
+    default_max_new_tokens = 8
+    stop = ("\n",)
+    needs_tokenizer = True  # the haystack is fitted to a length in the model's own tokens
+
+    def __init__(self, options: TaskOptions):
+        self.options = options
+        self.tokenizer = None
+        if options.n_shot:
+            raise RadError("The passkey task is zero-shot; --n-shot applies to GSM8K only.")
+
+    def bind(self, tokenizer) -> Passkey:
+        self.tokenizer = tokenizer
+        return self
+
+    def max_length(self) -> int:
+        return max(self.options.passkey.lengths)
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        if self.tokenizer is None:
+            raise RadError("The passkey task needs the model's tokenizer to build its items (Passkey.bind).")
+        count = _token_counter(self.tokenizer)
+        items = []
+        for length, depth, repeat in self.options.passkey.cells()[:limit]:
+            key = passkey_of(length, depth, repeat)
+            text, tokens = haystack(length, depth, key, count)
+            items.append(Item(f"passkey-{length}-{depth}-{repeat}", [{"role": "user", "content": text}],
+                              text + RAW_ANSWER, {"target": key, "length": length, "depth": depth,
+                                                  "tokens": tokens}))
+        return items
+
+    def data_identity(self) -> dict:
+        return {"data_fingerprint": self.options.passkey.fingerprint(), "data_sources": ["synthetic"]}
+
+    def score(self, item: Item, completion: str) -> dict:
+        prediction = first_number(completion)
+        return {"prediction": prediction, "target": item.reference["target"],
+                "correct": prediction == item.reference["target"], "length": item.reference["length"],
+                "depth": item.reference["depth"]}
+
+
+def _token_counter(tokenizer):
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return count
+
+
+TASKS = {"gsm8k": GSM8K, "cruxeval": CRUXEvalO, "humaneval": HumanEval, "passkey": Passkey}
 
 
 def make_task(name: str, options: TaskOptions):
