@@ -87,3 +87,25 @@ def test_rad_eval_scores_passkey_items_and_records_their_cell(tmp_path):
     with pytest.raises(RadError, match="data_fingerprint"):  # other lengths: other items, refused on resume
         evaluate_model(loaded, EvalConfig(tasks=["passkey"], out=str(tmp_path / "e"), chat=False,
                                           passkey=PasskeyConfig(lengths=(512,), depths=(0, 100))))
+
+
+def test_the_recall_grid_and_its_heat_map(tmp_path):
+    from rad.evaluate.passkey import plot_recall, recall_grid
+
+    records = [{"length": 1024, "depth": 0, "correct": True}, {"length": 1024, "depth": 0, "correct": False},
+               {"length": 4096, "depth": 50, "correct": True}]
+    grid = recall_grid(records)
+    assert grid == {1024: {0: [1, 2]}, 4096: {50: [1, 1]}}
+    plot_recall({"teacher": grid, "hybrid": grid}, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_rad_eval_writes_the_recall_grid_of_every_model(tmp_path):
+    folder = tmp_path / "tiny"
+    make_tiny("llama", max_position_embeddings=1024).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    assert main(["eval", str(folder), "--tasks", "passkey", "--passkey-lengths", "256", "--passkey-depths", "0,100",
+                 "--no-chat", "--out", str(tmp_path / "out")]) == 0
+    grid = json.loads((tmp_path / "out" / "passkey_recall.json").read_text())
+    assert list(grid) == [str(folder)] and grid[str(folder)]["256"].keys() == {"0", "100"}
+    assert (tmp_path / "out" / "passkey_recall.png").is_file()

@@ -80,3 +80,41 @@ def haystack(length: int, depth: int, key: str, count) -> tuple[str, int]:
 def first_number(text: str) -> str:
     found = re.search(r"\d+", text)
     return found.group(0) if found else ""
+
+
+def recall_grid(records: list[dict]) -> dict[int, dict[int, list[int]]]:
+    """{length: {depth: [correct, total]}} of a model's per-item passkey records (its `passkey.jsonl`)."""
+    grid: dict[int, dict[int, list[int]]] = {}
+    for r in records:
+        cell = grid.setdefault(int(r["length"]), {}).setdefault(int(r["depth"]), [0, 0])
+        cell[0] += bool(r["correct"])
+        cell[1] += 1
+    return {n: dict(sorted(d.items())) for n, d in sorted(grid.items())}
+
+
+def plot_recall(grids: dict[str, dict[int, dict[int, list[int]]]], path) -> None:
+    """One heat map per model: accuracy by context length (columns) and depth (rows), the counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1, 3.4), squeeze=False)
+    for ax, (model, grid) in zip(axes[0], grids.items(), strict=True):
+        lengths = sorted(grid)
+        depths = sorted({d for row in grid.values() for d in row})
+        acc = [[grid[n][d][0] / grid[n][d][1] if d in grid[n] else float("nan") for n in lengths] for d in depths]
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                if d in grid[n]:
+                    ax.text(j, i, f"{grid[n][d][0]}/{grid[n][d][1]}", ha="center", va="center", fontsize=8)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("context (tokens)")
+    axes[0][0].set_ylabel("key depth")
+    fig.suptitle("Passkey recall: exact match by context length and depth", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

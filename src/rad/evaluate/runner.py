@@ -32,7 +32,7 @@ from rad.data import SOURCES, probe_hub, python_docstring_texts, usable_sources
 from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
 from rad.evaluate.inputs import MISSING_TASK_POLICIES, check_model, check_task_data
-from rad.evaluate.passkey import PasskeyConfig
+from rad.evaluate.passkey import PasskeyConfig, plot_recall, recall_grid
 from rad.evaluate.sandbox import SandboxLimits
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
@@ -502,4 +502,13 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "comparison.md", table)
+        if "passkey" in config.tasks:
+            write_recall(results, out)
         return results, table
+
+
+def write_recall(results: list[ModelResult], out: Path) -> None:
+    """`passkey_recall.json` (each model's {length: {depth: [correct, total]}}) and its heat maps beside it."""
+    grids = {r.model: recall_grid(list(read_items(r.folder / "passkey.jsonl").values())) for r in results}
+    atomic_write_json(out / "passkey_recall.json", grids)
+    plot_recall(grids, out / "passkey_recall.png")
