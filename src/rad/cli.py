@@ -260,6 +260,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         generation_dtype=args.generation_dtype,
         passkey=PasskeyConfig(lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
                               depths=_ints(args.passkey_depths, "--passkey-depths"), repeats=args.passkey_repeats),
+        position_length=args.position_loss,
+        position_windows=args.position_windows,
     )
     results, table = evaluate_models(args.models, config, device=args.device, dtype=args.dtype)
     print(table, end="")
@@ -605,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey: where the key sits, in percent of the filler")
     p.add_argument("--passkey-repeats", type=int, default=default_of(PasskeyConfig, "repeats"),
                    help="passkey: items per length and depth (each its own key)")
+    p.add_argument("--position-loss", type=int, default=0, metavar="LENGTH",
+                   help="also measure loss against position on LENGTH-token windows of CPython's standard library "
+                        "source (position_loss.json per model, position_loss.png); 0: off")
+    p.add_argument("--position-windows", type=int, default=2, metavar="N", help="windows averaged (default 2)")
     p.add_argument("--generation-dtype", default=None,
                    help="generate answers in this dtype; auto: bf16 where the device has fast bf16 (1.3x end to end on "
                         "AVX512-BF16 CPUs), else the model's own; bf16 is refused where it would be emulated; "

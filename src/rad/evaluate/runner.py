@@ -33,6 +33,7 @@ from rad.errors import RadError, check_deadline
 from rad.evaluate.generation import GenerationConfig, Generator, render_prompt, truncate_at
 from rad.evaluate.inputs import MISSING_TASK_POLICIES, check_model, check_task_data
 from rad.evaluate.passkey import PasskeyConfig, plot_recall, recall_grid
+from rad.evaluate.position_loss import STDLIB_FILES, bucketed, plot_position_loss, position_losses, windows
 from rad.evaluate.sandbox import SandboxLimits
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
@@ -73,11 +74,17 @@ class EvalConfig:
     # end to end on Qwen (docs/benchmarks.md); teacher metrics stay in the loaded dtype.
     generation_dtype: str | None = None
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # the passkey task's lengths, depths, repeats
+    position_length: int = 0  # > 0: also the loss against position on windows of this many tokens (position_loss.py)
+    position_windows: int = 2
 
     def __post_init__(self):
         generation_dtype(self.generation_dtype, default_device())  # refused before any work: unknown or emulated
+        if self.position_length and not (isinstance(self.position_length, int) and self.position_length >= 16):
+            raise RadError(f"--position-loss must be a window length of at least 16 tokens, got {self.position_length}.")
+        if self.position_windows < 1:
+            raise RadError(f"--position-windows must be at least 1, got {self.position_windows}.")
         unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not (self.tasks or self.teacher):  # no task at all: only the teacher metrics
+        if unknown or not (self.tasks or self.teacher or self.position_length):  # no task: teacher / position only
             raise RadError(f"Unknown task {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(TASKS)}.")
         if self.limit is not None and self.limit < 1:
             raise RadError(f"--limit must be at least 1, got {self.limit}.")
@@ -311,10 +318,16 @@ def paired_test(folder_a: str | Path, folder_b: str | Path, task: str, limit: in
 def check_fits_context(task, model_config, source: str) -> None:
     """A task whose prompts are longer than the model's positions is refused (one sentence), not truncated.
     `model_config` None: not known before loading (an alias, a hub id); checked again once loaded."""
+    check_length_fits(task.max_length(), model_config, source, f"The {task.name} task", margin=64)
+
+
+def check_length_fits(length: int, model_config, source: str, what: str, margin: int = 0) -> None:
+    """`length` tokens (+ `margin` for a chat template and the answer) within the model's positions, or one sentence."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is not None and task.max_length() + 64 > limit:
-        raise RadError(f"The {task.name} task asks for {task.max_length()} tokens of context, but {source} has "
-                       f"{limit} positions; give lengths up to about {limit - 64}.")
+    if limit is not None and length + margin > limit:
+        room = f" (+{margin} for the template and the answer)" if margin else ""
+        raise RadError(f"{what} asks for {length} tokens of context{room}, but {source} has {limit} positions; ask "
+                       "for less.")
 
 
 def local_config(spec: str):
@@ -414,6 +427,8 @@ def evaluate_model(
         logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
                     r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])
     folder.mkdir(parents=True, exist_ok=True)
+    if config.position_length:
+        position_curve(loaded, config, folder, fingerprint or model_fingerprint(loaded))
     previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
     if teacher is not None:
         texts = _heldout_texts(config)
@@ -491,6 +506,9 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
                     check_fits_context(task, local_config(spec), spec)
             else:
                 task.items(config.limit)
+        if config.position_length:
+            for spec in specs:
+                check_length_fits(config.position_length, local_config(spec), spec, "--position-loss")
         teacher = load_model(config.teacher, **load_kwargs) if config.teacher else None
         results = []
         for spec in specs:
@@ -504,7 +522,33 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
         atomic_write_text(out / "comparison.md", table)
         if "passkey" in config.tasks:
             write_recall(results, out)
+        if config.position_length:
+            curves = {r.model: load_artefact(r.folder / POSITION_FILE, dict, "a position-loss file", "rerun")["curve"]
+                      for r in results}
+            plot_position_loss(curves, out / "position_loss.png")
         return results, table
+
+
+POSITION_FILE = "position_loss.json"
+
+
+def position_curve(loaded: LoadedModel, config: EvalConfig, folder: Path, fingerprint: str) -> list[dict]:
+    """The model's loss against position (`position_loss.py`), saved as `position_loss.json`; reused when that file
+    was made by the same model with the same windows."""
+    settings = {"length": config.position_length, "windows": config.position_windows, "model_fingerprint": fingerprint,
+                "text": "cpython-stdlib:" + ",".join(STDLIB_FILES)}
+    path = folder / POSITION_FILE
+    if path.is_file() and not config.overwrite:
+        saved = load_artefact(path, dict, "a position-loss file", f"delete {path} to measure again")
+        if saved.get("settings") == settings:
+            return saved["curve"]
+    check_length_fits(config.position_length, loaded.model.config, loaded.source, "--position-loss")
+    losses = position_losses(loaded.model, windows(loaded.tokenizer, config.position_length, config.position_windows))
+    curve = bucketed(losses)
+    atomic_write_json(path, {"settings": settings, "curve": curve, "mean_loss": float(losses.mean())})
+    logger.info("%s: loss %.3f over positions 1-%d (%d windows)", loaded.source, float(losses.mean()),
+                config.position_length - 1, config.position_windows)
+    return curve
 
 
 def write_recall(results: list[ModelResult], out: Path) -> None:
