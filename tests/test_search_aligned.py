@@ -22,17 +22,6 @@ from rad.search.aligned import load_aligned_mixers
 
 from .conftest import FAMILIES, make_tiny, word_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _source(family: str = "llama", seed: int = 0):
     # attention that matters (init std 0.1), as the search tests use
     return make_tiny(family, seed=seed, num_hidden_layers=4, initializer_range=0.1).eval()
