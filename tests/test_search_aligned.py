@@ -22,6 +22,7 @@ from rad.search.aligned import load_aligned_mixers
 
 from .conftest import FAMILIES, make_tiny, word_tokenizer
 
+
 def _source(family: str = "llama", seed: int = 0):
     # attention that matters (init std 0.1), as the search tests use
     return make_tiny(family, seed=seed, num_hidden_layers=4, initializer_range=0.1).eval()
