@@ -562,3 +562,40 @@ def test_a_yaml_key_given_twice_is_refused_not_dropped(tmp_path, caplog, capsys)
     error = assert_refused(["run", "--config", config, "--out", tmp_path / "out"], caplog, capsys,
                            words="the key 'distill' is given twice (line 3)", absent=(tmp_path / "out",))
     assert error.endswith(".")
+
+
+# ---------------------------------------------------------------- weights checked before they are trusted
+
+
+def _broken_checkpoint(folders, tmp_path, how: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / how
+    folder.mkdir()
+    for path in folders["src"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    if how == "fewer layers in config.json":
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = 2
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how == "an int8 projection":
+        tensors[key] = tensors[key].to(torch.int8)
+    elif how == "a NaN weight":
+        tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("how, words", [
+    ("fewer layers in config.json", "does not use (e.g. model.layers.2."),
+    ("an int8 projection", "stores model.layers.0.self_attn.q_proj.weight as I8"),
+    ("a NaN weight", "NaN or infinite values in model.layers.0.self_attn.q_proj.weight"),
+])
+def test_a_checkpoint_whose_weights_cannot_be_trusted_is_refused(how, words, folders, tmp_path, caplog, capsys):
+    """These converted '1 of 2 layers', an all-zero projection, or generated garbage with exit status 0."""
+    broken = _broken_checkpoint(folders, tmp_path, how)
+    assert_refused(["convert", broken, "--layers", "1", "--out", tmp_path / "h"], caplog, capsys, words=words,
+                   absent=(tmp_path / "h",))

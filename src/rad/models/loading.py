@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rad.errors import RadError
@@ -151,6 +152,8 @@ def _load_folder(
             "it is corrupt or incomplete: re-create it."
         ) from err
     _check_loading_info(info, model, str(folder))
+    check_stored_dtypes(folder)
+    check_finite(model, str(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
@@ -190,3 +193,31 @@ def _check_loading_info(info: dict, model: PreTrainedModel, where: str) -> None:
     if missing or mismatched:
         first = (missing or [str(m) for m in mismatched])[0]
         raise RadError(f"The checkpoint in {where} is incomplete (e.g. {first} is missing or misshapen); re-create it.")
+    # Left over: weights the config does not use (e.g. config.json edited to fewer layers). Not buffers that older
+    # checkpoints stored and today's models recompute.
+    left = sorted(k for k in info.get("unexpected_keys", []) if not k.endswith("rotary_emb.inv_freq"))
+    if left:
+        raise RadError(f"The checkpoint in {where} holds {len(left)} tensor(s) its config.json does not use (e.g. "
+                       f"{left[0]}); the config and the weights disagree: re-create it.")
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_stored_dtypes(folder: Path) -> None:
+    """Every tensor stored in the folder's safetensors files is floating point: an integer tensor (int8) would be
+    cast into a projection of a few integer values without a word."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise RadError(f"The checkpoint in {folder} stores {key} as {dtype}, not a floating-point type; "
+                                   "rad reads unquantised checkpoints: re-create it.")
+
+
+def check_finite(model: PreTrainedModel, where: str) -> None:
+    """No NaN or infinity in the weights: such a model converts and generates garbage with exit status 0."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RadError(f"The checkpoint in {where} has NaN or infinite values in {name}; re-create it.")
