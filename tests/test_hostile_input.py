@@ -599,3 +599,11 @@ def test_a_checkpoint_whose_weights_cannot_be_trusted_is_refused(how, words, fol
     broken = _broken_checkpoint(folders, tmp_path, how)
     assert_refused(["convert", broken, "--layers", "1", "--out", tmp_path / "h"], caplog, capsys, words=words,
                    absent=(tmp_path / "h",))
+
+
+@pytest.mark.parametrize("command", ["distill", "align"])
+def test_rows_longer_than_the_models_positions_are_refused_before_loading(command, folders, tmp_path, caplog,
+                                                                          capsys):
+    """`rad distill --seq-len 100000` on a 256-position model grew to 19 GB before the OOM killer stopped it."""
+    args = [command, folders["hybrid"], "--seq-len", "100000", "--steps", "1", "--out", tmp_path / "d"]
+    assert_refused(args, caplog, capsys, words="--seq-len 100000 is longer than", absent=(tmp_path / "d",))

@@ -196,6 +196,10 @@ def check_before_loading(config: AlignConfig) -> None:
                            "`rad convert MODEL --layers ...`.")
         if teacher is not None:
             _check_teacher_shape(teacher, hybrid_cfg.get("hidden_size"), n)
+        positions = hybrid_cfg.get("max_position_embeddings")
+        if isinstance(positions, int) and config.data.seq_len > positions:
+            raise RadError(f"--seq-len {config.data.seq_len} is longer than the hybrid's {positions} positions; use "
+                           f"at most {positions}.")
     if teacher is None:
         raise RadError(f"{config.hybrid} has no rad_conversion.json naming its source; pass --teacher MODEL.")
     if list_checkpoints(out / "checkpoints") and not config.resume:

@@ -19,6 +19,7 @@ trained weights or the held-out curve); `--resume` under anything else is refuse
 from __future__ import annotations
 
 import contextlib
+import json
 import dataclasses
 import logging
 import math
@@ -159,9 +160,23 @@ def check_distill_out(config: DistillConfig) -> Path:
         if record is not None and config.teacher is None:
             inputs.append(("teacher (the hybrid's source)", record.source_model))
     out = check_output(config.out, DISTILL, inputs=inputs)
+    if hybrid is not None and (hybrid / "config.json").is_file():
+        check_seq_len_fits(config.data.seq_len, hybrid / "config.json")
     for folder in (out, out / "checkpoints"):
         remove_stale_temps(folder)
     return out
+
+
+def check_seq_len_fits(seq_len: int, config_json: Path) -> None:
+    """Rows longer than the model's positions are refused before loading: `--seq-len 100000` on a 256-position
+    model grew to 19 GB before the machine's OOM killer stopped it."""
+    try:
+        positions = json.loads(config_json.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # an unreadable config is the loader's to report, with its own sentence
+    if isinstance(positions, int) and seq_len > positions:
+        raise RadError(f"--seq-len {seq_len} is longer than the model's {positions} positions ({config_json}); "
+                       f"use at most {positions}.")
 
 
 @contextlib.contextmanager
