@@ -19,8 +19,8 @@ trained weights or the held-out curve); `--resume` under anything else is refuse
 from __future__ import annotations
 
 import contextlib
-import json
 import dataclasses
+import json
 import logging
 import math
 import time
