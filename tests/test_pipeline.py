@@ -26,6 +26,7 @@ def resolved_contexts(out):
 
 def test_smoke_run_offline_writes_every_artifact_names_the_missing_task_and_resumes(tmp_path, default_model,
                                                                                     caplog, monkeypatch):
+    (tmp_path / "no-shared-data").mkdir()  # empty: what a clone without ../shared/data has
     monkeypatch.setenv("RAD_DATA_DIR", str(tmp_path / "no-shared-data"))
     monkeypatch.setenv("RAD_DATA_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

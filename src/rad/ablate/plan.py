@@ -5,6 +5,7 @@ layer sets, one `ArmPlan` per arm (its folder, its layers, the arm it coincides 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -199,7 +200,13 @@ def arm_settings(config: AblateConfig, plan: ArmPlan, fingerprint: str) -> dict:
         for key in ("tensorboard", "save_every", "cache"):  # where and how it is watched and saved
             a.pop(key)
         settings["align"] = a
-    return settings
+    return as_json(settings)
+
+
+def as_json(data: dict) -> dict:
+    """`data` as its JSON file will hold it (tuples become lists), so a settings dict compares equal to its saved
+    copy (result.json, ablate.json) and a finished arm is recognised."""
+    return json.loads(json.dumps(data))
 
 
 def eval_settings(config: AblateConfig) -> dict:
@@ -207,4 +214,4 @@ def eval_settings(config: AblateConfig) -> dict:
     e = asdict(config.eval)
     e.pop("teacher")
     e.pop("on_missing_data")  # what happens to a task without data, not how a task is scored
-    return e
+    return as_json(e)

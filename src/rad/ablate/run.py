@@ -34,6 +34,7 @@ from rad.ablate.plan import (
     AblationPlan,
     ArmPlan,
     arm_settings,
+    as_json,
     check_searched_from,
     eval_settings,
     plan_ablation,
@@ -187,7 +188,7 @@ def _summarise(config: AblateConfig, plan: AblationPlan, done: dict[str, ArmResu
         order=list(plan.arms), arms=arms, teacher_scores=teacher_scores,
         statuses=statuses, dropped_tasks=dict(inputs.dropped_tasks), timings=timings,
         command=f"rad ablate --config {plan.root / 'config.yaml'}",
-        config=asdict(config), versions=package_versions(),
+        config=as_json(asdict(config)), versions=package_versions(),
     )
 
 
