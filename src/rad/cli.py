@@ -157,6 +157,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
         baselines=args.baselines,
         heartbeat_seconds=args.heartbeat,
         aligned=args.aligned,
+        storage=args.storage,
+        study_name=args.study,
     )
     if args.compare_objectives:
         comparison = compare_objectives(args.model, config, masks=args.compare_objectives, device=args.device,
@@ -495,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure uniform, first-k, last-k, random-k and single-layer importance")
     p.add_argument("--heartbeat", type=int, default=default_of(SearchConfig, "heartbeat_seconds"),
                    help="seconds between worker heartbeats; a worker silent for twice this is presumed dead")
+    p.add_argument("--storage", default=default_of(SearchConfig, "storage"), metavar="URL",
+                   help="keep the study in this database (postgresql://user:pw@host/db, mysql://..., sqlite:///f.db) "
+                        "so that workers on other hosts join it with --resume; default: --out/study.db")
+    p.add_argument("--study", default=default_of(SearchConfig, "study_name"), metavar="NAME",
+                   help="the study's name in --storage (one database holds many studies)")
     p.add_argument("--aligned", default=None, metavar="DIR",
                    help="hybrid-agreement: a `rad align` output (or hybrid) with a mixer for every candidate layer; "
                         "the search then scores the hybrid those mixers make instead of the skip-draft")

@@ -56,7 +56,11 @@ class SearchConfig:
     # hybrid-agreement: the hybrid (or `rad align` output) whose mixers replace the tried layers' attention
     aligned: str | Path | None = None
     out: str | Path | None = None  # None: a temporary study, no files kept
-    resume: bool = False  # continue (or join) the study in `out`
+    resume: bool = False  # continue (or join) the study in `out` (or in `storage`)
+    # where the study lives: any SQLAlchemy URL of SQLite, PostgreSQL or MySQL (workers on many hosts join one
+    # study on a server); None: `out`/study.db
+    storage: str | None = None
+    study_name: str = "rad-search"  # tells studies in one database apart
     heartbeat_seconds: int = 10  # a worker silent for 2x this long is dead; its trial is redone
     plots: bool = True
 
@@ -78,6 +82,8 @@ class SearchConfig:
         for name in ("warmup", "remeasure_top", "startup_trials", "random_baselines", "stall_patience"):
             if getattr(self, name) < 0:
                 raise RadError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if not 0 < len(self.study_name) <= 255 or not self.study_name.isprintable():
+            raise RadError(f"--study must be a printable name of 1 to 255 characters, got {self.study_name!r}.")
         if self.agreement_batch < 1:
             raise RadError(f"agreement_batch must be at least 1, got {self.agreement_batch}.")
         needs_mixers = OBJECTIVE_CLASSES[self.objective].needs_mixers

@@ -25,7 +25,7 @@ from rad.search.objectives import Evaluation, make_objective, objective_class
 from rad.search.optimizer import make_sampler, optimise, worker_seed
 from rad.search.prompts import DEFAULT_PROMPTS, encode_prompts, ids_from_lists, prompts_digest
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, top_frequency, write_outputs
-from rad.search.storage import StudyStore, mask_key
+from rad.search.storage import StudyStore, check_storage, mask_key, shown_url
 from rad.utils.identity import check_same_settings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class _Prepared:
 
 def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     config.validate()
+    if config.storage is not None:
+        check_storage(config.storage)  # a wrong or unreachable URL is an error before the model loads
     if isinstance(model, (str, Path)):
         loaded = load_model(str(model), device=device, dtype=dtype)
     elif isinstance(model, LoadedModel):
@@ -91,6 +93,7 @@ def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
         "info_model_source": prepared.loaded.source,
         "info_sampler": config.sampler,
         "info_seed": config.seed,
+        "info_storage": shown_url(config.storage) if config.storage else "study.db",
     }
     objective = objective_class(config.objective)
     if objective.speculative:
@@ -157,8 +160,9 @@ def _study_folder(out) -> Iterator[Path]:
 def run_search(model, config: SearchConfig, *, device=None, dtype=None) -> SearchResult:
     """Search the k-layer masks of `model` (a spec such as "smollm2-135m", a LoadedModel, or a causal LM).
 
-    The study lives in `config.out`/study.db; several processes may run this on one folder (with
-    `resume=True`) and share the budget. Each one then writes the same search.json, trials.csv and plots.
+    The study lives in `config.out`/study.db, or in the database `config.storage` names; several processes (on
+    several hosts, with a server) may run this on one study (with `resume=True`) and share the budget. Each one
+    then writes the same search.json, trials.csv and plots to its own `out`.
     """
     prepared = _prepare(model, config, device, dtype)
     space = prepared.space
@@ -166,21 +170,25 @@ def run_search(model, config: SearchConfig, *, device=None, dtype=None) -> Searc
                 "budget %d", space.k, space.num_layers, len(space.candidates), space.size, config.objective,
                 config.sampler, config.trials)
     with _study_folder(config.out) as folder:
-        store = StudyStore(folder, heartbeat_seconds=config.heartbeat_seconds)
-        deterministic = objective_class(config.objective).deterministic
-        study = store.open(make_sampler(config.sampler, config.seed, config.startup_trials, deterministic),
-                           _settings(config, prepared), resume=config.resume)
-        worker = store.register_worker()
-        seed = worker_seed(config.seed, worker)
-        study.sampler = make_sampler(config.sampler, seed, config.startup_trials, deterministic)
-        objective = _objective(prepared, config)
-        optimise(study, store, space, objective.evaluate, budget=config.trials, worker=worker, seed=seed,
-                 stall_patience=config.stall_patience, neighbour_on_repeat=config.neighbour_on_repeat)
-        with store.finalising():
-            result = _finalise(study, store, space, objective, config, prepared)
-            if config.out is not None:
-                result.out = Path(config.out)
-                write_outputs(result, result.out, plots=config.plots)
+        store = StudyStore(folder, url=config.storage, study_name=config.study_name,
+                           heartbeat_seconds=config.heartbeat_seconds)
+        try:
+            deterministic = objective_class(config.objective).deterministic
+            study = store.open(make_sampler(config.sampler, config.seed, config.startup_trials, deterministic),
+                               _settings(config, prepared), resume=config.resume)
+            worker = store.register_worker()
+            seed = worker_seed(config.seed, worker)
+            study.sampler = make_sampler(config.sampler, seed, config.startup_trials, deterministic)
+            objective = _objective(prepared, config)
+            optimise(study, store, space, objective.evaluate, budget=config.trials, worker=worker, seed=seed,
+                     stall_patience=config.stall_patience, neighbour_on_repeat=config.neighbour_on_repeat)
+            with store.finalising():
+                result = _finalise(study, store, space, objective, config, prepared)
+                if config.out is not None:
+                    result.out = Path(config.out)
+                    write_outputs(result, result.out, plots=config.plots)
+        finally:
+            store.close()
     logger.info("Chosen layers %s: %s = %.4f (%s)", mask_key(result.layers), config.objective, result.value,
                 result.chosen_from)
     return result

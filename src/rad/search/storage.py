@@ -1,15 +1,23 @@
-"""The study on disk: Optuna's SQLite storage plus three small tables that make workers cooperate.
+"""The study: an Optuna RDB storage (SQLite in the output folder, or any PostgreSQL / MySQL server) plus four small
+tables of rad's own that make workers on one or many hosts cooperate.
 
-`DIR/study.db` holds the Optuna study (trials, parameters, values, heartbeats) and, in the same file:
+The default is `sqlite:///DIR/study.db`; `rad search --storage postgresql://...` puts the study on a server so
+that workers on other hosts join it. Both go through the same code: Optuna's public API for trials (RDBStorage
+with heartbeats, `enqueue_trial`, `RetryFailedTrialCallback`) and SQLAlchemy Core for rad's tables, each row
+keyed by the study's name, so one database holds many studies:
 
-- `rad_claims`: one row per mask, naming the trial that measures it. A worker claims a mask inside one
-  `BEGIN IMMEDIATE` transaction (SQLite's write lock serialises claimers), after checking that no live
-  trial holds it and that the budget has a free slot. So no mask is measured twice and the budget is
-  shared exactly, however many processes join. A claim whose trial failed (or whose worker died: Optuna's
-  heartbeat marks its trial FAIL after the grace period) is void, and the mask may be claimed again.
-- `rad_evaluations`: measurements made outside the optimiser (baselines, re-measurements), so a resumed
+- `rad_search_claims`: one row per mask, naming the trial that measures it. A worker claims a mask inside one
+  transaction that first locks the study's row of `rad_search_locks` (`SELECT ... FOR UPDATE`; on SQLite, whose
+  driver ignores that, every transaction begins with `BEGIN IMMEDIATE` instead). Claimers are thus serialised:
+  no mask is measured twice and the budget is shared exactly, however many processes join. A claim whose trial
+  failed (a dead worker's trial is failed by Optuna's heartbeat after the grace period and re-queued by
+  `RetryFailedTrialCallback`) is void, and the mask may be claimed again.
+- `rad_search_evaluations`: measurements made outside the optimiser (baselines, re-measurements), so a resumed
   search does not redo them.
-- `rad_workers`: one row per process that joined, giving each a distinct index (and sampler seed).
+- `rad_search_workers`: one row per process that joined, giving each a distinct index (and sampler seed).
+- `rad_search_locks`: the row claimers lock.
+
+Optuna's own tables are never written except through Optuna's API.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import sqlalchemy
+import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from rad.errors import RadError
@@ -42,15 +51,28 @@ STUDY_FILE = "study.db"
 STUDY_NAME = "rad-search"
 SETTINGS_ATTR = "rad_settings"
 SQLITE_TIMEOUT_S = 120
+CONNECT_TIMEOUT_S = 10
+MAX_RETRY = 2  # a mask whose measurement kills its worker three times is not re-queued again
+DIALECTS = ("sqlite", "postgresql", "mysql")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rad_claims (
-    mask TEXT PRIMARY KEY, trial INTEGER NOT NULL, worker INTEGER NOT NULL, claimed_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rad_evaluations (
-    key TEXT PRIMARY KEY, value REAL NOT NULL, details TEXT NOT NULL, seconds REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rad_workers (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER NOT NULL, host TEXT NOT NULL, started REAL NOT NULL);
-"""
+_TABLES = sa.MetaData()
+CLAIMS = sa.Table(
+    "rad_search_claims", _TABLES,
+    sa.Column("study", sa.String(255), primary_key=True), sa.Column("mask", sa.String(500), primary_key=True),
+    sa.Column("trial", sa.Integer, nullable=False), sa.Column("worker", sa.Integer, nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False))
+EVALUATIONS = sa.Table(
+    "rad_search_evaluations", _TABLES,
+    sa.Column("study", sa.String(255), primary_key=True), sa.Column("key", sa.String(500), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False), sa.Column("details", sa.Text, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False))
+WORKERS = sa.Table(
+    "rad_search_workers", _TABLES,
+    sa.Column("study", sa.String(255), primary_key=True), sa.Column("worker", sa.Integer, primary_key=True),
+    sa.Column("pid", sa.Integer, nullable=False), sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("started", sa.Float, nullable=False))
+LOCKS = sa.Table("rad_search_locks", _TABLES, sa.Column("study", sa.String(255), primary_key=True))
+_OLD_TABLE = "rad_claims"  # rad's tables before they were keyed by study (SQLite only)
 
 
 def mask_key(mask) -> str:
@@ -70,6 +92,74 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# -- where the study lives -------------------------------------------------------------------------------
+
+
+def storage_url(folder: str | Path | None, storage: str | None) -> str:
+    """The SQLAlchemy URL of the study: `storage` as given, else the SQLite file in `folder`."""
+    if storage:
+        return storage
+    if folder is None:
+        raise RadError("A search needs an --out folder or a --storage URL.")
+    return f"sqlite:///{Path(folder) / STUDY_FILE}"
+
+
+def shown_url(url: str) -> str:
+    """The URL as logs and search.json show it: the password hidden."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<malformed URL>"
+
+
+def check_storage(url: str) -> None:
+    """Refuse a malformed URL, an unsupported database or one that cannot be reached: before any model loads."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise RadError(f"--storage {url!r} is not a database URL; give one such as "
+                       "postgresql://user:password@host:5432/db, or leave --storage out for SQLite "
+                       "in --out.") from None
+    if parsed.get_backend_name() not in DIALECTS:
+        raise RadError(f"--storage {shown_url(url)}: rad's search runs on {', '.join(DIALECTS)} (Optuna's RDB "
+                       f"storages), not {parsed.get_backend_name()}; give a URL of one of those.")
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise RadError("--storage sqlite needs a file (sqlite:///path/study.db): an in-memory study is lost "
+                           "when the worker ends and no other worker can join it.")
+        if not Path(database).parent.is_dir():
+            raise RadError(f"--storage {url}: the folder {Path(database).parent} does not exist; create it or "
+                           "give another path.")
+        return
+    try:
+        engine = sa.create_engine(url, **_engine_kwargs(parsed))
+    except ImportError as err:
+        raise RadError(f"--storage {shown_url(url)} needs the database driver {err.name or err}; install it "
+                       "with `pip install 'rad[postgres]'` (psycopg 3; for MySQL, a driver such as PyMySQL with a "
+                       "mysql+pymysql:// URL).") from None
+    except sa.exc.ArgumentError as err:
+        raise RadError(f"--storage {shown_url(url)} is not a usable database URL ({err}).") from None
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as err:
+        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+        raise RadError(f"--storage {shown_url(url)} cannot be reached ({reason}); check that the server runs "
+                       "and the URL's host, port, user and database are right.") from None
+    finally:
+        engine.dispose()
+
+
+def _engine_kwargs(parsed: sa.engine.URL) -> dict:
+    if parsed.get_backend_name() == "postgresql":
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+    if parsed.get_backend_name() == "mysql":
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True,
+                "pool_recycle": 3600}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -120,84 +210,127 @@ def _classify(trial: int, states: TrialStates) -> str:
 
 
 class StudyStore:
-    """Opens (creating or resuming) the study in `folder` and coordinates claims on it.
+    """Opens (creating or resuming) a study and coordinates claims on it.
+
+    `folder`: where the SQLite study lives when no `url` is given (DIR/study.db). `url`: any SQLAlchemy URL
+    of SQLite, PostgreSQL or MySQL; `study_name` tells studies in one database apart.
 
     The optimiser sees four calls: `refresh` (heartbeat check, then the shared budget), `claim_next` (may
     this trial measure its mask?), `finish` (record the measurement) and `run_trial` (one trial, dropping
     a result whose trial was declared dead meanwhile). `clock` gives the local time (tests move it).
     """
 
-    def __init__(self, folder: str | Path, *, heartbeat_seconds: int = 10,
+    def __init__(self, folder: str | Path | None = None, *, url: str | None = None, study_name: str = STUDY_NAME,
+                 heartbeat_seconds: int = 10,
                  clock: Callable[[], datetime.datetime] = datetime.datetime.now):
-        self.folder = Path(folder)
-        self.path = self.folder / STUDY_FILE
+        self.folder = Path(folder) if folder is not None else None
+        self.url = storage_url(folder, url)
+        self.parsed = sa.engine.make_url(self.url)
+        self.dialect = self.parsed.get_backend_name()
+        self.study_name = study_name
         self.heartbeat_seconds = int(heartbeat_seconds)
         self.clock = clock
         self.storage: optuna.storages.RDBStorage | None = None
+        self.engine: sa.Engine | None = None
+
+    @property
+    def where(self) -> str:
+        """The study as messages name it."""
+        if self.dialect == "sqlite" and self.folder is not None and self.url == storage_url(self.folder, None):
+            return str(self.folder)
+        return f"study {self.study_name!r} in {shown_url(self.url)}"
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file, if the study is one."""
+        return Path(self.parsed.database) if self.dialect == "sqlite" else None
 
     # -- opening -------------------------------------------------------------------------------------
 
     def open(self, sampler: optuna.samplers.BaseSampler, settings: dict, *, resume: bool) -> optuna.Study:
-        """The study, created or (with `resume`) loaded; a resumed study must have the same settings."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.folder / ".study.lock"):  # two fresh workers must not both create the tables
-            existed = self.path.exists() and self.path.stat().st_size > 0
-            if existed and not resume:
-                raise RadError(
-                    f"{self.folder} already holds a search ({STUDY_FILE}); pass --resume to continue it "
-                    "(or to join it as another worker), or choose another --out folder."
-                )
-            if not existed:
+        """The study, created or (with `resume`) loaded or joined; a resumed study must have the same settings.
+
+        Nothing is written to an existing study before its settings are checked against these.
+        """
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.engine = self._make_engine()
+        with self.exclusive("open"):  # two fresh workers must not both create the tables or the study
+            try:
+                self._check_not_old_format()
+                self.storage = self._make_optuna_storage()
+                existed = self.study_name in optuna.study.get_all_study_names(self.storage)
+                if existed and not resume:
+                    raise RadError(
+                        f"{self.where} already holds a search; pass --resume to continue it (or to join it as "
+                        "another worker), or choose another --out folder or --study name."
+                    )
+                if existed:
+                    stored = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                               sampler=sampler).user_attrs.get(SETTINGS_ATTR)
+                    if stored is not None:
+                        check_same_settings(
+                            stored, decisive_settings(settings), what=f"The search in {self.where}",
+                            advice="resume it with the same settings, or choose another --out folder or --study",
+                            describe=lambda name, old, new: f"started with {name} = {old!r}, not {new!r}")
+                study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                            direction="maximize", sampler=sampler, load_if_exists=True)
+                if SETTINGS_ATTR not in study.user_attrs:
+                    study.set_user_attr(SETTINGS_ATTR, settings)
+                _TABLES.create_all(self.engine)
+                with self.engine.begin() as conn:
+                    present = conn.execute(sa.select(LOCKS.c.study).where(LOCKS.c.study == self.study_name))
+                    if present.first() is None:
+                        conn.execute(LOCKS.insert().values(study=self.study_name))
+            except RadError:
+                raise
+            except (sqlite3.DatabaseError, optuna.exceptions.OptunaError, sa.exc.SQLAlchemyError) as err:
+                raise RadError(f"{self.where} is not a readable search study ({str(err)[:200]}); remove it "
+                               "or pick another --out folder.") from err
+        if existed:
+            logger.info("Resuming the search in %s (%d trials so far)", self.where, len(study.trials))
+        return study
+
+    def _make_engine(self) -> sa.Engine:
+        if self.dialect != "sqlite":
+            return sa.create_engine(self.url, **_engine_kwargs(self.parsed))
+        engine = sa.create_engine(self.url, creator=self._connect_autocommit)
+        sa.event.listen(engine, "begin", _begin_immediate)
+        return engine
+
+    def _make_optuna_storage(self) -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+            if self.dialect != "sqlite":
+                return optuna.storages.RDBStorage(
+                    self.url, engine_kwargs=_engine_kwargs(self.parsed), heartbeat_interval=self.heartbeat_seconds,
+                    grace_period=2 * self.heartbeat_seconds, failed_trial_callback=callback)
+            if self.path is not None and not self.path.exists():
                 conn = sqlite3.connect(self.path)
                 try:  # persistent; with synchronous=NORMAL (see `_connect`) a commit needs no fsync
                     conn.execute("PRAGMA journal_mode=WAL")
                 finally:
                     conn.close()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    self.storage = optuna.storages.RDBStorage(
-                        f"sqlite:///{self.path}",
-                        engine_kwargs={"creator": self._connect_autocommit},
-                        heartbeat_interval=self.heartbeat_seconds,
-                        grace_period=2 * self.heartbeat_seconds,
-                    )
-                # SQLite ignores SELECT ... FOR UPDATE, and the driver starts a transaction only at the first
-                # write, so two processes could both read a WAITING (enqueued) trial and both run it. Every
-                # Optuna transaction takes the write lock at its start instead: read-then-update is atomic.
-                sqlalchemy.event.listen(self.storage.engine, "begin", _begin_immediate)
-                study = optuna.create_study(
-                    storage=self.storage, study_name=STUDY_NAME, direction="maximize", sampler=sampler,
-                    load_if_exists=True,
-                )
-            except (sqlite3.DatabaseError, optuna.exceptions.OptunaError) as err:
-                raise RadError(f"{self.path} is not a readable search study ({err}); remove it or pick "
-                               "another --out folder.") from err
-            except Exception as err:  # SQLAlchemy wraps sqlite errors in its own types
-                if "sqlalchemy" not in type(err).__module__:
-                    raise
-                raise RadError(f"{self.path} is not a readable search study ({str(err)[:200]}); remove it "
-                               "or pick another --out folder.") from err
-            conn = self._connect()
-            try:
-                conn.executescript(_SCHEMA)
-            finally:
-                conn.close()
-            stored = study.user_attrs.get(SETTINGS_ATTR)
-            if stored is None:
-                study.set_user_attr(SETTINGS_ATTR, settings)
-            else:
-                check_same_settings(
-                    stored, decisive_settings(settings), what=f"The search in {self.folder}",
-                    advice="resume it with the same settings, or choose another --out folder",
-                    describe=lambda name, old, new: f"started with {name} = {old!r}, not {new!r}")
-        if existed:
-            logger.info("Resuming the search in %s (%d trials so far)", self.folder, len(study.trials))
-        return study
+            storage = optuna.storages.RDBStorage(
+                self.url, engine_kwargs={"creator": self._connect_autocommit},
+                heartbeat_interval=self.heartbeat_seconds, grace_period=2 * self.heartbeat_seconds,
+                failed_trial_callback=callback)
+        # SQLite ignores SELECT ... FOR UPDATE, and the driver starts a transaction only at the first write,
+        # so two processes could both read a WAITING (enqueued) trial and both run it. Every Optuna
+        # transaction takes the write lock at its start instead: read-then-update is atomic. (A setting of
+        # the connection, as Optuna documents for SQLite; its tables are untouched.)
+        sa.event.listen(storage.engine, "begin", _begin_immediate)
+        return storage
+
+    def _check_not_old_format(self) -> None:
+        if self.dialect == "sqlite" and sa.inspect(self.engine).has_table(_OLD_TABLE):
+            raise RadError(f"{self.where} holds a search made by an older rad (its tables are not keyed by study); "
+                           "finish it with that version, or start this search in another --out folder.")
 
     def _connect(self) -> sqlite3.Connection:
-        """Every connection, Optuna's included: wait for locks instead of failing, and with WAL sync only at
-        checkpoints (a killed process loses nothing; a power cut may lose the last trials, never the file)."""
+        """Every SQLite connection, Optuna's included: wait for locks instead of failing, and with WAL sync only
+        at checkpoints (a killed process loses nothing; a power cut may lose the last trials, never the file)."""
         conn = sqlite3.connect(self.path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
@@ -208,27 +341,46 @@ class StudyStore:
         return conn
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect_autocommit()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+    def _transaction(self) -> Iterator[sa.Connection]:
+        """A transaction that holds the study's claim lock: claimers on every host are serialised."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.select(LOCKS.c.study).where(LOCKS.c.study == self.study_name).with_for_update())
+            yield conn
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """A lock across processes and hosts held for the block, and released if the holder dies: a file lock
+        beside an SQLite study, a session-level advisory lock on a server (PostgreSQL, MySQL)."""
+        if self.dialect == "sqlite":
+            with file_lock(self.path.parent / f".{self.path.name}.{name}.lock"):
+                yield
+            return
+        key = f"rad-search:{self.study_name}:{name}"
+        with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+                conn.execute(sa.text("SELECT pg_advisory_lock(:n)"), {"n": number})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:n)"), {"n": number})
+                    conn.commit()
+            else:
+                conn.execute(sa.text("SELECT GET_LOCK(:k, -1)"), {"k": key[:64]})
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT RELEASE_LOCK(:k)"), {"k": key[:64]})
 
     def register_worker(self) -> int:
         """A distinct index for this process: 0 for the first to join the study, 1 for the next, ..."""
         with self._transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO rad_workers (pid, host, started) VALUES (?, ?, ?)",
-                (os.getpid(), socket.gethostname(), time.time()),
-            )
-            return int(cursor.lastrowid) - 1
+            count = conn.execute(sa.select(sa.func.count()).select_from(WORKERS)
+                                 .where(WORKERS.c.study == self.study_name)).scalar_one()
+            conn.execute(WORKERS.insert().values(study=self.study_name, worker=count, pid=os.getpid(),
+                                                 host=socket.gethostname()[:255], started=time.time()))
+        return int(count)
 
     # -- the claim protocol, as the optimiser uses it -------------------------------------------------
 
@@ -288,6 +440,10 @@ class StudyStore:
 
     # -- claims --------------------------------------------------------------------------------------
 
+    def _claims(self, conn: sa.Connection) -> list[tuple[str, int]]:
+        rows = conn.execute(sa.select(CLAIMS.c.mask, CLAIMS.c.trial).where(CLAIMS.c.study == self.study_name))
+        return [(str(mask), int(trial)) for mask, trial in rows]
+
     def claim(self, key: str, trial: int, worker: int, budget: int, states: TrialStates) -> Claim:
         """Atomically decide whether `trial` measures mask `key` (see `Claim`); record the claim if so.
 
@@ -298,7 +454,7 @@ class StudyStore:
         with self._transaction() as conn:
             evaluated = in_flight = 0
             mine: tuple[int, str] | None = None
-            for mask, owner in conn.execute("SELECT mask, trial FROM rad_claims"):
+            for mask, owner in self._claims(conn):
                 status = _classify(owner, states)
                 evaluated += status == "done"
                 in_flight += status == "live"
@@ -310,15 +466,15 @@ class StudyStore:
                 return Claim("busy", trial=mine[0])  # (never this trial: each trial runs in one process)
             if evaluated + in_flight >= budget:
                 return Claim("full")
-            conn.execute(
-                "INSERT OR REPLACE INTO rad_claims (mask, trial, worker, claimed_at) VALUES (?, ?, ?, ?)",
-                (key, trial, worker, time.time()),
-            )
+            if mine is not None:  # a void claim (its trial failed or was pruned) is replaced
+                conn.execute(CLAIMS.delete().where(CLAIMS.c.study == self.study_name, CLAIMS.c.mask == key))
+            conn.execute(CLAIMS.insert().values(study=self.study_name, mask=key, trial=trial, worker=worker,
+                                                claimed_at=time.time()))
             return Claim("claimed", trial=trial)
 
     def status(self, states: TrialStates) -> BudgetStatus:
         with self._transaction() as conn:
-            rows = conn.execute("SELECT mask, trial FROM rad_claims").fetchall()
+            rows = self._claims(conn)
         evaluated = in_flight = 0
         claimed = set()
         for mask, owner in rows:
@@ -330,44 +486,61 @@ class StudyStore:
         return BudgetStatus(evaluated, in_flight, frozenset(claimed), trials=len(states))
 
     def fail_stale_trials(self, study: optuna.Study) -> None:
-        """Optuna fails RUNNING trials whose heartbeat is stale; a worker killed between creating a trial
-        and its first heartbeat leaves one with no heartbeat at all, which Optuna never fails: fail those
-        too once they are older than the grace period."""
+        """Fail the trials of dead workers.
+
+        Optuna fails RUNNING trials whose heartbeat is stale (and `RetryFailedTrialCallback` re-queues them). A
+        worker killed between creating a trial and its first heartbeat (while its sampler proposes) leaves one
+        that no heartbeat ever marks; such a trial holds no claim, so once it is older than the grace period
+        it is failed here through `study.tell`. (A live worker whose sampler takes longer than that loses only
+        that proposal: its result is dropped by `run_trial`.)
+        """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        # Optuna writes datetime_start as naive local time (SQLAlchemy's text form), so compare in the same.
-        cutoff = (self.clock() - datetime.timedelta(seconds=2 * self.heartbeat_seconds)).isoformat(" ")
-        with contextlib.closing(self._connect_autocommit()) as conn:
-            rows = conn.execute(
-                "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                "WHERE t.state = 'RUNNING' AND h.trial_id IS NULL AND t.datetime_start < ?", (cutoff,)
-            ).fetchall()
-        for (trial_id,) in rows:
-            with contextlib.suppress(RuntimeError):  # it finished meanwhile (a slow but live worker)
-                study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        with self._transaction() as conn:
+            claiming = {owner for _, owner in self._claims(conn)}
+        # Optuna writes datetime_start as naive local time of the worker's host.
+        cutoff = self.clock() - datetime.timedelta(seconds=2 * self.heartbeat_seconds)
+        for trial in running:
+            if trial.number in claiming or trial.datetime_start is None or trial.datetime_start >= cutoff:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                with contextlib.suppress(ValueError, RuntimeError):  # it finished meanwhile
+                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
     # -- measurements outside the optimiser ----------------------------------------------------------
 
     def get_evaluation(self, key: str) -> Evaluation | None:
         with self._transaction() as conn:
-            row = conn.execute("SELECT value, details, seconds FROM rad_evaluations WHERE key = ?", (key,)).fetchone()
+            row = conn.execute(sa.select(EVALUATIONS.c.value, EVALUATIONS.c.details, EVALUATIONS.c.seconds)
+                               .where(EVALUATIONS.c.study == self.study_name, EVALUATIONS.c.key == key)).first()
         if row is None:
             return None
         return Evaluation(float(row[0]), json.loads(row[1]), float(row[2]))
 
     def put_evaluation(self, key: str, evaluation: Evaluation) -> None:
         with self._transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO rad_evaluations (key, value, details, seconds) VALUES (?, ?, ?, ?)",
-                (key, float(evaluation.value), json.dumps(evaluation.details), float(evaluation.seconds)),
-            )
+            conn.execute(EVALUATIONS.delete().where(EVALUATIONS.c.study == self.study_name, EVALUATIONS.c.key == key))
+            conn.execute(EVALUATIONS.insert().values(
+                study=self.study_name, key=key, value=float(evaluation.value),
+                details=json.dumps(evaluation.details), seconds=float(evaluation.seconds)))
 
     @contextlib.contextmanager
     def finalising(self) -> Iterator[None]:
         """Held while one worker measures baselines and writes the outputs; the next one then reuses them."""
-        with file_lock(self.folder / ".final.lock"):
+        with self.exclusive("final"):
             yield
+
+    def close(self) -> None:
+        """Return the connections (a server counts them)."""
+        if self.storage is not None:
+            self.storage.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 def _begin_immediate(connection) -> None:
