@@ -245,6 +245,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise RadError(f"--n-shot must be 0 or more, got {args.n_shot}.")
     check_output(args.out, EVAL, inputs=[*(("model", m) for m in args.models), ("teacher", args.teacher),
                                          ("data folder", args.data_dir)])
+    shard, device = _eval_shard(args.shard, args.device)
 
     config = EvalConfig(
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -264,11 +265,37 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                               depths=_ints(args.passkey_depths, "--passkey-depths"), repeats=args.passkey_repeats),
         position_length=args.position_loss,
         position_windows=args.position_windows,
+        shard=shard,
     )
-    results, table = evaluate_models(args.models, config, device=args.device, dtype=args.dtype)
+    results, table = evaluate_models(args.models, config, device=device, dtype=args.dtype)
+    if not table:
+        print(f"Shard {shard} done; the shard that finishes last writes {Path(args.out) / 'comparison.md'}")
+        return
     print(table, end="")
     for r in results:
         print(f"Results for {r.model}: {r.folder / 'results.json'}")
+
+
+def _eval_shard(given: str | None, device: str | None):
+    """This process's shard (--shard, else the launcher's RANK/WORLD_SIZE) and device: under a launcher on GPUs,
+    each process takes the GPU of its LOCAL_RANK unless --device names one."""
+    import os
+
+    from rad.evaluate.shards import Shard
+
+    launched = Shard.from_launcher()
+    if given is not None:
+        if not launched.whole:
+            raise RadError(f"--shard {given} was given inside a launcher that already splits the work (RANK "
+                           f"{launched.index} of WORLD_SIZE {launched.count}); leave --shard out under accelerate "
+                           "launch / torchrun.")
+        return Shard.parse(given), device
+    if not launched.whole and device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return launched, device
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -618,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure loss against position on LENGTH-token windows of CPython's standard library "
                         "source (position_loss.json per model, position_loss.png); 0: off")
     p.add_argument("--position-windows", type=int, default=2, metavar="N", help="windows averaged (default 2)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="score only items I, I+N, ... (shard I of N, from 0); the shard that finishes last merges "
+                        "the per-item files and writes results.json. Under accelerate launch / torchrun the shard is "
+                        "the process's RANK/WORLD_SIZE")
     p.add_argument("--generation-dtype", default=None,
                    help="generate answers in this dtype; auto: bf16 where the device has fast bf16 (1.3x end to end on "
                         "AVX512-BF16 CPUs), else the model's own; bf16 is refused where it would be emulated; "

@@ -35,6 +35,7 @@ from rad.evaluate.inputs import MISSING_TASK_POLICIES, check_model, check_task_d
 from rad.evaluate.passkey import PasskeyConfig, plot_recall, recall_grid
 from rad.evaluate.position_loss import STDLIB_FILES, bucketed, plot_position_loss, position_losses, windows
 from rad.evaluate.sandbox import SandboxLimits
+from rad.evaluate.shards import Shard, merge_if_complete, merge_lock
 from rad.evaluate.stats import McNemarResult, mcnemar_items, wilson_interval
 from rad.evaluate.tasks import TASKS, TaskOptions, make_task
 from rad.evaluate.teacher import TeacherConfig, heldout_texts, teacher_metrics
@@ -76,6 +77,9 @@ class EvalConfig:
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # the passkey task's lengths, depths, repeats
     position_length: int = 0  # > 0: also the loss against position on windows of this many tokens (position_loss.py)
     position_windows: int = 2
+    # This process's share of the items (shards.py): shard i of n scores items i, i+n, ...; the last to finish
+    # merges the per-item files and writes results.json. Teacher metrics and the position curve are shard 0's.
+    shard: Shard = field(default_factory=Shard)
 
     def __post_init__(self):
         generation_dtype(self.generation_dtype, default_device())  # refused before any work: unknown or emulated
@@ -90,6 +94,9 @@ class EvalConfig:
             raise RadError(f"--limit must be at least 1, got {self.limit}.")
         if self.batch_size < 1:
             raise RadError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.overwrite and not self.shard.whole:
+            raise RadError("--overwrite cannot be sharded (one shard would discard what another just wrote); run "
+                           "`rad eval --overwrite` once without shards, or give a new --out.")
 
 
 @settings
@@ -131,6 +138,7 @@ class TaskResult:
     total: int
     generated: int  # items generated in this call (the rest came from the per-item file)
     ci95: tuple[float, float]
+    complete: bool = True  # False: a shard's own items only, while other shards still work
 
     @property
     def accuracy(self) -> float:
@@ -168,6 +176,10 @@ class ModelResult:
     folder: Path
     tasks: dict[str, TaskResult]
     teacher: TeacherScores | None = None
+
+    @property
+    def complete(self) -> bool:
+        return all(getattr(t, "complete", True) for t in self.tasks.values())
 
 
 @dataclass(frozen=True)
@@ -356,25 +368,32 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
     max_new = config.max_new_tokens or task.default_max_new_tokens
     meta = task_meta(task, config, loaded, max_new, fingerprint or model_fingerprint(loaded))
     items_path, meta_path = folder / f"{task.name}.jsonl", folder / f"{task.name}{META_SUFFIX}"
-    if items_path.is_file() and not meta_path.is_file():  # not rad's: never read, repaired or deleted
-        raise RadError(f"{items_path} was not written by rad eval (no {meta_path.name} beside it); move it away "
+    shard = config.shard
+    written = items_path if shard.whole else shard.path(items_path)  # the file this process appends to
+    present = [p for p in (items_path, *([] if shard.whole else shard.all_paths(items_path))) if p.is_file()]
+    if present and not meta_path.is_file():  # not rad's: never read, repaired or deleted
+        raise RadError(f"{present[0]} was not written by rad eval (no {meta_path.name} beside it); move it away "
                        "or choose another --out.")
     if config.overwrite:
         items_path.unlink(missing_ok=True)
-    if meta_path.is_file() and items_path.is_file():
+        present = []
+    if meta_path.is_file() and present:
         check_same_settings(TaskMeta.load(meta_path).identity(), meta.identity(), what=str(items_path),
                             advice="pass --overwrite to discard its items and start again, or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
     meta.save(meta_path)
     items = task.items(config.limit)
     done = read_items(items_path)
-    pending = [(i, item) for i, item in enumerate(items) if item.id not in done]
+    if not shard.whole:
+        done.update(read_items(written))
+    pending = [(i, item) for i, item in enumerate(items) if item.id not in done and shard.owns(i)]
     if done:
         logger.info("%s: %d of %d items already done in %s; generating %d", task.name,
                     len(items) - len(pending), len(items), items_path, len(pending))
     generator = Generator(loaded.model, loaded.tokenizer,
                           GenerationConfig(max_new_tokens=max_new, batch_size=config.batch_size, chat=config.chat))
-    with items_path.open("a", encoding="utf-8") as fh, tqdm(total=len(pending), desc=f"{task.name}") as bar:
+    desc = task.name if shard.whole else f"{task.name} (shard {shard})"
+    with written.open("a", encoding="utf-8") as fh, tqdm(total=len(pending), desc=desc) as bar:
         for start in range(0, len(pending), config.batch_size):
             check_deadline(deadline, f"the next {task.name} batch of {loaded.source}")  # items so far are saved
             chunk = pending[start : start + config.batch_size]
@@ -391,6 +410,16 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
             fh.flush()
             os.fsync(fh.fileno())
             bar.update(len(chunk))
+    if not shard.whole:
+        merged = merge_if_complete(items_path, shard, [item.id for item in items], read_items)
+        if merged is None:  # other shards still work: this shard's own items only
+            mine = [done[item.id] for i, item in enumerate(items) if shard.owns(i)]
+            correct = sum(bool(r["correct"]) for r in mine)
+            logger.info("%s: shard %s scored its %d items; the shard that finishes last merges them", task.name,
+                        shard, len(mine))
+            return TaskResult(task.name, correct, len(mine), generator.calls, wilson_interval(correct, len(mine)),
+                              complete=False)
+        done = merged
     selected = [done[item.id] for item in items]
     correct = sum(bool(r["correct"]) for r in selected)
     return TaskResult(task.name, correct, len(selected), generator.calls, wilson_interval(correct, len(selected)))
@@ -424,13 +453,15 @@ def evaluate_model(
     for name in config.tasks:
         result.tasks[name] = evaluate_task(generating, name, config, folder, fingerprint, deadline)
         r = result.tasks[name]
-        logger.info("%s %s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name, 100 * r.accuracy,
-                    r.correct, r.total, 100 * r.ci95[0], 100 * r.ci95[1])
+        logger.info("%s %s%s: %.1f%% (%d/%d, 95%% CI %.1f-%.1f)", loaded.source, name,
+                    "" if r.complete else f" (shard {config.shard}'s items)", 100 * r.accuracy, r.correct, r.total,
+                    100 * r.ci95[0], 100 * r.ci95[1])
     folder.mkdir(parents=True, exist_ok=True)
-    if config.position_length:
+    lead = config.shard.index == 0  # the one shard that measures what is not split by items
+    if config.position_length and lead:
         position_curve(loaded, config, folder, fingerprint or model_fingerprint(loaded))
-    previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
-    if teacher is not None:
+    if teacher is not None and lead:
+        previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
         texts = _heldout_texts(config)
         # What the metrics depend on besides the settings, so that a resumed run reuses them (32 forwards of
         # model and teacher each, minutes on a CPU) only when model, teacher and texts are the same.
@@ -445,12 +476,30 @@ def evaluate_model(
         else:
             metrics = teacher_metrics(loaded, teacher, texts, config.teacher_config)
             result.teacher = TeacherScores(teacher=teacher.source, **metrics, settings=settings)
-    EvalResults(
-        model=result.model,
-        tasks={**previous.tasks, **{n: TaskScore.of(r, config.limit) for n, r in result.tasks.items()}},
-        teacher=result.teacher if result.teacher is not None else previous.teacher,
-    ).save(folder)
+    with merge_lock(folder / RESULTS_FILE):  # shards of one model update it in turn
+        previous = EvalResults.load_or_none(folder) or EvalResults(result.model)
+        EvalResults(
+            model=result.model,
+            tasks={**previous.tasks, **{n: TaskScore.of(r, config.limit) for n, r in result.tasks.items()
+                                        if r.complete}},
+            teacher=result.teacher if result.teacher is not None else previous.teacher,
+        ).save(folder)
     return result
+
+
+def _finished_results(results: list[ModelResult], config: EvalConfig) -> list[ModelResult] | None:
+    """Every model's results as its results.json holds them, once all shards have written theirs; else None."""
+    finished = []
+    for r in results:
+        saved = EvalResults.load_or_none(r.folder)
+        if saved is None or any(name not in saved.tasks or saved.tasks[name].limit != config.limit
+                                for name in config.tasks):
+            return None
+        if (config.teacher and saved.teacher is None) or (
+                config.position_length and not (r.folder / POSITION_FILE).is_file()):
+            return None
+        finished.append(ModelResult(r.model, r.folder, dict(saved.tasks), saved.teacher))
+    return finished
 
 
 def _heldout_texts(config: EvalConfig) -> list[str]:
@@ -490,7 +539,9 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
     slugs = [model_slug(s) for s in specs]
     if len(set(slugs)) != len(slugs):
         raise RadError(f"Two models would share an output folder ({slugs}); rename one of the folders.")
-    with writer_lock(config.out, "rad eval"):
+    shard = config.shard
+    with writer_lock(config.out, "rad eval" if shard.whole else f"rad eval --shard {shard}",
+                     part=None if shard.whole else f"shard-{shard.index}-of-{shard.count}"):
         # Every model and task's data is checked (the hub probed once) before spending time on loading models.
         hub = probe_hub()
         config = dataclasses.replace(config, sources=usable_sources(hub, config.sources))
@@ -516,8 +567,15 @@ def evaluate_models(specs: list[str], config: EvalConfig, **load_kwargs) -> tupl
             results.append(evaluate_model(loaded, config, teacher=teacher))
             del loaded
             gc.collect()
-        table = comparison_table(results)
         out = Path(config.out)
+        if not shard.whole:
+            with merge_lock(out / "comparison.md"):
+                finished = _finished_results(results, config)
+            if finished is None:
+                logger.info("Shard %s is done; the shard that finishes last writes comparison.md", shard)
+                return results, ""
+            results = finished
+        table = comparison_table(results)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "comparison.md", table)
         if "passkey" in config.tasks:

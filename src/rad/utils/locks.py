@@ -25,10 +25,11 @@ from rad.errors import RadError
 LOCK_SUFFIX = ".rad-lock"
 
 
-def lock_path(folder: str | os.PathLike) -> Path:
-    """The lock file of `folder`: a hidden sibling (`runs/.x.rad-lock` for `runs/x`)."""
+def lock_path(folder: str | os.PathLike, part: str | None = None) -> Path:
+    """The lock file of `folder`: a hidden sibling (`runs/.x.rad-lock` for `runs/x`); of one `part` of it, when
+    processes write disjoint parts (`runs/.x.shard-0-of-2.rad-lock`)."""
     folder = Path(folder).expanduser().absolute()
-    return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+    return folder.parent / f".{folder.name}{'.' + part if part else ''}{LOCK_SUFFIX}"
 
 
 def _holder(path: Path) -> str:
@@ -40,10 +41,10 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def writer_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold `folder`'s writer lock for the block; a RadError (exit 2) naming the holder when another process has
-    it. Does not wait: a second writer is a mistake to report, not a queue."""
-    path = lock_path(folder)
+def writer_lock(folder: str | os.PathLike, command: str, part: str | None = None) -> Iterator[Path]:
+    """Hold `folder`'s writer lock (or that of one `part` of it) for the block; a RadError (exit 2) naming the
+    holder when another process has it. Does not wait: a second writer is a mistake to report, not a queue."""
+    path = lock_path(folder, part)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
