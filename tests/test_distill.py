@@ -785,3 +785,16 @@ def test_bf16_distillation_matches_fp32_and_another_precision_is_refused_on_resu
     with pytest.raises(RadError, match=r"was made with other settings \(.*precision.compute bf16 -> fp32"):
         run_distill(_word_config(word_dirs, tmp_path / "bf16", precision="fp32", steps=6, eval_every=6,
                                  resume=True))
+
+
+def test_an_fsdp_launch_on_cpus_is_refused_instead_of_silently_running_ddp(tiny_dirs, tmp_path):
+    """accelerate runs FSDP only on GPUs: on CPUs configs/fsdp.yaml would become DDP without a word. rad says so
+    (exit 2, one sentence) before loading a model; configs/cpu_2proc.yaml is the CPU command."""
+    launcher = [PY, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "fsdp.yaml"),
+                "--num_processes", "2", "--main_process_port", "29519", "-m", "rad.cli"]
+    r = _cli(_cli_args(tiny_dirs, tmp_path / "fsdp", steps=2), launcher=launcher)
+    assert r.returncode != 0
+    assert "asks for FSDP, but accelerate" in r.stderr and "only on GPUs" in r.stderr and "configs/cpu_2proc.yaml" in r.stderr, r.stderr[-3000:]
+    assert "exitcode: 2" in r.stderr  # rad's exit; the launcher then prints its own traceback of a failed child
+    assert "src/rad/" not in r.stderr, r.stderr[-3000:]  # no traceback through rad's code
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()

@@ -54,6 +54,7 @@ from rad.outputs import check_free_space
 from rad.utils.atomic import atomic_write_json
 from rad.utils.devices import resolve_device
 from rad.utils.identity import check_same_settings
+from rad.utils.launch import refuse_launcher
 from rad.utils.locks import writer_lock
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def run_align(config: AlignConfig, on_step: Callable[[int], None] | None = None)
     """Align every converted layer's mixer of `config.hybrid` to its teacher; write checkpoints, logs, summary.json
     and OUT/student. `on_step(step)` runs after each step's log and checkpoint (tests interrupt runs there)."""
 
+    refuse_launcher("rad align")
     check_before_loading(config)
     with writer_lock(config.out, "rad align"):
         device = resolve_device(config.device)

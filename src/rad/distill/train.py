@@ -54,6 +54,7 @@ from rad.outputs import DISTILL, check_free_space, check_output, input_location
 from rad.utils.atomic import atomic_write_json, remove_stale_temps
 from rad.utils.devices import resolve_dtype
 from rad.utils.identity import check_same_settings, model_fingerprint
+from rad.utils.launch import check_engine_device, check_launch
 from rad.utils.locks import writer_lock
 from rad.utils.precision import (
     compute_dtype,
@@ -133,7 +134,10 @@ def _accelerator(config: DistillConfig):
     from accelerate import Accelerator
 
     cpu = config.device is not None and torch.device(config.device).type == "cpu"
-    return Accelerator(cpu=cpu, mixed_precision="no")
+    check_engine_device(cpu, "rad distill")
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no")
+    check_launch(accelerator, "rad distill")  # the engine and processes the launch asked for, or exit 2
+    return accelerator
 
 
 def _check_disk(run) -> None:
