@@ -12,13 +12,16 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from rad.errors import RadError
+from rad.evaluate.confine import CgroupLimits
 from rad.evaluate.inputs import check_task_data
 from rad.evaluate.sandbox import (
     BWRAP_ENV,
@@ -415,3 +418,120 @@ def test_opting_out_is_loud_and_recorded(monkeypatch, tmp_path, caplog):
                                        limits).passed
     with pytest.raises(RadError, match="Unknown sandbox isolation"):
         SandboxLimits(isolation="docker")
+
+
+# --- the kernel's part: a reaper that outlives rad's death, a memory cgroup, socket families (issue 27 §1) -------
+
+_RAD_STAND_IN = """
+import sys
+from rad.evaluate.sandbox import SandboxLimits, check_program
+print(check_program(open(sys.argv[1]).read(), SandboxLimits(timeout_s=300.0)), flush=True)
+"""
+
+
+@needs_bwrap
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_nothing_of_the_sandbox_outlives_a_killed_rad_by_a_second(sig, tmp_path):
+    """The process that scores is killed mid-check (as a user, the OOM killer or a scheduler would): every process
+    of the sandbox, a daemonised one included, is gone from the host's process table within a second."""
+    marker = f"radorphan{secrets.token_hex(6)}"
+    loop = f"while :; do : {marker}; sleep 0.05; done"
+    code = "\n".join([
+        "import os",
+        "if os.fork() == 0:",
+        "    os.setsid()",
+        "    if os.fork() == 0:",
+        f"        os.execv('/bin/bash', ['bash', '-c', {loop!r}])",
+        "    os._exit(0)",
+        f"os.execv('/bin/bash', ['bash', '-c', {loop!r}])",  # and the checked program itself never returns
+    ])
+    program = tmp_path / "program.py"  # not on rad's command line: only sandbox processes carry the marker
+    program.write_text(code)
+    rad = subprocess.Popen([sys.executable, "-c", _RAD_STAND_IN, str(program)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(processes_with(marker)) < 2 and time.monotonic() < deadline and rad.poll() is None:
+            time.sleep(0.05)
+        assert rad.poll() is None, f"the check ended before it was killed: {rad.communicate()[0][-2000:]}"
+        assert len(processes_with(marker)) >= 2, "the sandboxed program and its daemon never started"
+        rad.send_signal(sig)
+        rad.wait()
+        killed_at = time.monotonic()
+        while processes_with(marker) and time.monotonic() - killed_at < 1.0:
+            time.sleep(0.01)
+        assert survivors(marker, within_s=0) == [], f"sandbox processes outlived rad by over a second ({sig!r})"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            rad.kill()
+        survivors(marker, within_s=0)
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/**/rad-sandbox-{rad.pid}-*")), "its cgroup was left behind"
+
+
+def _host_shmem() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+_SYSV_SHM = body(
+    "import ctypes",
+    "libc = ctypes.CDLL(None, use_errno=True)",
+    "libc.shmget.restype, libc.shmat.restype = ctypes.c_int, ctypes.c_void_p",
+    "for _ in range(48):",  # 3 GiB of segments that outlive shmdt; RLIMIT_AS never sees them
+    "    segment = libc.shmget(0, 64 << 20, 0o1000 | 0o600)",
+    "    address = libc.shmat(segment, None, 0)",
+    "    ctypes.memset(address, 1, 64 << 20)",
+    "    libc.shmdt(ctypes.c_void_p(address))",
+    "return 1")
+_MEMFDS = body(
+    "import os",
+    "files = []",
+    "for _ in range(3000):",  # each under RLIMIT_FSIZE: 3 GB in all without a limit on their number
+    "    fd = os.memfd_create('pin')",
+    "    os.write(fd, bytes((1 << 20) - 1))",
+    "    files.append(fd)",
+    "return 1")
+
+
+@needs_bwrap
+@pytest.mark.skipif(CgroupLimits.available() is not None, reason=f"no cgroup here: {CgroupLimits.available()}")
+@pytest.mark.parametrize("attack", [_SYSV_SHM, _MEMFDS], ids=["sysv-shm", "memfd"])
+def test_memory_outside_the_address_space_limit_is_bounded_on_the_host(attack):
+    """Shared memory is what these attacks pin (the host's Shmem in /proc/meminfo); it stays within the sandbox's
+    cgroup limit (256 MiB address space + 256 MiB headroom here) instead of growing by 3 GB."""
+    limits = SandboxLimits(timeout_s=60.0, memory_bytes=256 << 20)
+    before, peak, done = _host_shmem(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _host_shmem())
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run(attack, limits=limits)
+    finally:
+        done.set()
+        watcher.join()
+    assert not result.passed and result.status in ("memory", "error"), result
+    grown = peak[0] - before
+    assert grown < 600 << 20, f"the host's shared memory grew by {grown / 2**20:.0f} MiB"
+    deadline = time.monotonic() + 30  # the kernel frees an IPC namespace's segments a moment after its last process
+    while _host_shmem() - before >= 64 << 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _host_shmem() - before < 64 << 20  # and it was all given back
+
+
+@needs_bwrap
+@pytest.mark.skipif(seccomp_program() is None, reason="libseccomp is not installed")
+def test_only_unix_sockets_can_be_made():
+    families = {"AF_VSOCK": 40, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17}
+    for name, family in families.items():
+        probe = body("import socket", "try:", f"    socket.socket({family}, socket.SOCK_STREAM if {family} != 16 else "
+                     "socket.SOCK_RAW)", "except OSError as err:", "    return err.errno", "return 0")
+        assert run(probe, prediction="1").passed, name  # EPERM from the filter
+    pair = body("import socket", "a, b = socket.socketpair()", "a.send(b'x')", "return b.recv(1)")
+    assert run(pair, prediction="b'x'").passed

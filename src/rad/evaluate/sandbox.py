@@ -40,6 +40,7 @@ import os
 import select
 import shutil
 import signal
+import socket as socket_module
 import subprocess
 import sys
 import sysconfig
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rad.errors import RadError
+from rad.evaluate.confine import CgroupLimits, confinement
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,9 @@ def _default_isolation() -> str:
     return os.environ.get(ISOLATION_ENV, "bwrap")
 
 
-MAX_TIMEOUT_S = 3600.0  # one sandboxed check; CRUXEval's take well under a second
+MAX_TIMEOUT_S = 3600.0
+MAX_OPEN_FILES = 64
+CGROUP_HEADROOM_BYTES = 256 << 20  # one sandboxed check; CRUXEval's take well under a second
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,13 @@ def _bwrap() -> str | None:
     return shutil.which("bwrap") or shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
 
 
+def cgroup_limits(limits: SandboxLimits) -> CgroupLimits:
+    """The whole sandbox's memory (every page, all processes: one process's address space plus room for bubblewrap
+    and a second process) and its processes and threads."""
+    return CgroupLimits(memory_bytes=limits.memory_bytes + CGROUP_HEADROOM_BYTES,
+                        max_pids=limits.max_processes + 8)
+
+
 def _rlimits(limits: SandboxLimits) -> dict[str, int]:
     """Set by the harness on itself before it reads any untrusted code (no preexec_fn: unsafe with threads)."""
     values = {
@@ -323,6 +334,7 @@ def _rlimits(limits: SandboxLimits) -> dict[str, int]:
         "RLIMIT_CPU": math.ceil(limits.timeout_s) + 1,
         "RLIMIT_FSIZE": limits.max_file_bytes,
         "RLIMIT_CORE": 0,
+        "RLIMIT_NOFILE": MAX_OPEN_FILES,  # each memfd or file pins pages: bounded in number as well as in size
     }
     if limits.isolation == "bwrap":  # counted per sandbox (its own user namespace); outside, it would count all
         values["RLIMIT_NPROC"] = limits.max_processes  # the caller's processes
@@ -359,6 +371,14 @@ SECCOMP_DENIED = (
 )
 
 
+class _ScmpArgCmp(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+_SCMP_CMP_NE = 1
+
+
 @functools.lru_cache(maxsize=1)
 def seccomp_program() -> bytes | None:
     """The compiled BPF filter for bwrap --seccomp, from libseccomp (None, logged, when it is not installed)."""
@@ -371,6 +391,8 @@ def seccomp_program() -> bytes | None:
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ScmpArgCmp)]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     allow, deny = 0x7FFF0000, 0x00050000 | errno.EPERM  # SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM)
@@ -381,6 +403,13 @@ def seccomp_program() -> bytes | None:
         for name in SECCOMP_DENIED:
             number = lib.seccomp_syscall_resolve_name(name.encode())
             if number >= 0 and lib.seccomp_rule_add(context, deny, number, 0) < 0:
+                return None
+        # socket() and socketpair() of any family but AF_UNIX: the network namespace hides AF_INET, not AF_VSOCK's
+        # global address space or netlink; benchmark code needs none of them.
+        other_family = _ScmpArgCmp(arg=0, op=_SCMP_CMP_NE, datum_a=socket_module.AF_UNIX, datum_b=0)
+        for name in ("socket", "socketpair"):
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number >= 0 and lib.seccomp_rule_add_array(context, deny, number, 1, ctypes.byref(other_family)) < 0:
                 return None
         with tempfile.TemporaryFile() as out:
             if lib.seccomp_export_bpf(context, out.fileno()) < 0:
@@ -475,12 +504,18 @@ def _run_child(request: dict, limits: SandboxLimits) -> _Reply:
             cwd = stack.enter_context(tempfile.TemporaryDirectory(prefix="rad-sandbox-"))
             command, env = _plain_command(), {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd}
         deadline = time.monotonic() + limits.timeout_s
-        proc = subprocess.Popen(command, stdin=request_file, stdout=subprocess.PIPE, stderr=errors, cwd=cwd,
-                                env=env, start_new_session=True, pass_fds=pass_fds)
+        confined = stack.enter_context(confinement(cgroup_limits(limits)))
+        proc = subprocess.Popen(confined.wrap(command), stdin=request_file, stdout=subprocess.PIPE, stderr=errors,
+                                cwd=cwd, env=env, start_new_session=True, pass_fds=pass_fds)
         try:
+            confined.watch(proc.pid)  # from here on, nothing of this child outlives rad
             reply, why = _read_reply(proc, deadline, limits.max_reply_bytes)
+            out_of_memory = confined.oom_killed()
         finally:
+            confined.release()  # the reaper kills the whole tree before the child is reaped (no pid reuse)
             _kill_tree(proc)
+        if out_of_memory and (why or proc.returncode != 0):
+            return _Reply("memory", "the sandbox's memory cgroup limit was reached")
         if why:
             return _Reply(why[0], why[1])
         errors.seek(0)
