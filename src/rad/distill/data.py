@@ -263,7 +263,11 @@ def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[lis
     if not records:
         raise RadError("The distillation dataset is empty; pass --data with some records.")
     kind, pf, rf = _pick_fields(records[0], config)
-    out = []
+    if config.mask_prompt and kind == "text":
+        raise RadError(f"--mask-prompt needs records with a prompt and a response (chat 'messages' or a pair such as "
+                       f"question/answer); this data is plain text (the field {pf!r}), so nothing could be masked: "
+                       "leave --mask-prompt out, or name the fields with --prompt-field/--response-field.")
+    out, unmasked = [], 0
     for rec in records:
         if kind == "text":
             ids = tokenizer(str(rec[pf]), add_special_tokens=True).input_ids
@@ -276,7 +280,12 @@ def render(records: list[dict], tokenizer, config: DataConfig) -> list[tuple[lis
         ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
         prompt_ids = encode_chat(tokenizer, messages[:-1], add_generation_prompt=True)
         n_prompt = len(prompt_ids) if config.mask_prompt and ids[: len(prompt_ids)] == prompt_ids else 0
+        unmasked += config.mask_prompt and n_prompt == 0
         out.append((ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)))
+    if unmasked:
+        raise RadError(f"--mask-prompt: for {unmasked} of {len(records)} records the prompt's tokens are not the start "
+                       "of the whole record's (this tokenizer's chat template renders the prompt differently alone), "
+                       "so their prompts cannot be masked; leave --mask-prompt out for this data and model.")
     return out
 
 

@@ -93,7 +93,11 @@ class GSM8K:
         rows = load_rows("gsm8k_test", self.options.data_dir, self.options.sources)
         shots = []
         if self.options.n_shot:
-            shots = load_rows("gsm8k_train", self.options.data_dir, self.options.sources)[: self.options.n_shot]
+            train = load_rows("gsm8k_train", self.options.data_dir, self.options.sources)
+            if self.options.n_shot > len(train):
+                raise RadError(f"--n-shot {self.options.n_shot} asks for more examples than the GSM8K train split "
+                               f"holds ({len(train)}); use at most {len(train)} (8 is the usual few-shot setting).")
+            shots = train[: self.options.n_shot]
         rows = rows[:limit] if limit is not None else rows
         return [self._item(f"gsm8k-test-{i}", row, shots) for i, row in enumerate(rows)]
 

@@ -35,10 +35,10 @@ from rad.models.mixers import (
     mixer_kind,
 )
 from rad.models.naming import hybrid_name
-from rad.outputs import CONVERT, check_output
+from rad.outputs import CONVERT, check_free_space, check_output, write_failed
 from rad.utils.artefacts import layer_indices, load_artefact, strict
 from rad.utils.atomic import atomic_directory
-from rad.utils.devices import default_chunk_size, resolve_device, resolve_dtype
+from rad.utils.devices import check_fits_in_memory, default_chunk_size, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ def convert_to_hybrid(model: PreTrainedModel, config: ConversionConfig) -> Bamba
     kind = mixer_kind(DEFAULT_MIXER)
     geometry = kind.resolve_geometry(src, config.n_groups, config.d_state, config.d_conv)
     kind.check_init(config.init, geometry)
+    check_fits_in_memory(hybrid_bytes(model, geometry, len(layers), dtype), device,
+                         f"A hybrid with {len(layers)} mixers of d_state {geometry.d_state} and {geometry.n_groups} groups",
+                         "use a smaller --d-state or fewer --n-groups (the default is the init's)")
     hybrid_config = hybrid_config_from(src, layers, config, device, geometry, kind)
 
     with torch.device(device):
@@ -312,16 +315,52 @@ def conversion_record(source_model: str, model: PreTrainedModel, config: Convers
     )
 
 
+def _check_size_before_loading(model: str, settings: ConversionConfig, layers, device, dtype) -> None:
+    """For a local checkpoint folder: the mixers' shape from its config.json, so a hybrid that cannot fit in memory
+    is refused before the model loads (`convert_to_hybrid` checks again, for every other source)."""
+    folder = Path(str(model)).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    try:
+        from transformers import AutoConfig
+
+        source = AutoConfig.from_pretrained(folder, local_files_only=True)
+        n_mixers = len(parse_layers(layers, source.num_hidden_layers, allow_empty=False))
+        geometry = mixer_kind(DEFAULT_MIXER).resolve_geometry(source, settings.n_groups, settings.d_state,
+                                                              settings.d_conv)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return  # the loader reports an unreadable config with its own sentence
+    target = resolve_device(device)
+    element = torch.empty((), dtype=resolve_dtype(dtype, target)).element_size()
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    check_fits_in_memory(weights + geometry.parameters() * n_mixers * element, target,
+                         f"A hybrid with {n_mixers} mixers of d_state {geometry.d_state} and {geometry.n_groups} groups",
+                         "use a smaller --d-state or fewer --n-groups (the default is the init's)")
+
+
+def hybrid_bytes(model, geometry, n_mixers: int, dtype: torch.dtype) -> int:
+    """The hybrid's weights: the source's (a mixer replaces an attention of about its size) plus the mixers."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + geometry.parameters() * n_mixers * element
+
+
 def save_hybrid(
     hybrid: BambaForCausalLM, tokenizer, out: str | Path, record: ConversionRecord, overwrite: bool = False
 ) -> Path:
     """Write checkpoint (safetensors), tokenizer and rad_conversion.json to `out`, atomically."""
+    from safetensors import SafetensorError
+
     out = check_hybrid_out(out, overwrite)
-    with atomic_directory(out, overwrite=True) as tmp:
-        hybrid.save_pretrained(tmp)
-        write_loader_keys(tmp, hybrid.config)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CONVERSION_FILE).write_text(record.to_json())
+    weights = sum(t.numel() * t.element_size() for t in hybrid.state_dict().values())
+    check_free_space(out, weights + (64 << 20), "Saving the hybrid")  # + tokenizer and config files
+    try:
+        with atomic_directory(out, overwrite=True) as tmp:
+            hybrid.save_pretrained(tmp)
+            write_loader_keys(tmp, hybrid.config)
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONVERSION_FILE).write_text(record.to_json())
+    except (OSError, SafetensorError) as err:  # a disk that filled up meanwhile: nothing is left behind
+        raise write_failed(out, err, "free some space and run the same command again.") from err
     return out
 
 
@@ -385,6 +424,7 @@ def convert_model(
     resolve_dtype(dtype, resolve_device(device))
     parse_layers(layers, 1 << 30, allow_empty=False)  # syntax, duplicates, negatives; the range once loaded
     out = check_hybrid_out(out, overwrite, inputs=[("model", model)])
+    _check_size_before_loading(model, settings, layers, device, dtype)
     loaded = load_model(model, device=device, dtype=dtype)
     indices = parse_layers(layers, loaded.model.config.num_hidden_layers, allow_empty=False)
     config = dataclasses.replace(settings, layers=indices)

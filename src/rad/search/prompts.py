@@ -34,11 +34,19 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 
 
+MAX_PROMPT_FILE_BYTES = 1 << 20
+MAX_PROMPT_CHARS = 32_000
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a file: one per line, or jsonl objects with a "prompt" field (blank lines are skipped)."""
     path = Path(path)
     if not path.is_file():
         raise RadError(f"Prompt file {path} does not exist.")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise RadError(f"Prompt file {path} is {size / 2**20:.1f} MiB; search prompts are a few short chats (at most "
+                       f"{MAX_PROMPT_FILE_BYTES >> 20} MiB in all): give fewer or shorter prompts.")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError:
@@ -46,9 +54,13 @@ def read_prompt_file(path: str | Path) -> list[str]:
     lines = [line for line in lines if line]
     if not lines:
         raise RadError(f"Prompt file {path} has no prompts; write one prompt per line (or jsonl with \"prompt\").")
-    if path.suffix == ".jsonl" or all(line.startswith("{") for line in lines):
-        return _read_jsonl(path, lines)
-    return lines
+    prompts = _read_jsonl(path, lines) if path.suffix == ".jsonl" or all(line.startswith("{") for line in lines) \
+        else lines
+    for number, prompt in enumerate(prompts, start=1):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise RadError(f"{path}, prompt {number}: {len(prompt):,} characters; a search prompt is a short chat "
+                           f"(at most {MAX_PROMPT_CHARS:,} characters).")
+    return prompts
 
 
 def _read_jsonl(path: Path, lines: list[str]) -> list[str]:
@@ -63,6 +75,16 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[str]:
             raise RadError(f"{path}, prompt {number}: needs a non-empty string field \"prompt\".")
         prompts.append(prompt.strip())
     return prompts
+
+
+def check_prompts_fit(prompts: list[torch.Tensor], new_tokens: int, positions: int | None, source: str) -> None:
+    """Every prompt plus the tokens the search generates (and drafts) fits the model's positions."""
+    if not isinstance(positions, int):
+        return
+    longest = max(int(ids.shape[-1]) for ids in prompts)
+    if longest + new_tokens > positions:
+        raise RadError(f"The longest search prompt is {longest} tokens; with {new_tokens} generated and drafted tokens "
+                       f"it exceeds {source}'s {positions} positions: shorten the prompts or lower --max-new-tokens.")
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[torch.Tensor]:

@@ -23,7 +23,13 @@ from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
 from rad.search.objectives import Evaluation, make_objective, objective_class
 from rad.search.optimizer import make_sampler, optimise, worker_seed
-from rad.search.prompts import DEFAULT_PROMPTS, encode_prompts, ids_from_lists, prompts_digest
+from rad.search.prompts import (
+    DEFAULT_PROMPTS,
+    check_prompts_fit,
+    encode_prompts,
+    ids_from_lists,
+    prompts_digest,
+)
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, top_frequency, write_outputs
 from rad.search.storage import StudyStore, check_storage, mask_key, shown_url
 from rad.utils.identity import check_same_settings
@@ -62,6 +68,8 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     else:
         texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
+    check_prompts_fit(prompts, config.max_new_tokens + config.max_draft,
+                      getattr(hf.config, "max_position_embeddings", None), loaded.source)
     return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None,
                      padding_token_id(loaded.tokenizer, hf), mixers)
 

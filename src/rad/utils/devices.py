@@ -70,3 +70,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
 def default_chunk_size(device: torch.device | str) -> int:
     """Mamba2 scan chunk: 256 suits GPU kernels; the pure-torch CPU scan is 1.5-2x faster at 64 (measured)."""
     return 256 if torch.device(device).type == "cuda" else 64
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on `device` (a CPU: MemAvailable; a GPU: free memory); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_in_memory(needed: int, device: torch.device | str, what: str, advice: str) -> None:
+    """Refuse an allocation that cannot fit (`d_state` 10^8: a 77 GB request), before it is tried."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise RadError(f"{what} needs about {needed / 2**30:.1f} GiB on {torch.device(device)}, which has "
+                       f"{free / 2**30:.1f} GiB available; {advice}.")
