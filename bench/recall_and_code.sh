@@ -15,12 +15,13 @@ H="$OUT/hybrid4"
 S="$OUT/kd32_k4"
 [ -f "$S/summary.json" ] || $RAD distill "$H" $D --micro-batch 4 --steps 32 --eval-every 32 --eval-sequences 8 \
   --save-every 8 --no-progress $( [ -d "$S/checkpoints" ] && echo --resume ) --out "$S"
-# HumanEval: greedy, evalplus's chat prompt, generated in the loaded fp32 (the teacher's run too)
-$RAD eval $T "$S/student" --tasks humaneval --batch-size 32 --out "$OUT/humaneval"
-# Passkey: 20 items at 1k and 4k (5 depths x 4 keys), 10 at 8k (5 depths x 2), bf16 generation
+# Passkey: 20 items at 1k and 4k (5 depths x 4 keys), bf16 generation
 $RAD eval $T "$S/student" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_short"
-$RAD eval $T "$S/student" --tasks passkey --passkey-lengths 8192 --passkey-repeats 2 --batch-size 2 \
-  --generation-dtype auto --out "$OUT/passkey_8k"
 # Loss against position on two 8,192-token windows of CPython's standard library
 $RAD eval $T "$S/student" --tasks "" --position-loss 8192 --position-windows 2 --out "$OUT/position"
+# HumanEval: greedy, evalplus's chat prompt, generated in the loaded fp32 (the teacher's run too)
+$RAD eval $T "$S/student" --tasks humaneval --batch-size 32 --out "$OUT/humaneval"
+# Passkey at 8k: 10 items (5 depths x 2 keys)
+$RAD eval $T "$S/student" --tasks passkey --passkey-lengths 8192 --passkey-repeats 2 --batch-size 2 \
+  --generation-dtype auto --out "$OUT/passkey_8k"

@@ -10,7 +10,13 @@ import pytest
 from rad.data import load_rows
 from rad.evaluate import EvalConfig, evaluate_model
 from rad.evaluate.sandbox import SandboxLimits, check_program, sandbox_problem
-from rad.evaluate.tasks import HUMANEVAL_INSTRUCTION, TaskOptions, humaneval_program, make_task
+from rad.evaluate.tasks import (
+    HUMANEVAL_INSTRUCTION,
+    HUMANEVAL_RESPONSE_PREFIX,
+    TaskOptions,
+    humaneval_program,
+    make_task,
+)
 from rad.models.loading import LoadedModel
 
 PROBLEM = sandbox_problem()
@@ -48,6 +54,24 @@ def test_an_answer_becomes_the_program_it_stands_for():
     assert humaneval_program(prompt, entry, f"```\n{body}```") == prompt + body
     assert humaneval_program(prompt, entry, f"```python\n{full}") == full  # cut off before its closing fence
     assert "```" in HUMANEVAL_INSTRUCTION and "{prompt}" in HUMANEVAL_INSTRUCTION
+
+
+def test_the_chat_prompt_is_evalplus_s_and_the_answer_continues_its_opened_fence():
+    """evalplus's `make_raw_chat_prompt`: the user turn holds the instruction, the assistant turn starts with the
+    response prefix and an opened ```python fence; the model writes only code, and prefix + completion is scored."""
+    from rad.evaluate.generation import render_prompt
+    from tests.conftest import word_tokenizer
+
+    item = make_task("humaneval", TaskOptions()).items(1)[0]
+    assert item.response_prefix == HUMANEVAL_RESPONSE_PREFIX and HUMANEVAL_RESPONSE_PREFIX.endswith("```python\n")
+    tokenizer = word_tokenizer()
+    chat = render_prompt(tokenizer, item.messages, item.raw, True, item.response_prefix)
+    assert chat.endswith(HUMANEVAL_RESPONSE_PREFIX) and ROWS[0]["prompt"].strip() in chat
+    assert render_prompt(tokenizer, item.messages, item.raw, False, item.response_prefix) == ROWS[0]["prompt"]
+    entry, solution = ROWS[0]["entry_point"], ROWS[0]["canonical_solution"]
+    code = ROWS[0]["prompt"] + solution
+    answer = item.response_prefix + code + "```\nThis works because ..."
+    assert humaneval_program(ROWS[0]["prompt"], entry, answer) == code
 
 
 @needs_bwrap

@@ -26,11 +26,12 @@ class GenerationConfig:
     chat: bool = True
 
 
-def render_prompt(tokenizer, messages: list[dict], raw: str, chat: bool) -> str:
-    """The prompt text: `raw` without `chat`, else the messages by `render_chat` (template or its fallback)."""
+def render_prompt(tokenizer, messages: list[dict], raw: str, chat: bool, response_prefix: str = "") -> str:
+    """The prompt text: `raw` without `chat`, else the messages by `render_chat` (template or its fallback) with the
+    assistant's answer begun by `response_prefix`."""
     if not chat:
         return raw
-    return render_chat(tokenizer, messages, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, add_generation_prompt=True) + response_prefix
 
 
 def truncate_at(text: str, stops: tuple[str, ...]) -> str:

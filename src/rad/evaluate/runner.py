@@ -397,12 +397,13 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
         for start in range(0, len(pending), config.batch_size):
             check_deadline(deadline, f"the next {task.name} batch of {loaded.source}")  # items so far are saved
             chunk = pending[start : start + config.batch_size]
-            prompts = [render_prompt(loaded.tokenizer, item.messages, item.raw, config.chat) for _, item in chunk]
+            prompts = [render_prompt(loaded.tokenizer, item.messages, item.raw, config.chat, item.response_prefix)
+                       for _, item in chunk]
             t0 = time.perf_counter()
             completions = generator.generate(prompts)
             seconds = (time.perf_counter() - t0) / len(chunk)
             for (index, item), prompt, completion in zip(chunk, prompts, completions, strict=True):
-                answer = truncate_at(completion, task.stop)
+                answer = truncate_at((item.response_prefix if config.chat else "") + completion, task.stop)
                 record = {"id": item.id, "index": index, **task.score(item, answer), "completion": completion,
                           "prompt": prompt, "seconds": round(seconds, 3), "finished_at": time.time()}
                 fh.write(json.dumps(record) + "\n")
