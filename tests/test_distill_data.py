@@ -76,10 +76,10 @@ def test_named_data_and_mixes():
 
 def test_a_named_part_that_is_nowhere_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("RAD_DATA_CACHE", str(tmp_path))
-    (tmp_path / "gsm8k_train.jsonl").write_text(json.dumps({"question": "w3", "answer": "w4"}) + "\n")
+    (tmp_path / "gsm8k_train.jsonl").write_text(json.dumps({"question": "w3", "answer": "w4\n#### 4"}) + "\n")
     with pytest.raises(RadError, match="No MBPP data for --data gsm8k\\+mbpp .*put mbpp.jsonl"):
         load_records(DataConfig(spec="gsm8k+mbpp", sources=("cache",)))
-    assert load_records(DataConfig(spec="gsm8k", sources=("cache",)))[0] == [{"prompt": "w3", "response": "w4"}]
+    assert load_records(DataConfig(spec="gsm8k", sources=("cache",)))[0] == [{"prompt": "w3", "response": "w4\n#### 4"}]
 
 
 def test_the_real_distillation_data_holds_no_evaluation_item():

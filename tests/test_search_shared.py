@@ -210,7 +210,7 @@ def test_two_workers_on_postgresql_share_the_budget_and_a_killed_workers_trial_i
     assert len(masks) == budget and len(set(masks)) == budget  # the budget exactly, no mask twice
     assert by_number[killed].state.name == "FAIL"  # declared dead after the heartbeat grace
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retries) == 1, "RetryFailedTrialCallback re-queues the dead worker's trial once"
+    assert len(retries) == 1, "Optuna's stale-trial callback re-queues the dead worker's trial once"
     assert retries[0].params == by_number[killed].params
     assert retries[0].state.name == "COMPLETE" and retries[0].user_attrs["worker"] == 1
     assert mask_key(retries[0].user_attrs["mask"]) == mask_key(by_number[killed].user_attrs["mask"])

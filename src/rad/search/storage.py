@@ -3,7 +3,7 @@ tables of rad's own that make workers on one or many hosts cooperate.
 
 The default is `sqlite:///DIR/study.db`; `rad search --storage postgresql://...` puts the study on a server so
 that workers on other hosts join it. Both go through the same code: Optuna's public API for trials (RDBStorage
-with heartbeats, `enqueue_trial`, `RetryFailedTrialCallback`) and SQLAlchemy Core for rad's tables, each row
+with heartbeats, `enqueue_trial`, its stale-trial retry callback) and SQLAlchemy Core for rad's tables, each row
 keyed by the study's name, so one database holds many studies:
 
 - `rad_search_claims`: one row per mask, naming the trial that measures it. A worker claims a mask inside one
@@ -11,7 +11,7 @@ keyed by the study's name, so one database holds many studies:
   driver ignores that, every transaction begins with `BEGIN IMMEDIATE` instead). Claimers are thus serialised:
   no mask is measured twice and the budget is shared exactly, however many processes join. A claim whose trial
   failed (a dead worker's trial is failed by Optuna's heartbeat after the grace period and re-queued by
-  `RetryFailedTrialCallback`) is void, and the mask may be claimed again.
+  its retry callback) is void, and the mask may be claimed again.
 - `rad_search_evaluations`: measurements made outside the optimiser (baselines, re-measurements), so a resumed
   search does not redo them.
 - `rad_search_workers`: one row per process that joined, giving each a distinct index (and sampler seed).
@@ -301,11 +301,11 @@ class StudyStore:
     def _make_optuna_storage(self) -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            callback = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+            retry = _stale_trial_retry()
             if self.dialect != "sqlite":
                 return optuna.storages.RDBStorage(
                     self.url, engine_kwargs=_engine_kwargs(self.parsed), heartbeat_interval=self.heartbeat_seconds,
-                    grace_period=2 * self.heartbeat_seconds, failed_trial_callback=callback)
+                    grace_period=2 * self.heartbeat_seconds, **retry)
             if self.path is not None and not self.path.exists():
                 conn = sqlite3.connect(self.path)
                 try:  # persistent; with synchronous=NORMAL (see `_connect`) a commit needs no fsync
@@ -314,8 +314,7 @@ class StudyStore:
                     conn.close()
             storage = optuna.storages.RDBStorage(
                 self.url, engine_kwargs={"creator": self._connect_autocommit},
-                heartbeat_interval=self.heartbeat_seconds, grace_period=2 * self.heartbeat_seconds,
-                failed_trial_callback=callback)
+                heartbeat_interval=self.heartbeat_seconds, grace_period=2 * self.heartbeat_seconds, **retry)
         # SQLite ignores SELECT ... FOR UPDATE, and the driver starts a transaction only at the first write,
         # so two processes could both read a WAITING (enqueued) trial and both run it. Every Optuna
         # transaction takes the write lock at its start instead: read-then-update is atomic. (A setting of
@@ -488,7 +487,7 @@ class StudyStore:
     def fail_stale_trials(self, study: optuna.Study) -> None:
         """Fail the trials of dead workers.
 
-        Optuna fails RUNNING trials whose heartbeat is stale (and `RetryFailedTrialCallback` re-queues them). A
+        Optuna fails RUNNING trials whose heartbeat is stale (and its retry callback re-queues them). A
         worker killed between creating a trial and its first heartbeat (while its sampler proposes) leaves one
         that no heartbeat ever marks; such a trial holds no claim, so once it is older than the grace period
         it is failed here through `study.tell`. (A live worker whose sampler takes longer than that loses only
@@ -541,6 +540,13 @@ class StudyStore:
             self.storage.engine.dispose()
         if self.engine is not None:
             self.engine.dispose()
+
+
+def _stale_trial_retry() -> dict:
+    """Optuna's re-queue of a dead worker's trial, under its name in the installed version (renamed in 4.9)."""
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
 
 
 def _begin_immediate(connection) -> None:
