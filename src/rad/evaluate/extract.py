@@ -1,4 +1,5 @@
-"""Turn free-form model answers into comparable values: GSM8K's final number, CRUXEval's predicted literal.
+"""Turn free-form model answers into comparable values: GSM8K's final number, CRUXEval's predicted literal,
+HumanEval's program.
 
 Small models rarely follow the answer format exactly, so extraction tries the explicit markers first
 (`#### N`, `\\boxed{N}`, "the answer is N") and falls back to the last number in the text.
@@ -132,3 +133,66 @@ def extract_cruxeval_prediction(text: str, inputs: str) -> str:
         rest = body[len(prefix) :].strip()
         return rest[2:].strip() if rest.startswith("==") else rest
     return body.split("==", 1)[1].strip() if "==" in body else body
+
+
+# What evalplus does to a model's code before HumanEval's tests run (evalplus/sanitize.py, which the Qwen2.5-Coder
+# report's numbers use): keep the longest prefix that parses, then only imports and the definitions the entry point
+# reaches. Chat models follow their function with example calls (`print(f(3))  # Output: ...`); run as written, a
+# call with a wrong expectation in its comment, or one cut off by the token limit, fails an answer whose function
+# passes the tests.
+_DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_ASSIGNMENTS = (ast.Assign, ast.AnnAssign)
+
+
+def _longest_parsing_prefix(code: str) -> tuple[str, ast.Module] | None:
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        prefix = "\n".join(lines[:end])
+        try:
+            return prefix, ast.parse(prefix)
+        except (SyntaxError, ValueError):  # ValueError: a NUL byte in the source
+            continue
+    return None
+
+
+def _defined_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, _DEFINITIONS):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return [n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)]
+
+
+def _used_names(node: ast.stmt) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def sanitize_python(code: str, entry_point: str) -> str:
+    """`code` with only its imports and the top-level definitions `entry_point` depends on (each with its own text
+    and the lines between), cut where it stops parsing;
+    `code` unchanged when no prefix of it parses or none defines `entry_point`."""
+    parsed = _longest_parsing_prefix(code)
+    if parsed is None:
+        return code
+    source, module = parsed
+    lines = source.splitlines()
+    definitions: dict[str, ast.stmt] = {}
+    for node in module.body:
+        if isinstance(node, _DEFINITIONS + _ASSIGNMENTS):
+            for name in _defined_names(node):
+                definitions[name] = node  # the last binding wins, as when the module runs
+    if entry_point not in definitions:
+        return code
+    reached, frontier = set(), [entry_point]
+    while frontier:
+        name = frontier.pop()
+        if name in reached or name not in definitions:
+            continue
+        reached.add(name)
+        frontier.extend(_used_names(definitions[name]) - reached)
+    kept_nodes = {id(definitions[name]) for name in reached}
+    dropped: set[int] = set()  # 0-based line numbers of the top-level statements left out
+    for node in module.body:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in kept_nodes:
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            dropped.update(range(first - 1, node.end_lineno))
+    return "\n".join(line for i, line in enumerate(lines) if i not in dropped).rstrip() + "\n"

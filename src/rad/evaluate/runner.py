@@ -259,12 +259,13 @@ class TaskMeta:
     scoring: dict | None = None
     data_fingerprint: str | None = None  # the task's rows (rad.data.rows_fingerprint): which questions, which targets
     data_sources: list[str] | None = None  # where they came from (informational: the same rows from a copy match)
+    score_version: str | None = None  # how answers become verdicts: a change re-scores the kept completions
 
     def identity(self) -> dict:
-        """The settings a resume must match: everything but the spec and the data's location, and nothing an older
-        rad did not record."""
+        """The settings a resume must match: everything but the spec, the data's location and the scorer (a newer
+        scorer re-scores the items, `rescore_items`), and nothing an older rad did not record."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("model", "data_sources") and v is not None}
+                if k not in ("model", "data_sources", "score_version") and v is not None}
 
     def save(self, path: Path) -> Path:
         return atomic_write_json(path, dataclasses.asdict(self))
@@ -301,7 +302,8 @@ def read_items(path: Path) -> dict[str, dict]:
 
 
 # Settings two models' items must share to be paired (the model, its fingerprint and dtype may differ).
-PAIRING_KEYS = ("task", "prompt_version", "chat", "n_shot", "max_new_tokens", "decoding", "scoring", "data_fingerprint")
+PAIRING_KEYS = ("task", "prompt_version", "chat", "n_shot", "max_new_tokens", "decoding", "scoring", "data_fingerprint",
+                "score_version")
 
 
 def paired_test(folder_a: str | Path, folder_b: str | Path, task: str, limit: int | None = None) -> McNemarResult:
@@ -352,7 +354,8 @@ def task_meta(task, config: EvalConfig, loaded: LoadedModel, max_new_tokens: int
     return TaskMeta(task=task.name, prompt_version=task.prompt_version, model=loaded.source, chat=config.chat,
                     n_shot=config.n_shot, max_new_tokens=max_new_tokens, decoding="greedy",
                     model_fingerprint=fingerprint, dtype=str(loaded.model.dtype),
-                    scoring=dataclasses.asdict(config.sandbox), **task.data_identity())
+                    scoring=dataclasses.asdict(config.sandbox), score_version=getattr(task, "score_version", None),
+                    **task.data_identity())
 
 
 def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folder: Path,
@@ -378,8 +381,14 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
         items_path.unlink(missing_ok=True)
         present = []
     if meta_path.is_file() and present:
-        check_same_settings(TaskMeta.load(meta_path).identity(), meta.identity(), what=str(items_path),
+        before = TaskMeta.load(meta_path)
+        check_same_settings(before.identity(), meta.identity(), what=str(items_path),
                             advice="pass --overwrite to discard its items and start again, or choose another --out")
+        if before.score_version != meta.score_version:
+            if not shard.whole:
+                raise RadError(f"{items_path} was scored by an older {task.name} scorer; run this rad eval once "
+                               "without --shard to re-score its items (no generation), then shard again.")
+            rescore_items(task, items_path, chat=config.chat)
     folder.mkdir(parents=True, exist_ok=True)
     meta.save(meta_path)
     items = task.items(config.limit)
@@ -424,6 +433,24 @@ def evaluate_task(loaded: LoadedModel, task_name: str, config: EvalConfig, folde
     selected = [done[item.id] for item in items]
     correct = sum(bool(r["correct"]) for r in selected)
     return TaskResult(task.name, correct, len(selected), generator.calls, wilson_interval(correct, len(selected)))
+
+
+def rescore_items(task, items_path: Path, *, chat: bool) -> None:
+    """Verdicts again from the completions already generated, when the scorer changed since (a harness fix must
+    not cost a model's whole generation again); rewritten atomically, the completions untouched."""
+    records = read_items(items_path)
+    by_id = {item.id: item for item in task.items()}
+    if not records.keys() <= by_id.keys():
+        return  # items of other data: check_same_settings has already refused such a file
+    rescored = []
+    for record in records.values():
+        item = by_id[record["id"]]
+        answer = truncate_at((item.response_prefix if chat else "") + record["completion"], task.stop)
+        rescored.append({**record, **task.score(item, answer)})
+    atomic_write_text(items_path, "".join(json.dumps(r) + "\n" for r in rescored))
+    changed = sum(r["correct"] != records[r["id"]]["correct"] for r in rescored)
+    logger.info("%s: re-scored the %d items in %s under the current scorer (%s); %d verdicts changed",
+                task.name, len(rescored), items_path, getattr(task, "score_version", None), changed)
 
 
 def generation_copy(loaded: LoadedModel, dtype: str | None) -> LoadedModel:

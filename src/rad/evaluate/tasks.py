@@ -21,6 +21,7 @@ from rad.evaluate.extract import (
     format_number,
     gsm8k_target,
     numbers_equal,
+    sanitize_python,
 )
 from rad.evaluate.generation import truncate_at
 from rad.evaluate.passkey import (
@@ -212,12 +213,15 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re
 
 def humaneval_program(prompt: str, entry_point: str, completion: str) -> str:
     """The code a HumanEval answer stands for: a chat answer's first fenced block (with the prompt's signature
-    and imports put back when the block lacks the function), or the prompt + a plain completion cut at the Codex
-    stop sequences."""
+    and imports put back when the block lacks the function), sanitised as evalplus does (`sanitize_python`: the
+    example calls a chat model adds after its function are not part of the answer), or the prompt + a plain
+    completion cut at the Codex stop sequences."""
     fenced = _FENCE.search(completion)
     if fenced is not None:
         code = fenced.group(1)
-        return code if re.search(rf"^def {re.escape(entry_point)}\(", code, re.MULTILINE) else prompt + code
+        if not re.search(rf"^def {re.escape(entry_point)}\(", code, re.MULTILINE):
+            code = prompt + code
+        return sanitize_python(code, entry_point)
     return prompt + truncate_at(completion, HUMANEVAL_STOPS)
 
 
@@ -226,6 +230,7 @@ class HumanEval:
 
     name = "humaneval"
     prompt_version = "humaneval-v2"  # raw: the prompt as a completion; chat: evalplus's instruction and prefix
+    score_version = "evalplus-sanitize-v1"  # a chat answer's code sanitised (`humaneval_program`) before its tests
     default_max_new_tokens = 512
     stop = ()  # cut in `score`: a chat answer ends at its fence, a completion at top-level code
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 26, second round: recall at 8k across all depths (teacher and the k = 4 student of
+# bench/recall_and_code.sh), and the k = 8 students of section 5 (docs/results.md): passkey 1k / 4k, HumanEval.
+# KD32 is bench/align_ablation.sh's kd32/student (section 4's searched layers 4,7,9,13,16,18,20,22);
+# SELECTED is bench/align_selection.sh's align70_kd16/student (layers 2,6,7,13,15,16,20,22, picked after
+# alignment). Every command resumes: re-run after a stop.
+#
+#   bash bench/recall_and_code_more.sh OUT KD32_STUDENT SELECTED_STUDENT
+set -euo pipefail
+OUT=${1:?usage: bench/recall_and_code_more.sh OUT KD32_STUDENT SELECTED_STUDENT}
+KD32=${2:?k = 8 KD-only student folder}
+SEL=${3:?k = 8 selected-layers student folder}
+RAD=${RAD:-rad}
+T=qwen2.5-coder-0.5b
+mkdir -p "$OUT/models"
+ln -sfn "$(realpath "$OUT/kd32_k4/student")" "$OUT/models/k4-kd32"
+ln -sfn "$(realpath "$KD32")" "$OUT/models/k8-kd32"
+ln -sfn "$(realpath "$SEL")" "$OUT/models/k8-selected"
+# Passkey at 8k, one key at each of the five depths, teacher and k = 4 student
+$RAD eval $T "$OUT/models/k4-kd32" --tasks passkey --passkey-lengths 8192 --passkey-repeats 1 --batch-size 2 \
+  --generation-dtype auto --out "$OUT/passkey_8k_depths"
+# The k = 8 students at 1k and 4k: the same 40 items as the teacher's (bench/recall_and_code.sh)
+$RAD eval "$OUT/models/k8-kd32" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
+  --generation-dtype auto --out "$OUT/passkey_short_k8"
+$RAD eval "$OUT/models/k8-kd32" --tasks humaneval --batch-size 32 --out "$OUT/humaneval_k8"
+$RAD eval "$OUT/models/k8-selected" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
+  --generation-dtype auto --out "$OUT/passkey_short_k8sel"
