@@ -1,8 +1,10 @@
-"""Collect issue 26's measurements (bench/recall_and_code.sh OUT) into one JSON for docs/results.md section 6, and
-print its tables: HumanEval pass@1 with Wilson intervals and the exact McNemar test, passkey recall by length
-(and depth), and the loss against position in bands.
+"""Collect issue 26's measurements (bench/recall_and_code.sh OUT, then bench/recall_and_code_more.sh OUT ...) into one
+JSON for docs/results.md section 6, and print its tables: HumanEval pass@1 with Wilson intervals and the exact
+McNemar test against the teacher, passkey recall by length (and depth), and the loss against position in bands.
+Every `rad eval` folder under OUT is read; a model's items are pooled across folders by id (an item is a fixed
+function of its id, so the same id in two folders is the same question).
 
-    python bench/recall_and_code_summary.py OUT --json docs/results_recall_code.json
+    python bench/recall_and_code_summary.py OUT --json docs/results_recall_code.json --plots docs/results_recall_code
 """
 
 from __future__ import annotations
@@ -11,27 +13,52 @@ import argparse
 import json
 from pathlib import Path
 
-from rad.evaluate.passkey import recall_grid
+from rad.evaluate.passkey import plot_recall, recall_grid
+from rad.evaluate.position_loss import plot_position_loss
 from rad.evaluate.runner import paired_test, read_items
 from rad.evaluate.stats import wilson_interval
 
-MODELS = {"teacher": "qwen2.5-coder-0.5b", "RAD student k=4": "student"}
+# the name in the tables -> the folder names `rad eval` gave the model (bench/recall_and_code_more.sh links the k = 4
+# student as k4-kd32)
+MODELS = {"teacher": ("qwen2.5-coder-0.5b",), "RAD student k=4": ("student", "k4-kd32"),
+          "RAD student k=8": ("k8-kd32",), "k=8, layers selected after alignment": ("k8-selected",)}
 BANDS = ((1, 64), (65, 512), (513, 2048), (2049, 4096), (4097, 8192))
 
 
+def _folders(out: Path, task_file: str) -> dict[str, list[Path]]:
+    """Each model's `rad eval` folders under `out` holding `task_file`."""
+    found: dict[str, list[Path]] = {}
+    for name, slugs in MODELS.items():
+        for slug in slugs:
+            found.setdefault(name, []).extend(sorted(p.parent for p in out.glob(f"*/{slug}/{task_file}")))
+    return {name: folders for name, folders in found.items() if folders}
+
+
+def _pooled(folders: list[Path], task_file: str) -> dict[str, dict]:
+    items: dict[str, dict] = {}
+    for folder in folders:
+        for item_id, record in read_items(folder / task_file).items():
+            if item_id in items and items[item_id].get("target") != record.get("target"):
+                raise SystemExit(f"{folder}: item {item_id} differs from the same id elsewhere")
+            items.setdefault(item_id, record)
+    return items
+
+
 def _humaneval(out: Path) -> dict | None:
-    folders = {name: out / "humaneval" / slug for name, slug in MODELS.items()}
-    if not all((f / "humaneval.jsonl").is_file() for f in folders.values()):
+    folders = _folders(out, "humaneval.jsonl")
+    if "teacher" not in folders:
         return None
-    scores = {}
-    for name, folder in folders.items():
-        items = read_items(folder / "humaneval.jsonl")
+    scores, tests = {}, {}
+    for name, where in folders.items():
+        items = _pooled(where, "humaneval.jsonl")
         correct = sum(bool(r["correct"]) for r in items.values())
         scores[name] = {"correct": correct, "total": len(items), "ci95": wilson_interval(correct, len(items)),
-                        "statuses": _count(r.get("status", "") for r in items.values())}
-    test = paired_test(folders["teacher"], folders["RAD student k=4"], "humaneval")
-    return {"models": scores, "mcnemar": {"p_value": test.p_value, "only_teacher": test.b,
-                                          "only_student": test.c}}
+                        "statuses": _count(r.get("status", "") for r in items.values()),
+                        "unfinished": sum("```" not in r["completion"] for r in items.values())}
+        if name != "teacher":
+            test = paired_test(folders["teacher"][0], where[0], "humaneval")
+            tests[name] = {"p_value": test.p_value, "only_teacher": test.b, "only_student": test.c}
+    return {"models": scores, "mcnemar_vs_teacher": tests}
 
 
 def _count(values) -> dict:
@@ -42,25 +69,14 @@ def _count(values) -> dict:
 
 
 def _passkey(out: Path) -> dict:
-    grids = {}
-    for name, slug in MODELS.items():
-        records = []
-        for sub in ("passkey_short", "passkey_8k"):
-            path = out / sub / slug / "passkey.jsonl"
-            if path.is_file():
-                records += list(read_items(path).values())
-        if records:
-            grids[name] = recall_grid(records)
-    return grids
+    return {name: recall_grid(list(_pooled(where, "passkey.jsonl").values()))
+            for name, where in _folders(out, "passkey.jsonl").items()}
 
 
 def _position(out: Path) -> dict:
     curves = {}
-    for name, slug in MODELS.items():
-        path = out / "position" / slug / "position_loss.json"
-        if not path.is_file():
-            continue
-        curve = json.loads(path.read_text())["curve"]
+    for name, where in _folders(out, "position_loss.json").items():
+        curve = json.loads((where[0] / "position_loss.json").read_text())["curve"]
         bands = {}
         for lo, hi in BANDS:
             inside = [b for b in curve if b["from"] >= lo and b["to"] <= hi]
@@ -75,18 +91,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--json", required=True)
+    p.add_argument("--plots", help="write PREFIX_passkey.png and PREFIX_position.png (all models in one figure each)")
     args = p.parse_args()
     out = Path(args.out)
     summary = {"humaneval": _humaneval(out), "passkey": _passkey(out), "position": _position(out),
-               "command": f"bash bench/recall_and_code.sh {out}"}
+               "commands": [f"bash bench/recall_and_code.sh {out}",
+                            f"bash bench/recall_and_code_more.sh {out} KD32_STUDENT SELECTED_STUDENT"]}
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plots:
+        plot_recall(summary["passkey"], f"{args.plots}_passkey.png")
+        plot_position_loss({name: c["curve"] for name, c in summary["position"].items()}, f"{args.plots}_position.png")
     if summary["humaneval"]:
-        print("| model | HumanEval pass@1 | 95% CI |\n|---|---:|---|")
+        print("| model | HumanEval pass@1 | 95% CI | only the teacher / only the model, McNemar p |\n|---|---:|---|---|")
         for name, s in summary["humaneval"]["models"].items():
+            m = summary["humaneval"]["mcnemar_vs_teacher"].get(name)
+            paired = f"{m['only_teacher']} / {m['only_student']}, p = {m['p_value']:.2g}" if m else ""
             print(f"| {name} | {s['correct']}/{s['total']} ({100 * s['correct'] / s['total']:.1f}%) | "
-                  f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f} |")
-        m = summary["humaneval"]["mcnemar"]
-        print(f"McNemar: only teacher {m['only_teacher']}, only student {m['only_student']}, p = {m['p_value']:.3g}\n")
+                  f"{100 * s['ci95'][0]:.1f}-{100 * s['ci95'][1]:.1f} | {paired} |")
+        print()
     lengths = sorted({n for g in summary["passkey"].values() for n in g})
     if lengths:
         print("| model | " + " | ".join(f"{n} tokens" for n in lengths) + " |\n|---|" + "---:|" * len(lengths))
