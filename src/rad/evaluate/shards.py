@@ -11,7 +11,6 @@ instance a SLURM array), started in any order.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from rad.errors import RadError
 from rad.utils.atomic import atomic_write_text
+from rad.utils.locks import file_lock
 
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -74,13 +74,8 @@ class Shard:
 @contextlib.contextmanager
 def merge_lock(items_path: Path) -> Iterator[None]:
     """Held while a shard merges a task's files: two shards finishing together do not both rewrite it."""
-    lock = items_path.with_name(f".{items_path.name}.merge-lock")
-    with open(lock, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(items_path.with_name(f".{items_path.name}.merge-lock")):
+        yield
 
 
 def merge_if_complete(items_path: Path, shard: Shard, wanted: list[str], read_items) -> dict[str, dict] | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from optuna.trial import TrialState
 from rad.errors import RadError
 from rad.search.objectives import Evaluation
 from rad.utils.identity import check_same_settings
+from rad.utils.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,6 @@ def mask_key(mask) -> str:
 
 def parse_mask_key(key: str) -> tuple[int, ...]:
     return tuple(int(i) for i in key.split(",")) if key else ()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock held for the block (released by the OS if the process dies)."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- where the study lives -------------------------------------------------------------------------------

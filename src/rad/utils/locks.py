@@ -60,3 +60,15 @@ def writer_lock(folder: str | os.PathLike, command: str, part: str | None = None
         yield path
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path`, waited for and held for the block (the OS drops it if the process
+    dies): for short critical sections between cooperating rad processes, not for refusing a second writer."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
