@@ -176,8 +176,10 @@ def test_left_padded_batches_match_unpadded_prompts(tiny_hybrid, tiny_tokenizer)
     assert tiny_tokenizer.padding_side == "right"  # the shared tokenizer is left as it was
 
 
+@pytest.mark.parametrize("segment", [None, 3])  # the prompts in one prefill call, or in segments of 3 tokens
 @pytest.mark.parametrize("family", ["llama", "mistral", "hybrid"])  # tiny qwen2 repeats one token
-def test_batched_greedy_drops_finished_rows_and_matches_each_prompt_alone(family, tiny_tokenizer):
+def test_batched_greedy_drops_finished_rows_and_matches_each_prompt_alone(family, segment, tiny_tokenizer):
+    from rad.decoding.prefill import PREFILL_SEGMENT
     from rad.evaluate.generation import greedy_batch
 
     if family == "hybrid":
@@ -207,12 +209,16 @@ def test_batched_greedy_drops_finished_rows_and_matches_each_prompt_alone(family
         tiny_tokenizer.padding_side = "left"
         enc = tiny_tokenizer(prompts, return_tensors="pt", padding=True)
         tiny_tokenizer.padding_side = padding_side
-        got = greedy_batch(model, enc.input_ids, enc.attention_mask, 12, [eos])
+        got = greedy_batch(model, enc.input_ids, enc.attention_mask, 12, [eos],
+                           prefill_segment=segment or PREFILL_SEGMENT)
     finally:
         hook.remove()
     assert got == expected
+    prefill_calls = -(-enc.input_ids.shape[1] // (segment or PREFILL_SEGMENT))
+    assert prefill_calls == (4 if segment else 1)
     assert widths[0] == 3 and widths[-1] < 3  # the batch shrank as rows finished
-    assert len(widths) == min(12, max(len(row) + (len(row) < 12) for row in expected))  # no step after the last
+    # no step after the last
+    assert len(widths) == prefill_calls - 1 + min(12, max(len(row) + (len(row) < 12) for row in expected))
     with torch.no_grad():  # and HF generate, which keeps finished rows, agrees
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None,
                              eos_token_id=[eos], pad_token_id=tiny_tokenizer.pad_token_id)
@@ -697,3 +703,41 @@ def test_a_data_folder_the_user_named_is_used_or_refused(tiny_hybrid, tiny_token
     with pytest.raises(RadError, match=r"/dev/null \(RAD_DATA_DIR\) is not a folder"):
         evaluate_model(loaded, EvalConfig(**config))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", ["mask and positions", "nothing"])  # the eval's batches; the decode engine
+@pytest.mark.parametrize("family", ["llama", "hybrid"])
+def test_a_prompt_prefilled_in_segments_leaves_the_one_call_logits_and_cache(family, given):
+    """The reference is the one-call prefill, in float64: segments of 5 tokens (not a multiple of the Mamba2 scan's
+    chunk) give its last logits, and a decode step after either cache gives the same next logits. Tolerance 1e-6:
+    transformers' chunked scan computes in float32 whatever the model's dtype (measured 4e-8); a segment that lost
+    the state before it is off by ~0.1."""
+    from transformers import DynamicCache
+
+    from rad.decoding.prefill import prefill
+
+    model = make_tiny("llama").double()
+    if family == "hybrid":
+        model = convert_to_hybrid(model, ConversionConfig(layers=[1, 2], init="mil")).double()
+        chunk = model.config.mamba_chunk_size
+        assert 5 % chunk != 0 and chunk % 5 != 0
+    ids = torch.randint(3, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if given != "nothing":
+        mask[1, :4] = 0  # left padding, inside the first segment
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"attention_mask": mask, "position_ids": positions} if given != "nothing" else {}
+    step = torch.tensor([[7], [9]])
+    results = []
+    for segment in (64, 5):
+        cache = DynamicCache(config=model.config)
+        last = prefill(model, ids, cache, segment=segment, **inputs)
+        with torch.no_grad():
+            following = model(input_ids=step, attention_mask=torch.cat([mask, mask.new_ones(2, 1)], -1),
+                              position_ids=positions[:, -1:] + 1, cache=cache, use_cache=True).logits[:, -1]
+        results.append((last, following))
+    (whole, whole_next), (parts, parts_next) = results
+    assert whole.abs().max() > 0.1  # not vacuous
+    tolerance = 1e-6 if family == "hybrid" else 1e-9
+    torch.testing.assert_close(parts, whole, rtol=0, atol=tolerance)
+    torch.testing.assert_close(parts_next, whole_next, rtol=0, atol=tolerance)

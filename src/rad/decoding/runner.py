@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from rad.decoding.cache import DecodeCache, allocate_cache
+from rad.decoding.prefill import prefill
 from rad.errors import RadError
 from rad.models.convert import HYBRID_MODEL_TYPE, SUPPORTED_FAMILIES
 from rad.models.layers import decoder_layers
@@ -124,12 +125,13 @@ class FastDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
-        """Run the prompt through the model's own forward; import its caches; return last-token logits (b, V)."""
+        """Run the prompt through the model's own forward (in segments when long, `rad.decoding.prefill`); import its
+        caches; return last-token logits (b, V)."""
         b, t = input_ids.shape
         if t + 1 > cache.max_len:
             raise RadError(f"The prompt ({t} tokens) does not fit the cache of {cache.max_len} tokens.")
         hf_cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, cache=hf_cache, use_cache=True, logits_to_keep=1)
+        logits = prefill(self.model, input_ids, hf_cache)
         for i, layer in enumerate(hf_cache.layers):
             j = self.slot[i]
             if self.is_mixer[i]:
@@ -138,7 +140,7 @@ class FastDecoder:
                 cache.keys[j, :, :, :t].copy_(layer.keys)
                 cache.values[j, :, :, :t].copy_(layer.values)
         cache.length = t
-        return out.logits[:, -1].float()
+        return logits.float()
 
     # ----------------------------------------------------------------- decode
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from rad.decoding.prefill import PREFILL_SEGMENT, prefill
 from rad.decoding.speculative import greedy_generate
 from rad.models.tokens import chat_add_special_tokens, eos_token_ids, padding_token_id, render_chat
 
@@ -88,12 +89,13 @@ class Generator:
 
 @torch.no_grad()
 def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_ids: list[int]) -> list[list[int]]:
+                 eos_token_ids: list[int], prefill_segment: int = PREFILL_SEGMENT) -> list[list[int]]:
     """Greedy new tokens (end-of-sequence excluded) of each left-padded row, dropping rows as they finish.
 
     The steps are those of HF `generate` with greedy decoding: positions counted over the unpadded
     tokens, the mask grown by one column per step. A finished row is removed from the batch, the
     mask and every cache layer (`Cache.reorder_cache`), so the rows still running pay only for themselves.
+    A long prompt is prefilled in segments of `prefill_segment` tokens (`rad.decoding.prefill`).
     """
     batch = input_ids.shape[0]
     results: list[list[int]] = [[] for _ in range(batch)]
@@ -104,8 +106,7 @@ def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, m
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = prefill(model, input_ids, cache, attention_mask=mask, position_ids=positions, segment=prefill_segment)
     next_position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         tokens = logits.float().argmax(-1)
