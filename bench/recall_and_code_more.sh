@@ -22,6 +22,6 @@ $RAD eval $T "$OUT/models/k4-kd32" --tasks passkey --passkey-lengths 8192 --pass
 # The k = 8 students at 1k and 4k: the same 40 items as the teacher's (bench/recall_and_code.sh)
 $RAD eval "$OUT/models/k8-kd32" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_short_k8"
-$RAD eval "$OUT/models/k8-kd32" --tasks humaneval --batch-size 32 --out "$OUT/humaneval_k8"
 $RAD eval "$OUT/models/k8-selected" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_short_k8sel"
+$RAD eval "$OUT/models/k8-kd32" --tasks humaneval --batch-size 32 --out "$OUT/humaneval_k8"

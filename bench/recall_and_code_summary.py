@@ -49,13 +49,15 @@ def _humaneval(out: Path) -> dict | None:
     if "teacher" not in folders:
         return None
     scores, tests = {}, {}
-    for name, where in folders.items():
+    for name, where in sorted(folders.items(), key=lambda kv: kv[0] != "teacher"):  # the teacher first
         items = _pooled(where, "humaneval.jsonl")
+        if not items:
+            continue
         correct = sum(bool(r["correct"]) for r in items.values())
         scores[name] = {"correct": correct, "total": len(items), "ci95": wilson_interval(correct, len(items)),
                         "statuses": _count(r.get("status", "") for r in items.values()),
                         "unfinished": sum("```" not in r["completion"] for r in items.values())}
-        if name != "teacher":
+        if name != "teacher" and len(items) == scores["teacher"]["total"]:  # a run still going is not paired
             test = paired_test(folders["teacher"][0], where[0], "humaneval")
             tests[name] = {"p_value": test.p_value, "only_teacher": test.b, "only_student": test.c}
     return {"models": scores, "mcnemar_vs_teacher": tests}
