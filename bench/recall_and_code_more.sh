@@ -3,7 +3,9 @@
 # bench/recall_and_code.sh), and the k = 8 students of section 5 (docs/results.md): passkey 1k / 4k, HumanEval.
 # KD32 is bench/align_ablation.sh's kd32/student (section 4's searched layers 4,7,9,13,16,18,20,22);
 # SELECTED is bench/align_selection.sh's align70_kd16/student (layers 2,6,7,13,15,16,20,22, picked after
-# alignment). Every command resumes: re-run after a stop.
+# alignment); and the converted, untrained hybrids (`rad` init: in_proj = 0, so each is the model with those
+# layers' attention skipped, the search's draft) on the searched and on uniform layers at k = 4 and 8.
+# Every command resumes: re-run after a stop.
 #
 #   bash bench/recall_and_code_more.sh OUT KD32_STUDENT SELECTED_STUDENT
 set -euo pipefail
@@ -24,4 +26,13 @@ $RAD eval "$OUT/models/k8-kd32" --tasks passkey --passkey-lengths 1024,4096 --pa
   --generation-dtype auto --out "$OUT/passkey_short_k8"
 $RAD eval "$OUT/models/k8-selected" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_short_k8sel"
+# The drafts: converted, not trained (k = 8 searched is section 4's conversion; the others are made here)
+for spec in k4-converted:4,7,18,22 k4-uniform-converted:5,11,17,23 k8-converted:4,7,9,13,16,18,20,22 \
+            k8-uniform-converted:2,5,8,11,14,17,20,23; do
+  name=${spec%%:*}; layers=${spec#*:}
+  [ -f "$OUT/models/$name/rad_conversion.json" ] || $RAD convert $T --layers "$layers" --init rad --out "$OUT/models/$name"
+done
+$RAD eval "$OUT/models/k4-converted" "$OUT/models/k4-uniform-converted" "$OUT/models/k8-converted" \
+  "$OUT/models/k8-uniform-converted" --tasks passkey --passkey-lengths 1024 --passkey-repeats 4 --batch-size 4 \
+  --generation-dtype auto --out "$OUT/passkey_drafts"
 $RAD eval "$OUT/models/k8-kd32" --tasks humaneval --batch-size 32 --out "$OUT/humaneval_k8"

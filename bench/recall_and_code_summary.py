@@ -21,7 +21,9 @@ from rad.evaluate.stats import wilson_interval
 # the name in the tables -> the folder names `rad eval` gave the model (bench/recall_and_code_more.sh links the k = 4
 # student as k4-kd32)
 MODELS = {"teacher": ("qwen2.5-coder-0.5b",), "RAD student k=4": ("student", "k4-kd32"),
-          "RAD student k=8": ("k8-kd32",), "k=8, layers selected after alignment": ("k8-selected",)}
+          "RAD student k=8": ("k8-kd32",), "k=8, layers selected after alignment": ("k8-selected",),
+          "draft k=4, searched layers": ("k4-converted",), "draft k=4, uniform layers": ("k4-uniform-converted",),
+          "draft k=8, searched layers": ("k8-converted",), "draft k=8, uniform layers": ("k8-uniform-converted",)}
 BANDS = ((1, 64), (65, 512), (513, 2048), (2049, 4096), (4097, 8192))
 
 
@@ -75,6 +77,19 @@ def _passkey(out: Path) -> dict:
             for name, where in _folders(out, "passkey.jsonl").items()}
 
 
+def _key_digits(out: Path) -> dict:
+    """Partial recall: the share of the key's five digits answered in their place, by length (a model that
+    answers "10513" for 30513 has found the key and lost a digit; one that answers "123" has not found it)."""
+    shares = {}
+    for name, where in _folders(out, "passkey.jsonl").items():
+        by_length: dict[int, list[float]] = {}
+        for r in _pooled(where, "passkey.jsonl").values():
+            right = sum(a == b for a, b in zip(r["prediction"] or "", r["target"], strict=False))
+            by_length.setdefault(int(r["length"]), []).append(right / len(r["target"]))
+        shares[name] = {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
+    return shares
+
+
 def _position(out: Path) -> dict:
     curves = {}
     for name, where in _folders(out, "position_loss.json").items():
@@ -96,7 +111,8 @@ def main() -> None:
     p.add_argument("--plots", help="write PREFIX_passkey.png and PREFIX_position.png (all models in one figure each)")
     args = p.parse_args()
     out = Path(args.out)
-    summary = {"humaneval": _humaneval(out), "passkey": _passkey(out), "position": _position(out),
+    summary = {"humaneval": _humaneval(out), "passkey": _passkey(out), "key_digits": _key_digits(out),
+               "position": _position(out),
                "commands": [f"bash bench/recall_and_code.sh {out}",
                             f"bash bench/recall_and_code_more.sh {out} KD32_STUDENT SELECTED_STUDENT"]}
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -113,13 +129,16 @@ def main() -> None:
         print()
     lengths = sorted({n for g in summary["passkey"].values() for n in g})
     if lengths:
-        print("| model | " + " | ".join(f"{n} tokens" for n in lengths) + " |\n|---|" + "---:|" * len(lengths))
+        print("| model | " + " | ".join(f"{n} tokens" for n in lengths) + " | key digits in place |\n|---|"
+              + "---:|" * len(lengths) + "---|")
         for name, grid in summary["passkey"].items():
             cells = []
             for n in lengths:
                 c = [sum(v[0] for v in grid.get(n, {}).values()), sum(v[1] for v in grid.get(n, {}).values())]
                 cells.append(f"{c[0]}/{c[1]}" if c[1] else "-")
-            print(f"| {name} | " + " | ".join(cells) + " |")
+            digits = summary["key_digits"][name]
+            print(f"| {name} | " + " | ".join(cells) + " | "
+                  + ", ".join(f"{n // 1024}k {100 * digits[n]:.0f}%" for n in lengths if n in digits) + " |")
         print()
     if summary["position"]:
         bands = [f"{lo}-{hi}" for lo, hi in BANDS]

@@ -99,8 +99,12 @@ def plot_recall(grids: dict[str, dict[int, dict[int, list[int]]]], path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1, 3.4), squeeze=False)
-    for ax, (model, grid) in zip(axes[0], grids.items(), strict=True):
+    columns = min(4, len(grids))  # wrapped into rows of four: a sweep's many models stay readable
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 3.1 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(grids):]:
+        ax.set_visible(False)
+    for ax, (model, grid) in zip(axes.flat, grids.items(), strict=False):
         lengths = sorted(grid)
         depths = sorted({d for row in grid.values() for d in row})
         acc = [[grid[n][d][0] / grid[n][d][1] if d in grid[n] else float("nan") for n in lengths] for d in depths]
@@ -113,7 +117,8 @@ def plot_recall(grids: dict[str, dict[int, dict[int, list[int]]]], path) -> None
                     ax.text(j, i, f"{grid[n][d][0]}/{grid[n][d][1]}", ha="center", va="center", fontsize=8)
         ax.set_title(model, fontsize=9)
         ax.set_xlabel("context (tokens)")
-    axes[0][0].set_ylabel("key depth")
+    for row in axes:
+        row[0].set_ylabel("key depth")
     fig.suptitle("Passkey recall: exact match by context length and depth", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
