@@ -325,6 +325,40 @@ def test_agreement_search_on_the_default_model_writes_every_artifact(default_mod
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(saved["trials"])
 
 
+def test_recall_prompts_are_haystacks_of_the_length_asked_with_keys_the_eval_never_asks(default_model):
+    from rad.evaluate.passkey import PasskeyConfig, passkey_of
+    from rad.haystack import NEEDLE, SEARCH_DEPTHS
+    from rad.search.prompts import recall_prompt_texts
+
+    tokenizer = default_model.tokenizer
+    texts = recall_prompt_texts(tokenizer, 1024)
+    assert len(texts) == len(SEARCH_DEPTHS) == 5
+    eval_keys = {passkey_of(n, d, r) for n, d, r in PasskeyConfig(lengths=(1024,), repeats=4).cells()}
+    for text in texts:
+        tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+        assert 1024 - 40 <= tokens <= 1024
+        keys = {k for k in (w.strip(".") for w in text.split()) if k.isdigit() and len(k) == 5}
+        assert len(keys) == 1 and not keys & eval_keys
+        assert NEEDLE.format(key=keys.pop()) in text
+    # the needle moves from the start to the end of the filler with the depth
+    where = [text.index("The pass key is") / len(text) for text in texts]
+    assert where == sorted(where) and where[0] < 0.1 and where[-1] > 0.9
+
+
+def test_a_recall_search_on_the_default_model_scores_the_draft_on_haystacks(default_model, tmp_path):
+    """`--recall`: the same search, its prompts the haystacks; a rad run YAML reaches it through SearchSettings."""
+    config = SearchConfig(k=4, objective="agreement", trials=3, startup_trials=2, out=tmp_path / "s",
+                          recall_length=512, max_new_tokens=6, baselines=False)
+    result = run_search(default_model, config)
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert len(result.layers) == 4 and saved["evaluations"] == 3
+    positions = saved["trials"][0]["details"]["positions"]
+    assert 0 < positions <= 5 * 6  # the generated answers after the 5 haystacks, not the haystacks themselves
+    chat = SearchSettings(k=4, objective="agreement").stage_config(seed=0, out=None)
+    recall = SearchSettings(k=4, objective="agreement", recall_length=512).stage_config(seed=0, out=None)
+    assert chat.recall_length is None and recall.recall_length == 512 and recall.prompts is None
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -345,6 +379,8 @@ def test_agreement_search_on_the_default_model_writes_every_artifact(default_mod
         ({"k": 2, "sampler": "cmaes"}, "Unknown sampler"),
         ({"k": 2, "trials": 0}, "trials must be at least 1"),
         ({"k": 2, "prompt_ids": [[]]}, "at least one token"),
+        ({"k": 2, "recall_length": 100}, "at least 256"),
+        ({"k": 2, "recall_length": 512}, "leave out --prompts"),
     ],
 )
 def test_bad_settings_are_one_clear_error(overrides, message):

@@ -148,6 +148,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         seed=args.seed,
         keep=_parse_keep(args.keep),
         prompts=read_prompt_file(args.prompts) if args.prompts else None,
+        recall_length=args.recall,
         max_new_tokens=args.max_new_tokens,
         max_draft=args.max_draft,
         adaptive=args.adaptive,
@@ -512,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=default_of(SearchConfig, "seed"))
     p.add_argument("--keep", default="", help="layers never skipped, e.g. 0,29")
     p.add_argument("--prompts", default=None, help="prompt file: one per line, or jsonl with a \"prompt\" field")
+    p.add_argument("--recall", type=int, default=None, metavar="LENGTH",
+                   help="prompts: passkey haystacks of LENGTH tokens (a key at 0-100%% depth) instead of chats, so "
+                        "the search keeps the layers long-context retrieval needs (docs/search.md)")
     p.add_argument("--max-new-tokens", type=int, default=default_of(SearchConfig, "max_new_tokens"))
     p.add_argument("--max-draft", type=int, default=default_of(SearchConfig, "max_draft"),
                    help="draft tokens per speculative round at most")

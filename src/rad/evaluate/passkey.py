@@ -1,7 +1,7 @@
 """Long-context recall: a five-digit pass key hidden at a depth of 0-100% in filler text, asked for at the end
-(Mohtashami & Jaggi 2023, "Landmark Attention", whose filler and key sentence this follows; the needle-in-a-haystack
-family). Exact match of the first number answered. Synthetic: no data file; every item is a fixed function of
-(length, depth, repeat), the tokenizer fitting the filler to the length.
+(the texts: `rad.haystack`; the needle-in-a-haystack family). Exact match of the first number answered.
+Synthetic: no data file; every item is a fixed function of (length, depth, repeat), the tokenizer fitting the
+filler to the length.
 
 A context length counts the tokens of the user's text (introduction, filler, key, question), not the chat
 template's few tokens around it. Items run shortest length first, then depth, then repeat, so `--limit N` keeps the
@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import asdict, dataclass
 
 from rad.errors import RadError
+from rad.haystack import FILLER, INTRO, NEEDLE, QUESTION, RAW_ANSWER, haystack, passkey_of
 
-INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
-         "memorise it. I will quiz you about the important information there.\n\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\n\nWhat is the pass key? Answer with the number only."
-RAW_ANSWER = "\nThe pass key is"  # the completion form ends here
+__all__ = ["FILLER", "INTRO", "NEEDLE", "QUESTION", "RAW_ANSWER", "PasskeyConfig", "first_number", "haystack",
+           "passkey_of", "plot_recall", "recall_grid"]
 
 
 @dataclass(frozen=True)
@@ -52,29 +48,6 @@ class PasskeyConfig:
         """What the items are made of (settings and texts): the task's data identity for resume and pairing."""
         made_of = {**asdict(self), "texts": [INTRO, FILLER, NEEDLE, QUESTION, RAW_ANSWER]}
         return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
-
-
-def passkey_of(length: int, depth: int, repeat: int) -> str:
-    return str(random.Random(f"passkey-{length}-{depth}-{repeat}").randint(10000, 99999))
-
-
-def haystack(length: int, depth: int, key: str, count) -> tuple[str, int]:
-    """The user text of `length` tokens (by `count`, the tokenizer's length of a text) with the key at `depth`%
-    of the filler, and its measured length."""
-    fixed = count(INTRO + NEEDLE.format(key=key) + QUESTION)
-    per_unit = count(FILLER * 8) / 8  # the filler's tokens per repetition, merges at the joins averaged in
-    units = int((length - fixed) // per_unit)
-    if units < 1:
-        raise RadError(f"A passkey context of {length} tokens does not hold the key and question "
-                       f"({fixed} tokens); ask for more.")
-    for _ in range(4):  # the estimate is off by a few tokens: adjust down until it fits
-        before = round(units * depth / 100)
-        text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (units - before) + QUESTION
-        tokens = count(text)
-        if tokens <= length:
-            return text, tokens
-        units -= max(1, int((tokens - length) // per_unit) + 1)
-    return text, tokens
 
 
 def first_number(text: str) -> str:

@@ -14,7 +14,7 @@ from rad.config import check_seed, settings
 from rad.errors import RadError
 from rad.search.aligned import aligned_folder
 from rad.search.objectives import OBJECTIVE_CLASSES
-from rad.search.prompts import DEFAULT_PROMPTS
+from rad.search.prompts import DEFAULT_PROMPTS, MIN_RECALL_LENGTH
 
 OBJECTIVES = tuple(OBJECTIVE_CLASSES)  # the registered selection objectives (search/objectives.py)
 SAMPLERS = ("gp", "tpe", "random")
@@ -39,6 +39,9 @@ class SearchConfig:
     keep: list[int] = field(default_factory=list)  # layers whose attention is never skipped
     prompts: list[str] | None = None  # None: the built-in chat prompts
     prompt_ids: list[list[int]] | None = None  # already tokenised prompts (overrides `prompts`)
+    # The prompts are passkey haystacks of this many tokens (one per depth 0-25-50-75-100%, `rad.haystack`) instead
+    # of chats: the draft is scored on recalling a key from far back, the search keeps the layers retrieval needs
+    recall_length: int | None = None
     chat: bool = True  # wrap each prompt in the tokenizer's chat template when it has one
     max_new_tokens: int = 32
     max_draft: int = 8  # self-speculative decoding: draft tokens per round at most
@@ -84,6 +87,13 @@ class SearchConfig:
                 raise RadError(f"{name} must not be negative, got {getattr(self, name)}.")
         if not 0 < len(self.study_name) <= 255 or not self.study_name.isprintable():
             raise RadError(f"--study must be a printable name of 1 to 255 characters, got {self.study_name!r}.")
+        if self.recall_length is not None:
+            if isinstance(self.recall_length, bool) or not isinstance(self.recall_length, int) \
+                    or self.recall_length < MIN_RECALL_LENGTH:
+                raise RadError(f"--recall is a prompt length in tokens, at least {MIN_RECALL_LENGTH}; got "
+                               f"{self.recall_length!r}.")
+            if self.prompts is not None or self.prompt_ids is not None:
+                raise RadError("--recall makes the search prompts (passkey haystacks); leave out --prompts.")
         if self.agreement_batch < 1:
             raise RadError(f"agreement_batch must be at least 1, got {self.agreement_batch}.")
         needs_mixers = OBJECTIVE_CLASSES[self.objective].needs_mixers
@@ -109,6 +119,7 @@ class SearchSettings:
     sampler: SamplerName = SearchConfig.sampler
     max_new_tokens: PositiveInt = SearchConfig.max_new_tokens
     prompts: PositiveInt | None = None  # the first N built-in search prompts (None: all)
+    recall_length: PositiveInt | None = SearchConfig.recall_length  # passkey haystacks of this length as prompts
     baselines: bool = SearchConfig.baselines
     aligned: str | None = None  # hybrid-agreement's aligned hybrid (a `rad align` output)
 
@@ -120,7 +131,8 @@ class SearchSettings:
 
         prompts = list(DEFAULT_PROMPTS[: self.prompts]) if self.prompts else None
         return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,
-                            trials=self.trials, sampler=self.sampler, seed=seed, prompts=prompts,
+                            trials=self.trials, sampler=self.sampler, seed=seed,
+                            prompts=None if self.recall_length else prompts, recall_length=self.recall_length,
                             max_new_tokens=self.max_new_tokens, baselines=self.baselines, aligned=self.aligned,
                             out=out,
                             resume=out is not None and Path(out).exists())

@@ -1,4 +1,5 @@
-"""Search prompts: a built-in offline set, a user file (text or jsonl), and their token ids."""
+"""Search prompts: a built-in offline set, a user file (text or jsonl), passkey haystacks (`--recall LENGTH`), and
+their token ids."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rad.errors import RadError
+from rad.haystack import search_haystacks
 from rad.models.tokens import encode_chat
 
 # Short, varied chat requests written for this project: explanation, advice, writing, lists, code,
@@ -34,6 +36,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 )
 
 
+MIN_RECALL_LENGTH = 256  # a haystack needs room for the introduction, key and question around some filler
 MAX_PROMPT_FILE_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 32_000
 
@@ -112,3 +115,10 @@ def prompts_digest(encoded: list[torch.Tensor]) -> str:
         h.update(",".join(map(str, ids[0].tolist())).encode())
         h.update(b";")
     return h.hexdigest()[:16]
+
+
+def recall_prompt_texts(tokenizer, length: int) -> list[str]:
+    """The `--recall LENGTH` prompts: one passkey haystack of `length` tokens per depth (`rad.haystack`)."""
+    if tokenizer is None:
+        raise RadError("--recall fits its haystacks with the model's tokenizer, and this model has none.")
+    return search_haystacks(length, lambda text: len(tokenizer(text, add_special_tokens=False).input_ids))

@@ -29,6 +29,7 @@ from rad.search.prompts import (
     encode_prompts,
     ids_from_lists,
     prompts_digest,
+    recall_prompt_texts,
 )
 from rad.search.report import BaselineRecord, SearchResult, TrialRecord, top_frequency, write_outputs
 from rad.search.storage import StudyStore, check_storage, mask_key, shown_url
@@ -66,7 +67,10 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
     if config.prompt_ids is not None:
         prompts = ids_from_lists(config.prompt_ids)
     else:
-        texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
+        if config.recall_length is not None:
+            texts = recall_prompt_texts(loaded.tokenizer, config.recall_length)
+        else:
+            texts = list(DEFAULT_PROMPTS) if config.prompts is None else list(config.prompts)
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
     check_prompts_fit(prompts, config.max_new_tokens + config.max_draft,
                       getattr(hf.config, "max_position_embeddings", None), loaded.source)
