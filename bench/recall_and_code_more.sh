@@ -35,4 +35,12 @@ done
 $RAD eval "$OUT/models/k4-converted" "$OUT/models/k4-uniform-converted" "$OUT/models/k8-converted" \
   "$OUT/models/k8-uniform-converted" --tasks passkey --passkey-lengths 1024 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_drafts"
+# The search that keeps recall (docs/search.md): its layers' draft, and both objectives on the layer sets
+[ -f "$OUT/search_recall_k8/search.json" ] || $RAD search $T --k 8 --objective agreement --trials 24 --recall 1024 \
+  --max-new-tokens 8 --no-baselines --out "$OUT/search_recall_k8"
+[ -f "$OUT/models/k8-recall-converted/rad_conversion.json" ] || \
+  $RAD convert $T --layers-from "$OUT/search_recall_k8" --init rad --out "$OUT/models/k8-recall-converted"
+$RAD eval "$OUT/models/k8-recall-converted" --tasks passkey --passkey-lengths 1024 --passkey-repeats 4 --batch-size 4 \
+  --generation-dtype auto --out "$OUT/passkey_drafts"
+python bench/search_objectives_on_masks.py "$OUT/objectives_on_masks.json" "$OUT/search_recall_k8"
 $RAD eval "$OUT/models/k8-kd32" --tasks humaneval --batch-size 32 --out "$OUT/humaneval_k8"

@@ -23,7 +23,8 @@ from rad.evaluate.stats import wilson_interval
 MODELS = {"teacher": ("qwen2.5-coder-0.5b",), "RAD student k=4": ("student", "k4-kd32"),
           "RAD student k=8": ("k8-kd32",), "k=8, layers selected after alignment": ("k8-selected",),
           "draft k=4, searched layers": ("k4-converted",), "draft k=4, uniform layers": ("k4-uniform-converted",),
-          "draft k=8, searched layers": ("k8-converted",), "draft k=8, uniform layers": ("k8-uniform-converted",)}
+          "draft k=8, searched layers": ("k8-converted",), "draft k=8, uniform layers": ("k8-uniform-converted",),
+          "draft k=8, layers of the --recall search": ("k8-recall-converted",)}
 BANDS = ((1, 64), (65, 512), (513, 2048), (2049, 4096), (4097, 8192))
 
 
