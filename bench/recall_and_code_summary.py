@@ -112,8 +112,10 @@ def main() -> None:
     p.add_argument("--plots", help="write PREFIX_passkey.png and PREFIX_position.png (all models in one figure each)")
     args = p.parse_args()
     out = Path(args.out)
+    masks = out / "objectives_on_masks.json"  # bench/search_objectives_on_masks.py
     summary = {"humaneval": _humaneval(out), "passkey": _passkey(out), "key_digits": _key_digits(out),
                "position": _position(out),
+               "objectives_on_masks": json.loads(masks.read_text()) if masks.is_file() else None,
                "commands": [f"bash bench/recall_and_code.sh {out}",
                             f"bash bench/recall_and_code_more.sh {out} KD32_STUDENT SELECTED_STUDENT"]}
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
