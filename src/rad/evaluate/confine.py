@@ -98,7 +98,7 @@ for _ in range(500):
             pass
     time.sleep(0.005)
 for group in groups:
-    for _ in range(200):
+    for _ in range(1000):  # up to 10 s: a loaded kernel can take a while to let go of the last (zombie) member
         try:
             os.rmdir(group)
             break
