@@ -26,7 +26,7 @@ $RAD eval "$OUT/models/k8-kd32" --tasks passkey --passkey-lengths 1024,4096 --pa
   --generation-dtype auto --out "$OUT/passkey_short_k8"
 $RAD eval "$OUT/models/k8-selected" --tasks passkey --passkey-lengths 1024,4096 --passkey-repeats 4 --batch-size 4 \
   --generation-dtype auto --out "$OUT/passkey_short_k8sel"
-# The drafts: converted, not trained (k = 8 searched is section 4's conversion; the others are made here)
+# The drafts: converted, not trained
 for spec in k4-converted:4,7,18,22 k4-uniform-converted:5,11,17,23 k8-converted:4,7,9,13,16,18,20,22 \
             k8-uniform-converted:2,5,8,11,14,17,20,23; do
   name=${spec%%:*}; layers=${spec#*:}

@@ -73,22 +73,19 @@ def _count(values) -> dict:
     return counts
 
 
-def _passkey(out: Path) -> dict:
-    return {name: recall_grid(list(_pooled(where, "passkey.jsonl").values()))
+def _passkey_records(out: Path) -> dict[str, list[dict]]:
+    return {name: list(_pooled(where, "passkey.jsonl").values())
             for name, where in _folders(out, "passkey.jsonl").items()}
 
 
-def _key_digits(out: Path) -> dict:
-    """Partial recall: the share of the key's five digits answered in their place, by length (a model that
+def _key_digits(records: list[dict]) -> dict[int, float]:
+    """Partial recall by length: the share of the key's five digits answered in their place (a model that
     answers "10513" for 30513 has found the key and lost a digit; one that answers "123" has not found it)."""
-    shares = {}
-    for name, where in _folders(out, "passkey.jsonl").items():
-        by_length: dict[int, list[float]] = {}
-        for r in _pooled(where, "passkey.jsonl").values():
-            right = sum(a == b for a, b in zip(r["prediction"] or "", r["target"], strict=False))
-            by_length.setdefault(int(r["length"]), []).append(right / len(r["target"]))
-        shares[name] = {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
-    return shares
+    by_length: dict[int, list[float]] = {}
+    for r in records:
+        right = sum(a == b for a, b in zip(r["prediction"] or "", r["target"], strict=False))
+        by_length.setdefault(int(r["length"]), []).append(right / len(r["target"]))
+    return {n: sum(v) / len(v) for n, v in sorted(by_length.items())}
 
 
 def _position(out: Path) -> dict:
@@ -113,7 +110,9 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     masks = out / "objectives_on_masks.json"  # bench/search_objectives_on_masks.py
-    summary = {"humaneval": _humaneval(out), "passkey": _passkey(out), "key_digits": _key_digits(out),
+    passkey = _passkey_records(out)
+    summary = {"humaneval": _humaneval(out), "passkey": {name: recall_grid(r) for name, r in passkey.items()},
+               "key_digits": {name: _key_digits(r) for name, r in passkey.items()},
                "position": _position(out),
                "objectives_on_masks": json.loads(masks.read_text()) if masks.is_file() else None,
                "commands": [f"bash bench/recall_and_code.sh {out}",

@@ -10,8 +10,9 @@ import pytest
 from rad.cli import main
 from rad.errors import RadError
 from rad.evaluate import EvalConfig, evaluate_model
-from rad.evaluate.passkey import FILLER, NEEDLE, PasskeyConfig, first_number, haystack, passkey_of
+from rad.evaluate.passkey import PasskeyConfig, first_number
 from rad.evaluate.tasks import TaskOptions, make_task
+from rad.haystack import FILLER, NEEDLE, haystack, passkey_of
 from rad.models.loading import load_model
 
 from .conftest import make_tiny, word_tokenizer

@@ -326,8 +326,8 @@ def test_agreement_search_on_the_default_model_writes_every_artifact(default_mod
 
 
 def test_recall_prompts_are_haystacks_of_the_length_asked_with_keys_the_eval_never_asks(default_model):
-    from rad.evaluate.passkey import PasskeyConfig, passkey_of
-    from rad.haystack import NEEDLE, SEARCH_DEPTHS
+    from rad.evaluate.passkey import PasskeyConfig
+    from rad.haystack import NEEDLE, SEARCH_DEPTHS, passkey_of
     from rad.search.prompts import recall_prompt_texts
 
     tokenizer = default_model.tokenizer

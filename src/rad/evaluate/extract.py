@@ -167,9 +167,9 @@ def _used_names(node: ast.stmt) -> set[str]:
 
 
 def sanitize_python(code: str, entry_point: str) -> str:
-    """`code` with only its imports and the top-level definitions `entry_point` depends on (each with its own text
-    and the lines between), cut where it stops parsing;
-    `code` unchanged when no prefix of it parses or none defines `entry_point`."""
+    """`code` cut where it stops parsing, with only its imports and the top-level definitions `entry_point` depends
+    on (each with its own text and the lines between); `code` unchanged when no prefix of it parses or none defines
+    `entry_point`."""
     parsed = _longest_parsing_prefix(code)
     if parsed is None:
         return code

@@ -16,10 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from rad.errors import RadError
-from rad.haystack import FILLER, INTRO, NEEDLE, QUESTION, RAW_ANSWER, haystack, passkey_of
-
-__all__ = ["FILLER", "INTRO", "NEEDLE", "QUESTION", "RAW_ANSWER", "PasskeyConfig", "first_number", "haystack",
-           "passkey_of", "plot_recall", "recall_grid"]
+from rad.haystack import FILLER, INTRO, NEEDLE, QUESTION, RAW_ANSWER
 
 
 @dataclass(frozen=True)

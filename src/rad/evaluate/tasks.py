@@ -24,14 +24,9 @@ from rad.evaluate.extract import (
     sanitize_python,
 )
 from rad.evaluate.generation import truncate_at
-from rad.evaluate.passkey import (
-    RAW_ANSWER,
-    PasskeyConfig,
-    first_number,
-    haystack,
-    passkey_of,
-)
+from rad.evaluate.passkey import PasskeyConfig, first_number
 from rad.evaluate.sandbox import SandboxLimits, check_output_prediction, check_program
+from rad.haystack import RAW_ANSWER, haystack, passkey_of
 
 
 @dataclass
