@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON report (an existing one gains these contexts)")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="seconds to wait between the prefills and the timed rounds (time to quiet the machine: the "
+                        "long prefills need not run alone, the rounds must)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     models = dict(m.split("=", 1) for m in args.model)
@@ -90,6 +93,9 @@ def main() -> None:
             prefill[name] = time.perf_counter() - start
             llms[name] = llm
             logger.info("%s: prefill of %d tokens in %.1f s", name, context, prefill[name])
+        if args.settle:
+            logger.info("prefills done; timed rounds start in %.0f s", args.settle)
+            time.sleep(args.settle)
         times: dict[str, list[float]] = {n: [] for n in models}
         for r in range(args.rounds):
             step_ids = rng.integers(100, 30000, size=args.new_tokens).tolist()

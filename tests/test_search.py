@@ -362,6 +362,19 @@ def test_a_recall_search_on_the_default_model_scores_the_draft_on_haystacks(defa
 # ------------------------------------------------------------------------------------------ bad input
 
 
+def test_a_run_config_with_both_recall_and_prompts_is_refused_not_silently_narrowed(tmp_path):
+    """`search.prompts: N` beside `search.recall_length` would be dropped (the haystacks are the prompts): refused,
+    with the override that removes it, which then loads."""
+    from rad.pipeline import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("search: {k: 4, prompts: 8, recall_length: 512}\n")
+    with pytest.raises(RadError, match=r"search.prompts cannot be used beside it.*search.prompts=null"):
+        load_run_config(config_path=str(config))
+    run = load_run_config(config_path=str(config), overrides=["search.prompts=null"])
+    assert run.search.recall_length == 512 and run.search.prompts is None
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

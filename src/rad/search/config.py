@@ -124,6 +124,9 @@ class SearchSettings:
     aligned: str | None = None  # hybrid-agreement's aligned hybrid (a `rad align` output)
 
     def __post_init__(self):
+        if self.recall_length is not None and self.prompts is not None:  # one would silently replace the other
+            raise RadError("search.recall_length makes the search prompts (passkey haystacks), so search.prompts "
+                           "cannot be used beside it; remove search.prompts (--set search.prompts=null).")
         self.stage_config(seed=0, out=None).validate()  # k or ratio, and what they resolve to, before any work
 
     def stage_config(self, *, seed: int, out: str | Path | None) -> SearchConfig:
@@ -132,7 +135,7 @@ class SearchSettings:
         prompts = list(DEFAULT_PROMPTS[: self.prompts]) if self.prompts else None
         return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,
                             trials=self.trials, sampler=self.sampler, seed=seed,
-                            prompts=None if self.recall_length else prompts, recall_length=self.recall_length,
+                            prompts=prompts, recall_length=self.recall_length,
                             max_new_tokens=self.max_new_tokens, baselines=self.baselines, aligned=self.aligned,
                             out=out,
                             resume=out is not None and Path(out).exists())
