@@ -3,7 +3,8 @@
 For each context length every model is prefilled once with the same random token ids (f16 KV cache, llama.cpp's
 default), then decodes `--new-tokens` tokens per round, one step each (the same given ids for every model); rounds alternate between the models (A B A B ...),
 so machine noise hits all alike, and the median per-token time is reported. Beside it: the bytes one decode step
-has to read (weights + KV at that context + recurrent state, from the GGUF's metadata) and the tok/s that
+has to read (weights without the token embedding unless it is the tied head + KV at that context + recurrent
+state, from the GGUF's metadata) and the tok/s that
 docs/benchmarks.md's ~27 GB/s of memory bandwidth would allow.
 
     python bench/llama_cpp_decode.py --model teacher=/tmp/smol.q8_0.gguf --model hybrid=/tmp/smol_h15.q8_0.gguf \\
@@ -48,7 +49,11 @@ def geometry(path: Path) -> dict:
         per_layer = d_inner * n_state * 4 + (conv - 1) * (d_inner + 2 * groups * n_state) * 4  # f32 states
         state = per_layer * sum(1 for n in kv_heads if n == 0)
     weights = sum(int(t.n_bytes) for t in reader.tensors)
-    return {"arch": arch, "weights_bytes": weights, "kv_bytes_per_token": kv_per_token, "state_bytes": state,
+    # A step reads one row of the token embedding, unless the embedding is also the (tied) output head.
+    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    read = weights - names.get("token_embd.weight", 0) if "output.weight" in names else weights
+    return {"arch": arch, "weights_bytes": weights, "weights_read_bytes": read, "kv_bytes_per_token": kv_per_token,
+            "state_bytes": state,
             "attention_layers": sum(1 for n in kv_heads if n), "layers": layers}
 
 
@@ -106,14 +111,14 @@ def main() -> None:
         rows = {}
         for name in models:
             g = info[name]
-            read = g["weights_bytes"] + g["kv_bytes_per_token"] * context + g["state_bytes"]
+            read = g["weights_read_bytes"] + g["kv_bytes_per_token"] * context + g["state_bytes"]
             median = statistics.median(times[name])
             rows[name] = {"tokens_per_s": 1 / median, "median_s_per_token": median, "times_s_per_token": times[name],
                           "prefill_s": prefill[name], "bytes_read_per_token": read,
-                          "bandwidth_bound_tokens_per_s": BANDWIDTH / read,
+                          "bandwidth_bound_tokens_per_s": BANDWIDTH / read, "achieved_bytes_per_s": read / median,
                           "speedup_vs_" + base: statistics.median(times[base]) / median}
             print(f"{context:>6} {name:<16}{1 / median:>8.2f} tok/s  x{rows[name]['speedup_vs_' + base]:.3f}"
-                  f"  bound {BANDWIDTH / read:>7.1f} tok/s  ({read / 1e6:.0f} MB/token)")
+                  f"  bound {BANDWIDTH / read:>7.1f} tok/s  ({read / 1e6:.0f} MB/token, {read / median / 1e9:.1f} GB/s)")
         results[str(context)] = rows
         for llm in llms.values():
             llm.close()
