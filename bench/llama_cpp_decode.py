@@ -4,8 +4,7 @@ For each context length every model is prefilled once with the same random token
 default), then decodes `--new-tokens` tokens per round, one step each (the same given ids for every model); rounds alternate between the models (A B A B ...),
 so machine noise hits all alike, and the median per-token time is reported. Beside it: the bytes one decode step
 has to read (weights without the token embedding unless it is the tied head + KV at that context + recurrent
-state, from the GGUF's metadata) and the tok/s that
-docs/benchmarks.md's ~27 GB/s of memory bandwidth would allow.
+state, from the GGUF's metadata) and the tok/s that docs/benchmarks.md's ~27 GB/s of memory bandwidth would allow.
 
     python bench/llama_cpp_decode.py --model teacher=/tmp/smol.q8_0.gguf --model hybrid=/tmp/smol_h15.q8_0.gguf \\
         --contexts 2048,8192 --threads 2 --rounds 5 --out docs/bench_llama_cpp_decode.json
@@ -48,10 +47,10 @@ def geometry(path: Path) -> dict:
         groups, conv = f[f"{arch}.ssm.group_count"], f[f"{arch}.ssm.conv_kernel"]
         per_layer = d_inner * n_state * 4 + (conv - 1) * (d_inner + 2 * groups * n_state) * 4  # f32 states
         state = per_layer * sum(1 for n in kv_heads if n == 0)
-    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    weights = sum(sizes.values())
     # A step reads one row of the token embedding, unless the embedding is also the (tied) output head.
-    names = {t.name: int(t.n_bytes) for t in reader.tensors}
-    read = weights - names.get("token_embd.weight", 0) if "output.weight" in names else weights
+    read = weights - sizes.get("token_embd.weight", 0) if "output.weight" in sizes else weights
     return {"arch": arch, "weights_bytes": weights, "weights_read_bytes": read, "kv_bytes_per_token": kv_per_token,
             "state_bytes": state,
             "attention_layers": sum(1 for n in kv_heads if n), "layers": layers}
