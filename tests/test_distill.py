@@ -388,6 +388,50 @@ def test_corrupt_or_partial_checkpoint_is_detected(tiny_dirs, tmp_path):
         run_distill(_config(tiny_dirs, out, steps=4, eval_every=0))
 
 
+def _saves_and_prunes(start: int, steps: int, save_every: int, keep: int, on_disk: list[int]) -> int:
+    """Step by step, as the training loop does: save at every multiple of save_every and at the last step, then
+    keep the newest `keep` (all for 0); returns the most checkpoints on disk at once."""
+    peak = len(on_disk)
+    for step in range(start + 1, steps + 1):
+        if save_every and (step % save_every == 0 or step == steps):
+            on_disk.append(step)
+            peak = max(peak, len(on_disk))
+            if keep:
+                del on_disk[:-keep]
+    return peak
+
+
+def test_the_room_asked_for_checkpoints_is_the_most_a_run_keeps_at_once(tmp_path):
+    """A 1-step run asks room for one checkpoint, not keep + 1 (CI's 4.5 GiB /tmp refused the smoke sweep's
+    baseline for 3 checkpoints it never writes); a resumed run counts what already lies on disk."""
+    from rad.distill.checkpoint import checkpoint_bytes_still_needed
+
+    per = 10
+    for steps in range(1, 8):
+        for save_every in range(4):
+            for keep in range(4):
+                for start in range(steps + 1):
+                    earlier: list[int] = []
+                    _saves_and_prunes(0, start, save_every, keep, earlier)  # a run stopped at `start`
+                    root = tmp_path / f"{steps}-{save_every}-{keep}-{start}"
+                    for step in earlier:
+                        (root / f"step-{step:07d}").mkdir(parents=True)
+                        (root / f"step-{step:07d}" / "weights").write_bytes(b"x" * per)
+                    peak = _saves_and_prunes(start, steps, save_every, keep, list(earlier))
+                    got = checkpoint_bytes_still_needed(root, per, steps=steps, save_every=save_every, keep=keep)
+                    assert got == peak * per - len(earlier) * per, (steps, save_every, keep, start, earlier)
+
+
+def test_a_checkpoint_is_about_three_times_the_trainable_weights(tiny_dirs, tmp_path):
+    """The per-checkpoint size the disk check assumes (weights and AdamW's two moments) is what is written."""
+    out = tmp_path / "run"
+    run_distill(_config(tiny_dirs, out, steps=1, eval_every=0))
+    (ckpt,) = list_checkpoints(out / "checkpoints")
+    trainable = sum(v.numel() * v.element_size() for v in load_file(ckpt / "trainable.safetensors").values())
+    written = sum(f.stat().st_size for f in ckpt.iterdir())
+    assert 3 * trainable <= written <= 3 * trainable * 1.25 + 64 * 1024, (written, trainable)
+
+
 def test_restart_without_a_checkpoint_starts_a_fresh_log(tiny_dirs, tmp_path):
     out = tmp_path / "run"
     run_distill(_config(tiny_dirs, out, steps=1, eval_every=1, save_every=0))

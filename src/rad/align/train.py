@@ -39,6 +39,7 @@ from rad.align.precision import resolve_precision
 from rad.align.summary import AlignResult, build_summary, save_student
 from rad.align.teacher import LayerPairs, teacher_pairs
 from rad.distill.checkpoint import (
+    checkpoint_bytes_still_needed,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -125,11 +126,15 @@ class _Run:
 
 
 def _check_disk(run: _Run) -> None:
-    """Room for the checkpoints kept at once (mixer weights + AdamW's two moments, three of them) and the student."""
+    """Room for the checkpoints this run writes (mixer weights + AdamW's two moments, as many at once as
+    `keep_checkpoints` allows) and the student."""
 
+    cfg = run.config
     trainable = sum(p.numel() * p.element_size() for ps in run.mixer_params.values() for p in ps)
     student = sum(p.numel() * p.element_size() for p in run.models.student.parameters())
-    check_free_space(run.config.out, 3 * 3 * trainable + student, "This alignment")
+    checkpoints = checkpoint_bytes_still_needed(run.out / "checkpoints", 3 * trainable, steps=cfg.total_steps,
+                                                save_every=cfg.save_every, keep=cfg.keep_checkpoints)
+    check_free_space(cfg.out, checkpoints + student, "This alignment")
 
 
 def _resume(run: _Run) -> None:

@@ -130,6 +130,20 @@ def save_checkpoint(
     return dest
 
 
+def checkpoint_bytes_still_needed(root: Path, per_checkpoint: int, *, steps: int, save_every: int, keep: int) -> int:
+    """Disk the checkpoints of a run to `steps` still need beyond what `root` holds: the most that lie there at
+    once (the newest `keep` plus the one being written; all of them for keep = 0), counting only the saves the
+    run will make, so a 1-step run asks room for one checkpoint, not three."""
+    existing = list_checkpoints(root)
+    start = int(_NAME.match(existing[-1].name).group(1)) if existing else 0
+    saves = 0
+    if save_every and steps > start:
+        saves = steps // save_every - start // save_every + (1 if steps % save_every else 0)
+    at_once = len(existing) + saves if keep <= 0 else min(len(existing) + saves, keep + 1)
+    on_disk = sum(f.stat().st_size for c in existing for f in c.iterdir() if f.is_file())
+    return max(0, at_once * per_checkpoint - on_disk)
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete-looking checkpoint folders, oldest first (temporary `.tmp-*` folders are ignored)."""
     if not root.is_dir():

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from rad.distill.checkpoint import (
+    checkpoint_bytes_still_needed,
     list_checkpoints,
     load_checkpoint,
     rng_state,
@@ -141,16 +142,16 @@ def _accelerator(config: DistillConfig):
 
 
 def _check_disk(run) -> None:
-    """Before the first step: room for the checkpoints kept at once (trainable weights + AdamW's two moments, the
-    newest two plus the one being written) and the final student."""
+    """Before the first step: room for the checkpoints this run writes (trainable weights + AdamW's two moments,
+    as many at once as `keep_checkpoints` allows) and the final student."""
 
+    cfg = run.config
     trainable = sum(p.numel() * p.element_size() for p in run.params)
-    saved_size = torch.empty((), dtype=resolve_dtype(run.config.dtype or "float32", "cpu")).element_size()
+    saved_size = torch.empty((), dtype=resolve_dtype(cfg.dtype or "float32", "cpu")).element_size()
     student = sum(p.numel() * saved_size for p in run.models.student.parameters())  # as loaded, not as stored
-    needed = 3 * 3 * trainable + student
-    needed -= sum(f.stat().st_size for c in list_checkpoints(Path(run.config.out) / "checkpoints")
-                  for f in c.iterdir())  # already on disk (a resumed run)
-    check_free_space(run.config.out, max(0, needed), "This distillation")
+    checkpoints = checkpoint_bytes_still_needed(Path(cfg.out) / "checkpoints", 3 * trainable, steps=cfg.steps,
+                                                save_every=cfg.save_every, keep=cfg.keep_checkpoints)
+    check_free_space(cfg.out, checkpoints + student, "This distillation")
 
 
 def check_distill_out(config: DistillConfig) -> Path:
