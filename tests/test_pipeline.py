@@ -89,6 +89,26 @@ def test_bad_run_configs(tmp_path):
     assert load_run_config("smoke", overrides=["distill.lr=1e-4"]).distill.lr["all"] == 1e-4  # YAML's 1e-4 string
 
 
+def test_every_shipped_preset_loads_under_its_own_settings_classes():
+    """A typo in a preset (a key no settings class has, a value out of range) fails here, not minutes into a run."""
+    from rad.ablate.config import load_ablate_config
+    from rad.config import PRESETS_DIR
+    from rad.model_aliases import ALIASES
+    from rad.sweep import load_sweep_config
+
+    loaded = {}
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        kind, _, name = path.stem.partition("-") if path.stem.startswith(("ablate", "sweep")) else ("run", "", path.stem)
+        load = {"run": load_run_config, "ablate": load_ablate_config, "sweep": load_sweep_config}[kind]
+        loaded[path.stem] = load(name or "default")
+    assert {"default", "smoke", "qwen", "paper", "sweep-claims", "ablate-smoke"} <= set(loaded)
+    for stem, config in loaded.items():
+        assert config.model in ALIASES or "/" in config.model, stem  # an embedded alias or a hub id
+    qwen = loaded["qwen"]
+    assert qwen.model == loaded["sweep-claims"].model and qwen.search.k == 4
+    assert qwen.distill.seq_len == loaded["sweep-claims"].distill.seq_len  # the claims recipe, fewer steps
+
+
 def test_one_source_of_distillation_defaults():
     """`rad distill` alone, `rad run` and `rad ablate` train with the same lr / warm-up / alignment: before,
     `rad distill` defaulted to lr 1e-3, 1% warm-up and no alignment while `rad run` used 3e-4, 10% and 1.0."""
