@@ -1,0 +1,49 @@
+"""The claims sweep's RAD arm alone for one k: search -> convert -> KD with `rad sweep --preset claims`'s own
+settings, into the folder layout the sweep uses (OUT/k<K>/...), so `rad sweep --preset claims --out OUT` continues
+it later. Why: the sweep runs the baseline's distillation (35 min and ~21 GiB of checkpoints at k = 4 here) before
+any evaluation; this gets the RAD student to `rad eval` first (docs/results.md section 7).
+
+usage: python bench/claims_rad_arm.py K OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from rad.models.loading import load_model
+from rad.preflight import check_inputs
+from rad.stages.convert import convert_stage
+from rad.stages.distill import distill_stage
+from rad.stages.run_config import RAD_TRAIN, RunPaths
+from rad.stages.search import search_stage
+from rad.sweep import load_sweep_config
+
+logger = logging.getLogger("claims_rad_arm")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("k", type=int)
+    parser.add_argument("out")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run = load_sweep_config("claims", overrides=[f"out={args.out}"]).run_config(args.k)
+    paths = RunPaths(Path(run.out))
+    inputs = check_inputs(run.model, run.eval.tasks, on_missing_task=run.eval.on_missing_data,
+                          distill_data=run.distill.data)
+    teacher = load_model(run.model, device=run.device)
+    t0 = time.perf_counter()
+    search = search_stage(teacher, run.search, paths.search, seed=run.seed)
+    logger.info("search: layers %s in %.0f s", search.layers, time.perf_counter() - t0)
+    convert_stage(teacher, run.model, search.layers, "rad", paths.rad_hybrid, seed=run.seed)
+    t0 = time.perf_counter()
+    student = distill_stage(run.distill, paths.rad_hybrid, paths.rad_distill, RAD_TRAIN, seed=run.seed,
+                            device=run.device, sources=inputs.sources)
+    logger.info("distill: %s in %.0f s", student, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
