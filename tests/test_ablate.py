@@ -408,5 +408,5 @@ def test_an_aligned_arm_aligns_then_distils_from_the_aligned_student(tiny_src, t
     assert arms["searched-rad-mixers-aligned"].kl_at_init != arms["searched-rad-mixers"].kl_at_init
     assert arms["searched-rad-mixers-aligned"].timings["align_s"] > 0
     assert json.loads((aligned / "settings.json").read_text())["align"]["steps"] == 3
-    assert not (aligned / "align" / "checkpoints").exists()  # deleted with the KD's (keep_checkpoints off)
+    assert not (aligned / "align" / "checkpoints").exists()  # deleted with the KD's (keep_arm_checkpoints off)
     assert "| searched-rad-mixers-aligned |" in (out / "report.md").read_text()

@@ -847,3 +847,24 @@ def test_an_fsdp_launch_on_cpus_is_refused_instead_of_silently_running_ddp(tiny_
     assert "exitcode: 2" in r.stderr  # rad's exit; the launcher then prints its own traceback of a failed child
     assert "src/rad/" not in r.stderr, r.stderr[-3000:]  # no traceback through rad's code
     assert not (tmp_path / "fsdp" / "checkpoints").exists()
+
+
+def test_a_run_config_s_keep_checkpoints_reaches_the_distillation(tiny_dirs, tmp_path):
+    """`rad run` / `rad sweep` YAML (DistillSettings) bounds the checkpoints a run keeps, as `rad distill` does:
+    a baseline student's are GBs each at Qwen."""
+    from rad.config import build
+    from rad.distill.config import DistillSettings
+    from rad.stages import distill_stage
+
+    common = dict(seed=0, device="cpu", sources=("data-dir",), progress=False)
+    kept = {}
+    for keep in (1, 0):
+        distill = build(DistillSettings, {"steps": 4, "seq_len": 16, "micro_batch": 2, "save_every": 1,
+                                          "keep_checkpoints": keep, "data": str(tiny_dirs / "data.jsonl"),
+                                          "eval_examples": 4, "eval_sequences": 2, "eval_every": 0,
+                                          "tensorboard": False, "precision": "fp32"}, "run config")
+        out = tmp_path / f"keep{keep}"
+        distill_stage(distill, tiny_dirs / "hybrid", out, "mixers", **common)
+        kept[keep] = [p.name for p in list_checkpoints(out / "checkpoints")]
+    assert len(kept[1]) == 1 and kept[1][0].endswith("4")  # only the newest
+    assert len(kept[0]) == 4  # 0 keeps every one

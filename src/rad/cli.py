@@ -215,7 +215,8 @@ def _cmd_distill(args: argparse.Namespace) -> None:
         **_given(steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
                  weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                  mixer_norm_lr_scale=args.mixer_norm_lr_scale, eval_every=args.eval_every,
-                 eval_sequences=args.eval_sequences, save_every=args.save_every),
+                 eval_sequences=args.eval_sequences, save_every=args.save_every,
+                 keep_checkpoints=args.keep_checkpoints),
     )
     result = run_distill(config)
     if result.summary is not None:
@@ -405,7 +406,8 @@ def _cmd_align(args: argparse.Namespace) -> None:
                         eval_examples=args.eval_examples, max_examples=args.max_examples, seed=args.seed),
         **_given(steps=args.steps, epochs=args.epochs, batch=args.batch, lr=args.lr, warmup_ratio=args.warmup_ratio,
                  min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm, eval_every=args.eval_every,
-                 eval_sequences=args.eval_sequences, save_every=args.save_every),
+                 eval_sequences=args.eval_sequences, save_every=args.save_every,
+                 keep_checkpoints=args.keep_checkpoints),
     )
     result = run_align(config)
     first, final = result.summary.first_eval, result.summary.final_eval
@@ -448,6 +450,8 @@ def _add_align_parser(sub) -> None:
     p.add_argument("--eval-sequences", type=int, default=None, help=f"held-out sequences (default {d('eval_sequences')})")
     p.add_argument("--no-kl", action="store_true", help="skip the held-out KL at the start and the end")
     p.add_argument("--save-every", type=int, default=None, help=f"checkpoint interval (default {d('save_every')})")
+    p.add_argument("--keep-checkpoints", type=int, default=None,
+                   help=f"newest checkpoints kept, 0 = all (default {d('keep_checkpoints')})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -699,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help=f"held-out evaluation interval (default {default_of(DistillConfig, 'eval_every')})")
     p.add_argument("--eval-sequences", type=int, default=None, help=f"held-out sequences (default {default_of(DistillConfig, 'eval_sequences')})")
     p.add_argument("--save-every", type=int, default=None, help=f"checkpoint interval (default {default_of(DistillConfig, 'save_every')})")
+    p.add_argument("--keep-checkpoints", type=int, default=None,
+                   help=f"newest checkpoints kept, 0 = all (default {default_of(DistillConfig, 'keep_checkpoints')})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--share-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="self-distillation: the teacher uses the student's frozen tensors (one copy)")

@@ -67,7 +67,9 @@ class AblateDistill(DistillSettings):
     defaults), except that the ablation keeps no TensorBoard files and no checkpoints by default."""
 
     tensorboard: bool = False
-    keep_checkpoints: bool = False  # delete an arm's checkpoints once its student is saved (they are GBs)
+    # False: delete an arm's checkpoints once its student is saved (they are GBs); `keep_checkpoints` (how many
+    # a running arm keeps) is `rad distill`'s
+    keep_arm_checkpoints: bool = False
 
     def __post_init__(self):
         super().__post_init__()

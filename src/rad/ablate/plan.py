@@ -190,14 +190,14 @@ def arm_settings(config: AblateConfig, plan: ArmPlan, fingerprint: str) -> dict:
     """What makes an arm's training what it is; a folder made with other values is refused, not reused.
     The teacher is identified by content (`fingerprint`): a model re-made at the same path is another model."""
     d = asdict(config.distill)
-    for key in ("lr", "tensorboard", "keep_checkpoints", "save_every"):
+    for key in ("lr", "tensorboard", "keep_checkpoints", "keep_arm_checkpoints", "save_every"):
         d.pop(key)
     settings = {"model": config.model, "model_fingerprint": fingerprint, "layers": plan.layers,
                 "init": plan.arm.init, "train": plan.arm.train, "seed": config.seed,
                 "lr": config.distill.lr[plan.arm.train], "distill": d}
     if plan.arm.aligned:
         a = asdict(config.align)
-        for key in ("tensorboard", "save_every", "cache"):  # where and how it is watched and saved
+        for key in ("tensorboard", "save_every", "keep_checkpoints", "cache"):  # where and how it is watched and saved
             a.pop(key)
         settings["align"] = a
     return as_json(settings)

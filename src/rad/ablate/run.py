@@ -221,7 +221,7 @@ def _finished(arm: ArmPlan, settings: dict, scoring: dict) -> ArmResult | None:
 
 def _distil_arm(config: AblateConfig, arm: ArmPlan, sources: tuple[str, ...], timings: dict) -> None:
     """The arm's distillation (resumed from its newest checkpoint; skipped when finished), then its checkpoints
-    deleted unless `keep_checkpoints`."""
+    deleted unless `keep_arm_checkpoints`."""
     if arm.arm.aligned and not (arm.distill / SUMMARY_FILE).is_file():
         t0 = time.perf_counter()
         align_stage(config.align, arm.hybrid, arm.align, seed=config.seed, device=config.device, sources=sources,
@@ -234,7 +234,7 @@ def _distil_arm(config: AblateConfig, arm: ArmPlan, sources: tuple[str, ...], ti
         distill_stage(config.distill, arm.distill_start, arm.distill, arm.arm.train, seed=config.seed,
                       device=config.device, sources=sources, progress=config.progress)
         timings["distill_s"] = time.perf_counter() - t0
-    if not config.distill.keep_checkpoints:
+    if not config.distill.keep_arm_checkpoints:
         for stage in (arm.align, arm.distill):
             if (stage / "checkpoints").exists():
                 shutil.rmtree(stage / "checkpoints", ignore_errors=True)

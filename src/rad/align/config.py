@@ -139,6 +139,7 @@ class AlignSettings:
     eval_sequences: int = 16
     kl_eval: bool = True
     save_every: int = 16
+    keep_checkpoints: int = AlignConfig.keep_checkpoints  # 0: keep every one
     cache: str | None = None
     tensorboard: bool = True
 
@@ -152,8 +153,8 @@ class AlignSettings:
             hybrid=str(hybrid), out=str(out), steps=self.steps, epochs=self.epochs, batch=self.batch, lr=self.lr,
             warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio, precision=self.precision,
             eval_every=self.eval_every, eval_sequences=self.eval_sequences, kl_eval=self.kl_eval,
-            save_every=self.save_every, cache=self.cache, seed=seed, device=device, resume=Path(out).exists(),
-            progress=progress, tensorboard=self.tensorboard,
+            save_every=self.save_every, keep_checkpoints=self.keep_checkpoints, cache=self.cache, seed=seed,
+            device=device, resume=Path(out).exists(), progress=progress, tensorboard=self.tensorboard,
             data=DataConfig(spec=self.data, seq_len=self.seq_len, max_examples=self.max_examples,
                             eval_examples=self.eval_examples, seed=seed, sources=tuple(sources)),
         )

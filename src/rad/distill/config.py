@@ -196,6 +196,7 @@ class DistillSettings:
     eval_every: NonNegativeInt = DistillConfig.eval_every
     eval_sequences: PositiveInt = DistillConfig.eval_sequences
     save_every: NonNegativeInt = DistillConfig.save_every
+    keep_checkpoints: NonNegativeInt = DistillConfig.keep_checkpoints  # 0: keep every one
     data: str | None = None  # None: GSM8K train where rad.data finds it, else Python's docs (noted)
     max_examples: int | None = None
     eval_examples: int | None = None  # held-out records; None: 2 %
@@ -224,7 +225,7 @@ class DistillSettings:
             hybrid=str(hybrid), out=str(out), train=train, steps=self.steps, lr=self.lr[train],
             micro_batch=self.micro_batch, grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio,
             eval_every=self.eval_every, eval_sequences=self.eval_sequences, save_every=self.save_every,
-            seed=seed, device=device, resume=Path(out).exists(), progress=progress, plots=plots,
+            keep_checkpoints=self.keep_checkpoints, seed=seed, device=device, resume=Path(out).exists(), progress=progress, plots=plots,
             tensorboard=self.tensorboard, precision=self.precision,
             data=DataConfig(spec=self.data, seq_len=self.seq_len, max_examples=self.max_examples,
                             eval_examples=self.eval_examples, seed=seed, sources=tuple(sources)),

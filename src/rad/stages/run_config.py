@@ -25,7 +25,7 @@ CONFIG_FILE = "config.yaml"
 # RunConfig settings a continued run may change: they do not change what a finished stage stands for (the
 # evaluation checks its own per-item identity, the speed table is re-measured for other contexts).
 ALLOWED_ON_RESUME = ("out", "device", "eval", "speed_contexts", "distill.tensorboard", "distill.save_every",
-                     "distill.eval_every")
+                     "distill.keep_checkpoints", "distill.eval_every")
 
 
 @settings
