@@ -3,7 +3,10 @@ settings, into the folder layout the sweep uses (OUT/k<K>/...), so `rad sweep --
 it later. Why: the sweep runs the baseline's distillation (35 min and ~21 GiB of checkpoints at k = 4 here) before
 any evaluation; this gets the RAD student to `rad eval` first (docs/results.md section 7).
 
-usage: python bench/claims_rad_arm.py K OUT
+usage: python bench/claims_rad_arm.py K OUT [--layers 2,3,4,7,18,20,22,23]
+
+--layers skips the search and converts those layers (docs/results.md section 6's `--recall` choice): the same KD
+recipe on other layers. Such an OUT is not a sweep folder (its layers are not the search's); give it its own.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("k", type=int)
     parser.add_argument("out")
+    parser.add_argument("--layers", help="comma-separated layers to convert instead of the searched ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run = load_sweep_config("claims", overrides=[f"out={args.out}"]).run_config(args.k)
@@ -35,10 +39,15 @@ def main() -> None:
     inputs = check_inputs(run.model, run.eval.tasks, on_missing_task=run.eval.on_missing_data,
                           distill_data=run.distill.data)
     teacher = load_model(run.model, device=run.device)
-    t0 = time.perf_counter()
-    search = search_stage(teacher, run.search, paths.search, seed=run.seed)
-    logger.info("search: layers %s in %.0f s", search.layers, time.perf_counter() - t0)
-    convert_stage(teacher, run.model, search.layers, "rad", paths.rad_hybrid, seed=run.seed)
+    if args.layers:
+        layers = sorted(int(x) for x in args.layers.split(","))
+        if len(layers) != args.k:
+            parser.error(f"--layers names {len(layers)} layers, not k = {args.k}")
+    else:
+        t0 = time.perf_counter()
+        layers = search_stage(teacher, run.search, paths.search, seed=run.seed).layers
+        logger.info("search: layers %s in %.0f s", layers, time.perf_counter() - t0)
+    convert_stage(teacher, run.model, layers, "rad", paths.rad_hybrid, seed=run.seed)
     t0 = time.perf_counter()
     student = distill_stage(run.distill, paths.rad_hybrid, paths.rad_distill, RAD_TRAIN, seed=run.seed,
                             device=run.device, sources=inputs.sources)
