@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+from rad.models.layers import decoder_layers, parse_layers
 from rad.models.loading import load_model
 from rad.preflight import check_inputs
 from rad.stages.convert import convert_stage
@@ -39,8 +40,8 @@ def main() -> None:
     inputs = check_inputs(run.model, run.eval.tasks, on_missing_task=run.eval.on_missing_data,
                           distill_data=run.distill.data)
     teacher = load_model(run.model, device=run.device)
-    if args.layers:
-        layers = sorted(int(x) for x in args.layers.split(","))
+    if args.layers:  # checked against the loaded model (a few seconds), before the search or any write
+        layers = parse_layers(args.layers, len(decoder_layers(teacher.model)), allow_empty=False)
         if len(layers) != args.k:
             parser.error(f"--layers names {len(layers)} layers, not k = {args.k}")
     else:

@@ -28,8 +28,7 @@ RECALL = "RAD student, --recall 1024 layers"  # the same recipe on the layers `r
 
 
 def _task_scores(results: EvalResults) -> dict:
-    return {name: {"correct": t.correct, "total": t.total, "accuracy": t.accuracy, "ci95": list(t.ci95)}
-            for name, t in results.tasks.items() if name in TASKS}
+    return {name: score for name, score in results.to_json()["tasks"].items() if name in TASKS}
 
 
 def _kl_curve(distill: Path, step_seconds: float) -> list[dict]:
