@@ -325,6 +325,59 @@ def test_agreement_search_on_the_default_model_writes_every_artifact(default_mod
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(saved["trials"])
 
 
+def test_tried_masks_are_measured_first_and_can_be_chosen(tmp_path):
+    """`--try`: a known mask is measured before the sampler's proposals, counts against the budget, and is chosen
+    when it is the best; one already in the study is not measured again."""
+    model = _scaled_tiny(6, {})
+    base = dict(k=2, objective="agreement", trials=4, startup_trials=2, prompt_ids=_random_prompts(2),
+                max_new_tokens=6, baselines=False)
+    exhaustive = _exhaustive(model, SearchConfig(**base))
+    best = max(exhaustive, key=exhaustive.get)
+    worst = min(exhaustive, key=exhaustive.get)
+    result = run_search(model, SearchConfig(**base, try_first=[list(worst), list(best)], out=tmp_path / "s"))
+    measured = [t for t in result.trials if t.measured]
+    assert [tuple(t.layers) for t in measured[:2]] == [worst, best] and result.evaluations == 4
+    assert tuple(result.layers) == best and result.value == pytest.approx(exhaustive[best])
+    more = run_search(model, SearchConfig(**{**base, "trials": 5}, try_first=[list(best)], out=tmp_path / "s",
+                                          resume=True))
+    again = [tuple(t.layers) for t in more.trials if t.measured]
+    assert more.evaluations == 5 and again.count(best) == 1
+    # a rad run YAML reaches it (search.try_first), typed: a mask that is not a list of layers is refused
+    from rad.pipeline import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("search: {k: 4, try_first: [[4, 7, 18, 22]]}\n")
+    assert load_run_config(config_path=str(config)).search.stage_config(seed=0, out=None).try_first == [[4, 7, 18, 22]]
+    config.write_text("search: {k: 4, try_first: [4, 7, 18, 22]}\n")
+    with pytest.raises(RadError, match="try_first"):
+        load_run_config(config_path=str(config))
+
+
+def test_the_tie_break_orders_masks_by_the_first_agreement_and_only_its_ties_by_the_second():
+    """`--recall`'s objective: (primary agreements + secondary agreement) / (primary positions + 1), a lexicographic
+    order: checked on every 2-mask of a tiny model against the two agreements measured alone."""
+    from rad.search.objectives import AgreementObjective, TieBrokenAgreement
+
+    model = _scaled_tiny(6, {})
+    primary = AgreementObjective(model, [torch.tensor([p]) for p in _random_prompts(2)], max_new_tokens=3)
+    secondary = AgreementObjective(model, [torch.tensor([p]) for p in _random_prompts(5, 7)], max_new_tokens=6)
+    combined = TieBrokenAgreement(primary, secondary)
+    assert combined.evaluate(()).value == 1.0  # the full model agrees with itself on both
+    masks = list(itertools.combinations(range(6), 2))
+    first = {m: primary.evaluate(m).value for m in masks}
+    second = {m: secondary.evaluate(m).value for m in masks}
+    value = {m: combined.evaluate(m).value for m in masks}
+    assert len(set(first.values())) < len(masks)  # ties exist, or the test would not test the tie-break
+    for m in masks:
+        assert 0 <= value[m] <= 1
+        assert value[m] == pytest.approx((first[m] * primary.positions + second[m]) / (primary.positions + 1))
+    for a, b in itertools.combinations(masks, 2):
+        if first[a] != first[b]:
+            assert (value[a] > value[b]) == (first[a] > first[b]), (a, b)
+        elif second[a] != second[b]:
+            assert (value[a] > value[b]) == (second[a] > second[b]), (a, b)
+
+
 def test_recall_prompts_are_haystacks_of_the_length_asked_with_keys_the_eval_never_asks(default_model):
     from rad.evaluate.passkey import PasskeyConfig
     from rad.haystack import NEEDLE, SEARCH_DEPTHS, passkey_of
@@ -352,8 +405,14 @@ def test_a_recall_search_on_the_default_model_scores_the_draft_on_haystacks(defa
     result = run_search(default_model, config)
     saved = json.loads((tmp_path / "s" / "search.json").read_text())
     assert len(result.layers) == 4 and saved["evaluations"] == 3
-    positions = saved["trials"][0]["details"]["positions"]
+    details = saved["trials"][0]["details"]
+    positions = details["positions"]
     assert 0 < positions <= 5 * 6  # the generated answers after the 5 haystacks, not the haystacks themselves
+    # ties in recall are broken by the agreement after the built-in chats (32 tokens each)
+    assert saved["settings"]["tie_break_prompts"] == len(DEFAULT_PROMPTS)
+    assert len(DEFAULT_PROMPTS) < details["tie_break_positions"] <= 32 * len(DEFAULT_PROMPTS)
+    assert saved["trials"][0]["value"] == pytest.approx(
+        (details["agreement"] * positions + details["tie_break_agreement"]) / (positions + 1))
     chat = SearchSettings(k=4, objective="agreement").stage_config(seed=0, out=None)
     recall = SearchSettings(k=4, objective="agreement", recall_length=512).stage_config(seed=0, out=None)
     assert chat.recall_length is None and recall.recall_length == 512 and recall.prompts is None
@@ -394,6 +453,10 @@ def test_a_run_config_with_both_recall_and_prompts_is_refused_not_silently_narro
         ({"k": 2, "prompt_ids": [[]]}, "at least one token"),
         ({"k": 2, "recall_length": 100}, "at least 256"),
         ({"k": 2, "recall_length": 512}, "leave out --prompts"),
+        ({"k": 2, "try_first": [[1]]}, "exactly k = 2"),
+        ({"k": 2, "try_first": [[1, 1]]}, "exactly k = 2"),
+        ({"k": 2, "keep": [0], "try_first": [[0, 3]]}, "layer 0 is not a candidate"),
+        ({"k": 2, "try_first": [[3, 6]]}, "layer 6 is not a candidate"),
     ],
 )
 def test_bad_settings_are_one_clear_error(overrides, message):
@@ -445,6 +508,8 @@ def test_cli_errors_exit_2(tmp_path, caplog):
         (["search", str(folder), "--k", "2", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "empty.txt")],
          "has no prompts"),
         (["search", str(folder), "--k", "2", "--keep", "0,x", "--out", str(tmp_path / "o")], "Bad --keep"),
+        (["search", str(folder), "--k", "2", "--try", "0,x", "--out", str(tmp_path / "o")], "Bad --try"),
+        (["search", str(folder), "--k", "2", "--try", str(tmp_path), "--out", str(tmp_path / "o")], "search.json"),
         (["convert", str(folder), "--out", str(tmp_path / "h")], "--layers or --layers-from"),
         (["convert", str(folder), "--layers-from", str(tmp_path), "--out", str(tmp_path / "h")], "no search.json"),
     ]
@@ -482,7 +547,8 @@ def test_a_finished_search_is_reused_only_under_the_same_settings(tmp_path):
     assert same.layers == first.layers and (out / "search.json").read_bytes() == before
     for changed, message in [(dict(k=2), "k: 3 there, 2 now"), (dict(trials=4), "trials: 3 there, 4 now"),
                              (dict(objective="acceptance"), "objective: agreement there, acceptance now"),
-                             (dict(prompts=2), "prompts_digest")]:
+                             (dict(prompts=2), "prompts_digest"),
+                             (dict(try_first=[[0, 1, 2]]), r"try_first: \[\] there, \[\[0, 1, 2\]\] now")]:
         settings = SearchSettings(**{"ratio": 0.5, **base, **changed})
         with pytest.raises(RadError, match=message):
             search_stage(teacher, settings, out, seed=0)

@@ -129,6 +129,22 @@ def _parse_keep(text: str) -> list[int]:
         raise RadError(f"Bad --keep {text!r}: expected comma-separated layer indices like 0,29.") from None
 
 
+def _parse_tried(text: str) -> list[int]:
+    """A `--try` mask: comma-separated layers, or a search folder whose chosen layers are tried."""
+    if Path(text).is_dir():
+        from rad.search.report import SearchResult
+
+        return list(SearchResult.load(text).layers)
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise RadError(f"Bad --try {text!r}: expected comma-separated layer indices like 4,7,18,22, or a search "
+                       "folder (its chosen layers are tried).")
+    return layers
+
+
 def _cmd_search(args: argparse.Namespace) -> None:
     from rad.outputs import SEARCH, check_output
     from rad.search import SearchConfig, compare_objectives, read_prompt_file, run_search
@@ -147,6 +163,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         seed=args.seed,
         keep=_parse_keep(args.keep),
+        try_first=[_parse_tried(text) for text in args.try_first],
         prompts=read_prompt_file(args.prompts) if args.prompts else None,
         recall_length=args.recall,
         max_new_tokens=args.max_new_tokens,
@@ -516,10 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=SearchConfig.sampler, choices=SAMPLERS)
     p.add_argument("--seed", type=int, default=default_of(SearchConfig, "seed"))
     p.add_argument("--keep", default="", help="layers never skipped, e.g. 0,29")
+    p.add_argument("--try", dest="try_first", action="append", default=[], metavar="LAYERS",
+                   help="a mask measured before the sampler's own (repeatable): k layers such as 4,7,18,22, or a "
+                        "search folder whose choice is tried; it counts against --trials")
     p.add_argument("--prompts", default=None, help="prompt file: one per line, or jsonl with a \"prompt\" field")
     p.add_argument("--recall", type=int, default=None, metavar="LENGTH",
                    help="prompts: passkey haystacks of LENGTH tokens (a key at 0-100%% depth) instead of chats, so "
-                        "the search keeps the layers long-context retrieval needs (docs/search.md)")
+                        "the search keeps the layers long-context retrieval needs; with an agreement objective, masks that recall "
+                        "equally are ranked by their agreement after the built-in chats (docs/search.md)")
     p.add_argument("--max-new-tokens", type=int, default=default_of(SearchConfig, "max_new_tokens"))
     p.add_argument("--max-draft", type=int, default=default_of(SearchConfig, "max_draft"),
                    help="draft tokens per speculative round at most")

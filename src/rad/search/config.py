@@ -37,6 +37,9 @@ class SearchConfig:
     sampler: str = "gp"
     seed: int = 0
     keep: list[int] = field(default_factory=list)  # layers whose attention is never skipped
+    # masks measured before the sampler proposes any (another search's choice, a paper's layers): a known good
+    # mask is then in the running whatever the budget; they count against `trials`
+    try_first: list[list[int]] = field(default_factory=list)
     prompts: list[str] | None = None  # None: the built-in chat prompts
     prompt_ids: list[list[int]] | None = None  # already tokenised prompts (overrides `prompts`)
     # The prompts are passkey haystacks of this many tokens (one per depth 0-25-50-75-100%, `rad.haystack`) instead
@@ -120,6 +123,7 @@ class SearchSettings:
     max_new_tokens: PositiveInt = SearchConfig.max_new_tokens
     prompts: PositiveInt | None = None  # the first N built-in search prompts (None: all)
     recall_length: PositiveInt | None = SearchConfig.recall_length  # passkey haystacks of this length as prompts
+    try_first: list[list[int]] = field(default_factory=list)  # masks measured first, e.g. [[4, 7, 18, 22]]
     baselines: bool = SearchConfig.baselines
     aligned: str | None = None  # hybrid-agreement's aligned hybrid (a `rad align` output)
 
@@ -136,6 +140,7 @@ class SearchSettings:
         return SearchConfig(k=self.k, ratio=None if self.k else self.ratio, objective=self.objective,
                             trials=self.trials, sampler=self.sampler, seed=seed,
                             prompts=prompts, recall_length=self.recall_length,
+                            try_first=[list(m) for m in self.try_first],
                             max_new_tokens=self.max_new_tokens, baselines=self.baselines, aligned=self.aligned,
                             out=out,
                             resume=out is not None and Path(out).exists())
@@ -204,4 +209,13 @@ def resolve_space(config: SearchConfig, num_layers: int, attention_layers: list[
             f"k = {k} is more than the {len(candidates)} attention layers that may be skipped "
             f"({num_layers} layers, {num_layers - len(attention_layers)} without attention, {len(keep)} kept)."
         )
+    for mask in config.try_first:
+        layers = sorted(set(int(i) for i in mask))
+        if len(layers) != k or len(mask) != k:
+            raise RadError(f"--try {','.join(map(str, mask))} names {len(mask)} layers; each tried mask needs "
+                           f"exactly k = {k} distinct layers.")
+        outside = [i for i in layers if i not in set(candidates)]
+        if outside:
+            raise RadError(f"--try {','.join(map(str, mask))}: layer {outside[0]} is not a candidate (kept, out of "
+                           f"range or without attention); the candidates are {','.join(map(str, candidates))}.")
     return SearchSpace(num_layers=num_layers, k=k, candidates=candidates)

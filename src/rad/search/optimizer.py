@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,10 +111,12 @@ def optimise(
     neighbour_on_repeat: bool = True,
     max_trials: int | None = None,
     stop_at: float | None = None,
+    try_first: Sequence[Sequence[int]] = (),
 ) -> LoopStats:
     """Run trials until the study holds `budget` measured masks (all workers together), or all masks are.
 
     `stop_at`: also stop once some measured mask scores at least this (benchmarks of the samplers).
+    `try_first`: masks queued before the sampler proposes any (those the study has not measured yet).
     The multi-worker claims live in `store`; this is the ask (`objective`) / tell (`run_trial`) loop.
     """
     target = min(budget, space.size)
@@ -124,6 +126,11 @@ def optimise(
     rng = np.random.default_rng([seed, worker, 1])
     stats = LoopStats()
     stall = 0
+    if try_first and store.refresh(study).evaluated < target:
+        claimed = store.claimed_masks(study)
+        for mask in try_first:
+            if mask_key(mask) not in claimed:
+                study.enqueue_trial(space.z_for(tuple(sorted(mask)), rng), user_attrs={"source": "try"})
     last: dict = {}  # what the latest trial did, set inside the objective
 
     def objective(trial: optuna.Trial) -> float:

@@ -21,7 +21,13 @@ from rad.models.tokens import eos_token_ids, padding_token_id
 from rad.search.aligned import load_aligned_mixers, mixers_digest
 from rad.search.baselines import fixed_baselines, importance_mask
 from rad.search.config import OBJECTIVES, SearchConfig, SearchSpace, resolve_space
-from rad.search.objectives import Evaluation, make_objective, objective_class
+from rad.search.objectives import (
+    AgreementObjective,
+    Evaluation,
+    TieBrokenAgreement,
+    make_objective,
+    objective_class,
+)
 from rad.search.optimizer import make_sampler, optimise, worker_seed
 from rad.search.prompts import (
     DEFAULT_PROMPTS,
@@ -37,6 +43,10 @@ from rad.utils.identity import check_same_settings
 
 logger = logging.getLogger(__name__)
 
+# `--recall` with an agreement objective breaks its ties by the agreement after the built-in chats, over this many
+# generated tokens (the chats' own default, `SearchConfig.max_new_tokens`)
+TIE_BREAK_NEW_TOKENS = SearchConfig.max_new_tokens
+
 
 @dataclass
 class _Prepared:
@@ -46,6 +56,16 @@ class _Prepared:
     eos_token_id: list[int] | None  # None: no end-of-turn token (tokenised prompts of a bare model)
     pad_token_id: int
     mixers: dict | None = None  # hybrid-agreement's aligned mixers {layer: mixer}
+    # `--recall`: the built-in chats, whose agreement ranks masks that recall equally (agreement objectives)
+    tie_break_prompts: list[torch.Tensor] | None = None
+
+    def identity_prompts(self, objective: str) -> list[torch.Tensor]:
+        """Every prompt the objective `objective` is measured on: what a resumed study must share."""
+        return self.prompts + (self.tie_break_prompts if _tie_broken(objective, self) else [])
+
+
+def _tie_broken(objective: str, prepared: _Prepared) -> bool:
+    return prepared.tie_break_prompts is not None and issubclass(objective_class(objective), AgreementObjective)
 
 
 def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
@@ -74,17 +94,28 @@ def _prepare(model, config: SearchConfig, device, dtype) -> _Prepared:
         prompts = encode_prompts(loaded.tokenizer, texts, chat=config.chat)
     check_prompts_fit(prompts, config.max_new_tokens + config.max_draft,
                       getattr(hf.config, "max_position_embeddings", None), loaded.source)
+    tie_break = None
+    if config.recall_length is not None:
+        tie_break = encode_prompts(loaded.tokenizer, list(DEFAULT_PROMPTS), chat=config.chat)
     return _Prepared(loaded, space, prompts, eos_token_ids(loaded.tokenizer, hf) or None,
-                     padding_token_id(loaded.tokenizer, hf), mixers)
+                     padding_token_id(loaded.tokenizer, hf), mixers, tie_break)
 
 
 def _objective(prepared: _Prepared, config: SearchConfig, name: str | None = None):
-    return make_objective(
-        name or config.objective, prepared.loaded.model, prepared.prompts, max_new_tokens=config.max_new_tokens,
-        eos_token_id=prepared.eos_token_id, max_draft=config.max_draft, adaptive=config.adaptive,
-        repeats=config.repeats, warmup=config.warmup, agreement_batch=config.agreement_batch,
-        pad_token_id=prepared.pad_token_id, mixers=prepared.mixers,
-    )
+    name = name or config.objective
+
+    def measured_on(prompts, max_new_tokens):
+        return make_objective(
+            name, prepared.loaded.model, prompts, max_new_tokens=max_new_tokens,
+            eos_token_id=prepared.eos_token_id, max_draft=config.max_draft, adaptive=config.adaptive,
+            repeats=config.repeats, warmup=config.warmup, agreement_batch=config.agreement_batch,
+            pad_token_id=prepared.pad_token_id, mixers=prepared.mixers,
+        )
+
+    objective = measured_on(prepared.prompts, config.max_new_tokens)
+    if _tie_broken(name, prepared):
+        objective = TieBrokenAgreement(objective, measured_on(prepared.tie_break_prompts, TIE_BREAK_NEW_TOKENS))
+    return objective
 
 
 def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
@@ -95,7 +126,7 @@ def _settings(config: SearchConfig, prepared: _Prepared) -> dict:
         "k": space.k,
         "candidates": list(space.candidates),
         "num_layers": space.num_layers,
-        "prompts": prompts_digest(prepared.prompts),
+        "prompts": prompts_digest(prepared.identity_prompts(config.objective)),
         "max_new_tokens": config.max_new_tokens,
         "model": {
             "model_type": getattr(hf.config, "model_type", type(hf).__name__),
@@ -123,15 +154,17 @@ def _recorded_settings(config: SearchConfig, prepared: _Prepared) -> dict:
     if prepared.mixers is not None:
         settings.update(aligned=str(config.aligned), aligned_mixers=mixers_digest(prepared.mixers))
     settings.update(k=prepared.space.k, candidates=list(prepared.space.candidates),
-                    num_prompts=len(prepared.prompts), prompts_digest=prompts_digest(prepared.prompts),
-                    model=prepared.loaded.source)
+                    num_prompts=len(prepared.prompts),
+                    prompts_digest=prompts_digest(prepared.identity_prompts(config.objective)),
+                    tie_break_prompts=len(prepared.tie_break_prompts or []) if _tie_broken(config.objective, prepared)
+                    else 0, model=prepared.loaded.source)
     return json.loads(json.dumps(settings))  # as search.json holds them (tuples become lists)
 
 
 # What decides a search's answer, compared as resolved: k rather than ratio, the prompts' token ids rather than
 # None or their texts. The speculative and timed ones are compared when the objective is (`SearchObjective`).
 _DECISIVE = ("objective", "k", "candidates", "prompts_digest", "max_new_tokens", "trials", "sampler", "seed",
-             "keep", "startup_trials", "neighbour_on_repeat", "stall_patience", "remeasure_top")
+             "keep", "try_first", "startup_trials", "neighbour_on_repeat", "stall_patience", "remeasure_top")
 _DECISIVE_SPECULATIVE = ("max_draft", "adaptive")
 _DECISIVE_TIMED = ("repeats", "warmup", "final_repeats")
 _DECISIVE_MIXERS = ("aligned_mixers",)
@@ -193,7 +226,8 @@ def run_search(model, config: SearchConfig, *, device=None, dtype=None) -> Searc
             study.sampler = make_sampler(config.sampler, seed, config.startup_trials, deterministic)
             objective = _objective(prepared, config)
             optimise(study, store, space, objective.evaluate, budget=config.trials, worker=worker, seed=seed,
-                     stall_patience=config.stall_patience, neighbour_on_repeat=config.neighbour_on_repeat)
+                     stall_patience=config.stall_patience, neighbour_on_repeat=config.neighbour_on_repeat,
+                     try_first=config.try_first)
             with store.finalising():
                 result = _finalise(study, store, space, objective, config, prepared)
                 if config.out is not None:
