@@ -539,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt file: one per line, or jsonl with a \"prompt\" field")
     p.add_argument("--recall", type=int, default=None, metavar="LENGTH",
                    help="prompts: passkey haystacks of LENGTH tokens (a key at 0-100%% depth) instead of chats, so "
-                        "the search keeps the layers long-context retrieval needs; with an agreement objective, masks that recall "
-                        "equally are ranked by their agreement after the built-in chats (docs/search.md)")
+                        "the search keeps the layers long-context retrieval needs; with an agreement objective, "
+                        "masks that recall equally are ranked by their agreement after the built-in chats "
+                        "(docs/search.md)")
     p.add_argument("--max-new-tokens", type=int, default=default_of(SearchConfig, "max_new_tokens"))
     p.add_argument("--max-draft", type=int, default=default_of(SearchConfig, "max_draft"),
                    help="draft tokens per speculative round at most")

@@ -31,7 +31,8 @@ def plot_curves(history: list[dict], evals: list[dict], out: Path) -> Path | Non
     axes[1].set(xlabel="step", title="held-out perplexity")
     axes[2].set(xlabel="step", title="top-1 agreement with teacher")
     for ax in axes[:2]:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run without held-out evaluations draws nothing on the second
+            ax.legend()
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
