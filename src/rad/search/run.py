@@ -156,8 +156,8 @@ def _recorded_settings(config: SearchConfig, prepared: _Prepared) -> dict:
     settings.update(k=prepared.space.k, candidates=list(prepared.space.candidates),
                     num_prompts=len(prepared.prompts),
                     prompts_digest=prompts_digest(prepared.identity_prompts(config.objective)),
-                    tie_break_prompts=len(prepared.tie_break_prompts or []) if _tie_broken(config.objective, prepared)
-                    else 0, model=prepared.loaded.source)
+                    tie_break_prompts=len(prepared.identity_prompts(config.objective)) - len(prepared.prompts),
+                    model=prepared.loaded.source)
     return json.loads(json.dumps(settings))  # as search.json holds them (tuples become lists)
 
 
